@@ -1,0 +1,105 @@
+"""Checking a checkpoint completely before any of it is loaded.
+
+``torch.optim.Optimizer.load_state_dict`` checks the group count and sizes, then casts and
+installs whatever tensors it finds; a wrong shape surfaces later, mid-step. Here every
+state tensor is checked against its parameter first, so a bad checkpoint raises
+``ValueError`` and the optimizer is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from copy import deepcopy
+from itertools import chain
+from numbers import Number
+
+import torch
+
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_REQUIRED_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
+
+
+def _bad(message: str) -> ValueError:
+    return ValueError(f"bad optimizer checkpoint: {message}")
+
+
+def _check_step(step, where: str) -> None:
+    if isinstance(step, torch.Tensor):
+        if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
+            raise _bad(f"{where}: 'step' must be a one-element real tensor, got shape {tuple(step.shape)} {step.dtype}")
+        value = float(step.detach().reshape(()).to("cpu", torch.float64))
+    elif isinstance(step, Number) and not isinstance(step, bool):
+        value = float(step)
+    else:
+        raise _bad(f"{where}: 'step' must be a number or a tensor, got {type(step).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise _bad(f"{where}: 'step' must be a finite count >= 0, got {value}")
+
+
+def _check_entry(param: torch.Tensor, entry, where: str) -> None:
+    if not isinstance(entry, dict):
+        raise _bad(f"{where}: state must be a dict, got {type(entry).__name__}")
+    if not entry:
+        return
+    missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in entry]
+    if missing:
+        raise _bad(f"{where}: state lacks {missing}")
+    _check_step(entry["step"], where)
+    for key in _MOMENTS:
+        value = entry.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor):
+            raise _bad(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
+        if tuple(value.shape) != tuple(param.shape):
+            raise _bad(f"{where}: {key!r} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
+        if value.is_complex() != param.is_complex() or not (value.is_floating_point() or value.is_complex()):
+            raise _bad(f"{where}: {key!r} has dtype {value.dtype}, which cannot hold state of a {param.dtype} parameter")
+        if value.layout != torch.strided:
+            raise _bad(f"{where}: {key!r} must be a dense tensor, got layout {value.layout}")
+
+
+def validated(groups: list[dict], state_dict: dict) -> tuple[list[dict], defaultdict]:
+    """The param groups and state ``state_dict`` would install, or ``ValueError``.
+
+    Mirrors torch's ``load_state_dict`` (same messages for mismatched groups, saved groups
+    replace ours with our parameters re-attached, state of unknown keys kept as is) and adds
+    the per-tensor checks.
+    """
+    for key in ("state", "param_groups"):
+        if key not in state_dict:
+            raise _bad(f"missing {key!r}")
+    saved_groups = deepcopy(state_dict["param_groups"])
+    if len(groups) != len(saved_groups):
+        raise ValueError("loaded state dict has a different number of parameter groups")
+    for group, saved in zip(groups, saved_groups):
+        missing = [k for k in _REQUIRED_GROUP_KEYS if k not in saved]
+        if missing:
+            raise _bad(f"a parameter group lacks {missing}")
+        if len(group["params"]) != len(saved["params"]):
+            raise ValueError(
+                "loaded state dict contains a parameter group that doesn't match the size of optimizer's group"
+            )
+    id_map = dict(
+        zip(
+            chain.from_iterable(g["params"] for g in saved_groups),
+            chain.from_iterable(g["params"] for g in groups),
+        )
+    )
+    state: defaultdict = defaultdict(dict)
+    for key, value in state_dict["state"].items():
+        if key in id_map:
+            param = id_map[key]
+            _check_entry(param, value, f"state of parameter {key}")
+            state[param] = dict(value)
+        else:
+            state[key] = value
+
+    new_groups = []
+    for group, saved in zip(groups, saved_groups):
+        saved["params"] = group["params"]
+        if "param_names" in group and "param_names" not in saved:
+            saved["param_names"] = group["param_names"]
+        new_groups.append(saved)
+    return new_groups, state

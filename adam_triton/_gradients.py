@@ -1,0 +1,152 @@
+"""Getting gradients to the update without copying them.
+
+The Triton kernel reads every gradient where autograd (or the user, or a wrapper) left it:
+each step we record, per segment, where its gradient lives relative to the flat parameter
+buffer (a *shift*). The pure-PyTorch fallback hands torch's fused kernel the same
+gradients as a list. Neither copies a gradient, with two exceptions:
+
+* a gradient whose strides differ from its parameter's, or that is not 16-byte aligned,
+  is copied into the buffer's own gradient buffer first (the kernel walks parameter,
+  state and gradient in one memory order);
+* ``zero_grad(set_to_none=False)`` replaces gradients with views of that gradient buffer,
+  zeroed in one operation; backward then accumulates into them in place, and the CPU
+  fallback can update whole parameter groups as single flat tensors.
+
+Everything on the per-step path works on whole lists (``map`` over C-level accessors and
+numpy arrays); only the rare copies above loop in Python.
+"""
+
+from __future__ import annotations
+
+import operator
+from itertools import compress, repeat
+
+import numpy as np
+import torch
+
+from ._layout import FlatBuffer
+
+NO_GRADIENT = -1  # must equal adam_triton.kernels.NO_GRADIENT (checked by the tests)
+_ACCESS_BYTES = 16
+
+_grad_of = operator.attrgetter("grad")
+_layout_of = operator.attrgetter("layout")
+_dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
+
+
+class GradientPlan:
+    """Where each segment's gradient is for one step."""
+
+    def __init__(self, raw: list, grads: list, has_grad: np.ndarray, shifts: np.ndarray, in_grad_buffer: np.ndarray, staged: list[int]):
+        self.raw = raw  # p.grad of each segment, as found
+        self.grads = grads  # what to read: raw, or the staged copy
+        self.has_grad = has_grad
+        self.shifts = shifts  # element shift from the flat parameter buffer, or NO_GRADIENT
+        self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
+        self.staged = staged  # segments whose gradient is copied into buffer.grad each step
+        self.shifts_changed = True
+
+
+def _sparse_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{name} does not support sparse gradients, please consider torch.optim.SparseAdam instead"
+    )
+
+
+def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_name: str) -> GradientPlan:
+    """Find every segment's gradient; reuse ``previous`` if the gradients are the same tensors."""
+    raw = list(map(_grad_of, buffer.params))
+    if previous is not None and all(map(operator.is_, raw, previous.raw)):
+        _restage(buffer, previous)
+        previous.shifts_changed = False
+        return previous
+
+    count = len(raw)
+    has_grad = np.fromiter(map(operator.is_not, raw, repeat(None, count)), dtype=bool, count=count)
+    present = list(compress(raw, has_grad))
+    grads = list(raw)
+    staged: list[int] = []
+    if present:
+        if set(map(_layout_of, present)) != {torch.strided}:
+            raise _sparse_error(optimizer_name)
+        segments = np.flatnonzero(has_grad)
+        pointers = np.fromiter(map(torch.Tensor.data_ptr, present), dtype=np.int64, count=len(present))
+        expected_strides = list(compress(buffer.strides, has_grad))
+        needs_copy = pointers % _ACCESS_BYTES != 0
+        as_expected = (
+            list(map(torch.Tensor.stride, present)) == expected_strides
+            and set(map(_dtype_of, present)) <= buffer.param_dtypes
+            and set(map(_device_of, present)) == {buffer.device}
+        )
+        if not as_expected:
+            # Rare: find the culprits one by one.
+            expected_dtypes = [p.dtype for p in compress(buffer.params, has_grad)]
+            needs_copy |= np.fromiter(
+                (
+                    g.stride() != stride or g.dtype != dtype or g.device != buffer.device
+                    for g, stride, dtype in zip(present, expected_strides, expected_dtypes)
+                ),
+                dtype=bool,
+                count=len(present),
+            )
+        if buffer.has_complex:
+            needs_copy |= np.fromiter((g.is_conj() or g.is_neg() for g in present), dtype=bool, count=len(present))
+        if needs_copy.any():
+            buffer.ensure_grad()
+            for position in np.flatnonzero(needs_copy).tolist():
+                segment = int(segments[position])
+                staged.append(segment)
+                grads[segment] = buffer.grad_views[segment]
+                pointers[position] = grads[segment].data_ptr()
+            _restage_segments(buffer, raw, staged)
+        shifts_present = (pointers - buffer.param.data_ptr()) // buffer.dtype.itemsize - buffer.starts[segments]
+    shifts = np.full(count, NO_GRADIENT, dtype=np.int64)
+    if present:
+        shifts[segments] = shifts_present
+
+    if buffer.grad_views is not None:
+        in_grad_buffer = np.fromiter(map(operator.is_, grads, buffer.grad_views), dtype=bool, count=count)
+    else:
+        in_grad_buffer = np.zeros(count, dtype=bool)
+    return GradientPlan(raw, grads, has_grad, shifts, in_grad_buffer, staged)
+
+
+@torch.no_grad()
+def _restage_segments(buffer: FlatBuffer, raw: list, segments: list[int]) -> None:
+    for segment in segments:
+        buffer.grad_views[segment].copy_(raw[segment].resolve_conj().resolve_neg())
+
+
+def _restage(buffer: FlatBuffer, plan: GradientPlan) -> None:
+    if plan.staged:
+        _restage_segments(buffer, plan.raw, plan.staged)
+
+
+@torch.no_grad()
+def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
+    """``zero_grad(set_to_none=False)``: existing gradients become zeroed views of the buffer.
+
+    Gradients that are views of someone else's storage (DistributedDataParallel's buckets
+    with ``gradient_as_bucket_view=True``, for one) and sparse gradients are zeroed in place,
+    as torch does, so their owners keep seeing them.
+    """
+    raw = list(map(_grad_of, buffer.params))
+    if not any(map(operator.is_not, raw, repeat(None, len(raw)))):
+        return
+    buffer.ensure_grad()
+    foreign = []
+    for segment, grad in enumerate(raw):
+        if grad is None or grad is buffer.grad_views[segment]:
+            continue
+        if grad._base is not None or grad.layout != torch.strided:
+            foreign.append(grad)
+        else:
+            buffer.params[segment].grad = buffer.grad_views[segment]
+    buffer.grad.zero_()
+    for grad in foreign:
+        if grad.grad_fn is not None:
+            grad.detach_()
+        else:
+            grad.requires_grad_(False)
+        grad.zero_()

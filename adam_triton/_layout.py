@@ -1,0 +1,233 @@
+"""Flat buffers: where each parameter and its Adam state live.
+
+All parameters of one (device, storage dtype) share one contiguous buffer; each parameter
+is a *segment* of it, and its ``.data`` becomes a view of that segment, so the model keeps
+its Parameter objects. ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are buffers of the
+same layout. Complex parameters are stored as their real view (two reals per element), as
+torch's Adam updates them.
+
+Segments start on ``SEGMENT_ALIGNMENT_BYTES`` boundaries so that the kernel's 16-byte
+accesses stay aligned. Each segment is cut into *chunks* (one kernel program each); every
+chunk owns a completed-step counter, and ``state[p]["step"]`` is a view of the counter of
+the segment's first chunk (its *leader*). The other counters of the segment follow the
+leader: the kernel bumps them together, and they are re-synchronised when anything else
+writes the table (``sync_step_counters``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+#: Must equal ``adam_triton.kernels.SEGMENT_ALIGNMENT_BYTES`` (checked by the tests); kept
+#: here so that building a layout does not import triton.
+SEGMENT_ALIGNMENT_BYTES = 128
+#: Chunk lengths are multiples of this many elements (the kernel needs multiples of 16).
+CHUNK_QUANTUM = 1024
+#: The most elements one kernel program updates.
+MAX_CHUNK_ELEMENTS = 65536
+#: Programs per streaming multiprocessor the chunking aims for on GPUs, so that small
+#: models still fill the device.
+PROGRAMS_PER_SM = 8
+
+CHUNK_COLUMNS = 5  # start, end, segment, hyper row (param group), step counter
+
+
+def storage_dtype(tensor: torch.Tensor) -> torch.dtype:
+    """The real dtype a tensor is stored as in a flat buffer."""
+    if tensor.is_complex():
+        return torch.view_as_real(tensor.detach()).dtype
+    return tensor.dtype
+
+
+def chunk_elements_for(total: int, device: torch.device) -> int:
+    """How many elements one kernel program updates, for a buffer of ``total`` elements."""
+    if device.type == "cuda" and torch.cuda.is_available():
+        programs = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        programs = 4
+    per_program = math.ceil(max(total, 1) / programs)
+    per_program = CHUNK_QUANTUM * math.ceil(per_program / CHUNK_QUANTUM)
+    return min(max(per_program, CHUNK_QUANTUM), MAX_CHUNK_ELEMENTS)
+
+
+def _preserved_strides(tensor: torch.Tensor) -> tuple[int, ...]:
+    # The strides torch gives state created with memory_format=preserve_format: the
+    # parameter's own when it is dense (channels_last, transposed), contiguous otherwise.
+    return torch.empty_like(tensor, device="meta").stride()
+
+
+class FlatBuffer:
+    """One (device, dtype) buffer of parameters and their Adam state."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, params: list, groups: list[int], chunk_elements: int | None = None):
+        self.device = device
+        self.dtype = dtype
+        self.params = params
+        self.group_of_segment = np.asarray(groups, dtype=np.int64)
+        self.is_complex = [p.is_complex() for p in params]
+        self.param_dtypes = {p.dtype for p in params}
+        self.has_complex = any(self.is_complex)
+        self.shapes = [tuple(p.shape) for p in params]
+        # Complex parameters are laid out contiguously so that their real view is too.
+        self.strides = [
+            _contiguous_strides(shape) if complex_ else _preserved_strides(p)
+            for p, shape, complex_ in zip(params, self.shapes, self.is_complex)
+        ]
+
+        align = SEGMENT_ALIGNMENT_BYTES // dtype.itemsize
+        lengths = np.array([p.numel() * (2 if c else 1) for p, c in zip(params, self.is_complex)], dtype=np.int64)
+        padded = (lengths + align - 1) // align * align
+        starts = np.zeros(len(params), dtype=np.int64)
+        if len(params) > 1:
+            starts[1:] = np.cumsum(padded)[:-1]
+        self.starts = starts
+        self.lengths = lengths
+        self.total = int(padded.sum())
+
+        self.chunk_elements = chunk_elements or chunk_elements_for(self.total, device)
+        self._build_chunks()
+
+        # Padding is zero in every buffer and stays zero under the update (g = m = v = 0).
+        self.param = torch.zeros(self.total, dtype=dtype, device=device)
+        self.exp_avg = torch.zeros(self.total, dtype=dtype, device=device)
+        self.exp_avg_sq = torch.zeros(self.total, dtype=dtype, device=device)
+        self.max_exp_avg_sq: torch.Tensor | None = None
+        self.grad: torch.Tensor | None = None
+        self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
+        self.steps_version = self.steps._version
+
+        self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(params))]
+        self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(params))]
+        self.max_exp_avg_sq_views: list | None = None
+        self.grad_views: list | None = None
+        self.step_views = [self.steps[int(chunk)] for chunk in self.leaders]
+        self.initialized = np.zeros(len(params), dtype=bool)
+        # (group, first segment, last segment): segments are laid out in group order.
+        boundaries = np.flatnonzero(np.diff(self.group_of_segment)) + 1
+        firsts = np.concatenate(([0], boundaries)) if len(params) else np.zeros(0, dtype=np.int64)
+        lasts = np.concatenate((boundaries - 1, [len(params) - 1])) if len(params) else firsts
+        self.group_ranges = [
+            (int(self.group_of_segment[f]), int(f), int(l)) for f, l in zip(firsts, lasts)
+        ]
+        self._real_views: dict[str, list] = {}
+        self._chunk_step_views: list | None = None
+
+        # Filled in by the engine: the chunk table in launch order, its kernel-variant
+        # ranges, and the last step's gradient plan and shift table.
+        self.variant_key = None
+        self.chunk_ranges: list = []
+        self.chunks_on_device: torch.Tensor | None = None
+        self.last_plan = None
+        self.shifts_on_device: torch.Tensor | None = None
+
+    # -- geometry ---------------------------------------------------------------------------
+    def _build_chunks(self) -> None:
+        rows = []
+        leaders = []
+        for segment, (start, length) in enumerate(zip(self.starts.tolist(), self.lengths.tolist())):
+            leaders.append(len(rows))
+            group = int(self.group_of_segment[segment])
+            # An empty parameter still gets one (empty) chunk: its step is counted as torch does.
+            chunk_starts = range(start, start + length, self.chunk_elements) if length else [start]
+            for chunk_start in chunk_starts:
+                chunk_end = min(chunk_start + self.chunk_elements, start + length)
+                rows.append((chunk_start, chunk_end, segment, group, len(rows)))
+        self.chunk_rows = np.array(rows, dtype=np.int64).reshape(-1, CHUNK_COLUMNS)
+        self.leaders = np.array(leaders, dtype=np.int64)
+        self.chunk_segment = self.chunk_rows[:, 2].copy()
+        self.n_chunks = len(rows)
+
+    def segment_view(self, flat: torch.Tensor, segment: int) -> torch.Tensor:
+        """The segment of ``flat`` shaped (and strided, and typed) like its parameter."""
+        start = int(self.starts[segment])
+        shape = self.shapes[segment]
+        if self.is_complex[segment]:
+            real = flat.as_strided(shape + (2,), _contiguous_strides(shape + (2,)), start)
+            return torch.view_as_complex(real)
+        return flat.as_strided(shape, self.strides[segment], start)
+
+    def real_views(self, name: str) -> list:
+        """Per-segment views of buffer ``name`` as torch's kernels take them (complex as real)."""
+        views = self._real_views.get(name)
+        if views is None:
+            flat = getattr(self, name)
+            views = [self.segment_view(flat, i) for i in range(len(self.params))]
+            views = [torch.view_as_real(v) if v.is_complex() else v for v in views]
+            self._real_views[name] = views
+        return views
+
+    @property
+    def chunk_step_views(self) -> list:
+        if self._chunk_step_views is None:
+            self._chunk_step_views = [self.steps[i] for i in range(self.n_chunks)]
+        return self._chunk_step_views
+
+    def segment_slice(self, flat: torch.Tensor, first: int, last: int) -> torch.Tensor:
+        """The flat span from the start of segment ``first`` to the end of ``last``."""
+        return flat[int(self.starts[first]) : int(self.starts[last] + self.lengths[last])]
+
+    # -- buffers created on demand ----------------------------------------------------------
+    def ensure_max_exp_avg_sq(self) -> None:
+        if self.max_exp_avg_sq is None:
+            self.max_exp_avg_sq = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+            self.max_exp_avg_sq_views = [self.segment_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
+
+    def ensure_grad(self) -> None:
+        if self.grad is None:
+            self.grad = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+            self.grad_views = [self.segment_view(self.grad, i) for i in range(len(self.params))]
+
+    # -- parameters -------------------------------------------------------------------------
+    @torch.no_grad()
+    def adopt_parameters(self) -> None:
+        """Copy each parameter into its segment and make its ``.data`` a view of it."""
+        for segment, param in enumerate(self.params):
+            view = self.segment_view(self.param, segment)
+            view.copy_(param.data)
+            param.data = view
+        self.param_ptrs = [p.data_ptr() for p in self.params]
+
+    def parameters_moved(self) -> bool:
+        """True when some parameter's ``.data`` no longer lives in this buffer (e.g. after
+        ``model.to(device)``, ``model.half()`` or an ``.data =`` assignment)."""
+        return list(map(torch.Tensor.data_ptr, self.params)) != self.param_ptrs
+
+    # -- step counters ----------------------------------------------------------------------
+    @torch.no_grad()
+    def sync_step_counters(self) -> None:
+        """Give every chunk its leader's count if anything but the kernel wrote the table."""
+        if self.steps._version != self.steps_version:
+            leader_of_chunk = torch.from_numpy(self.leaders[self.chunk_segment]).to(self.device)
+            self.steps.copy_(self.steps[leader_of_chunk])
+            self.steps_version = self.steps._version
+
+    @torch.no_grad()
+    def set_step(self, segment: int, value: float) -> None:
+        first = int(self.leaders[segment])
+        last = int(self.leaders[segment + 1]) if segment + 1 < len(self.params) else self.n_chunks
+        self.steps[first:last].fill_(value)
+        self.steps_version = self.steps._version
+
+    def state_views(self, segment: int, amsgrad: bool) -> dict:
+        """``optimizer.state[p]`` for the parameter of ``segment``: views, as torch's keys."""
+        state = {
+            "step": self.step_views[segment],
+            "exp_avg": self.exp_avg_views[segment],
+            "exp_avg_sq": self.exp_avg_sq_views[segment],
+        }
+        if amsgrad:
+            self.ensure_max_exp_avg_sq()
+            state["max_exp_avg_sq"] = self.max_exp_avg_sq_views[segment]
+        return state
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides = []
+    running = 1
+    for size in reversed(shape):
+        strides.append(running)
+        running *= max(size, 1)
+    return tuple(reversed(strides))

@@ -1,0 +1,97 @@
+"""Small per-step tables (hyperparameters, gradient shifts, chunk order) and their upload.
+
+Tables are built on the host as numpy arrays and reach a CUDA device through pinned
+memory with a non-blocking copy: no host-device synchronisation. torch's caching host
+allocator keeps a pinned block alive until the copy that reads it has run.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+HYPER_COLUMNS = ("lr", "beta1", "beta2", "eps", "weight_decay")
+
+
+def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A device copy of ``array``, made without waiting for the device."""
+    host = torch.from_numpy(np.ascontiguousarray(array))
+    if device.type == "cpu":
+        return host
+    staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    staging.copy_(host)
+    return staging.to(device, non_blocking=True)
+
+
+def _group_values(group: dict) -> tuple:
+    beta1, beta2 = group["betas"]
+    return (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+
+class HyperTable:
+    """``float64[groups, 5]`` rows of (lr, beta1, beta2, eps, weight_decay), one per device.
+
+    Python numbers and CPU tensors are read on the host. A hyperparameter held in a tensor
+    on the device itself (``capturable`` users, schedulers writing tensors in place) is
+    copied on the device, so reading it never waits for the device.
+    """
+
+    def __init__(self):
+        self._host_rows = None
+        self._device_tables: dict[torch.device, torch.Tensor] = {}
+
+    def refresh(self, groups: list[dict]) -> None:
+        rows = []
+        device_values = []  # (row, column, tensor) read on the device itself
+        for row, group in enumerate(groups):
+            values = []
+            for column, value in enumerate(_group_values(group)):
+                if isinstance(value, torch.Tensor):
+                    if value.device.type != "cpu":
+                        device_values.append((row, column, value))
+                        value = 0.0
+                    else:
+                        value = float(value)
+                values.append(float(value))
+            rows.append(tuple(values))
+        rows = tuple(rows)
+        if rows == self._host_rows and not device_values:
+            return
+        self._host_rows = rows
+        self._device_values = device_values
+        self._device_tables.clear()
+        self._array = np.array(rows, dtype=np.float64).reshape(len(rows), len(HYPER_COLUMNS))
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        table = self._device_tables.get(device)
+        if table is None:
+            table = upload(self._array, device)
+            for row, column, value in self._device_values:
+                table[row, column].copy_(value, non_blocking=True)
+            self._device_tables[device] = table
+        return table
+
+
+def variant_of(group: dict) -> tuple[bool, bool, bool]:
+    """The kernel variant a group needs: (amsgrad, maximize, decoupled_weight_decay)."""
+    return (bool(group["amsgrad"]), bool(group["maximize"]), bool(group["decoupled_weight_decay"]))
+
+
+def order_chunks(chunk_rows: np.ndarray, group_variants: list[tuple]) -> tuple[np.ndarray, list]:
+    """Sort chunk rows so that each kernel variant is one contiguous range.
+
+    Returns the sorted rows and ``[(variant, first_row, end_row), ...]``. When every group
+    wants the same variant (the usual case) there is one range: one launch per buffer.
+    """
+    variants = sorted(set(group_variants))
+    rank = np.array([variants.index(v) for v in group_variants], dtype=np.int64)
+    chunk_rank = rank[chunk_rows[:, 3]] if len(chunk_rows) else np.zeros(0, dtype=np.int64)
+    order = np.argsort(chunk_rank, kind="stable")
+    sorted_rows = chunk_rows[order]
+    sorted_rank = chunk_rank[order]
+    ranges = []
+    for index, variant in enumerate(variants):
+        where = np.flatnonzero(sorted_rank == index)
+        if len(where):
+            ranges.append((variant, int(where[0]), int(where[-1]) + 1))
+    return sorted_rows, ranges

@@ -1,0 +1,114 @@
+"""One fused Adam/AdamW step on flat tensors the caller owns.
+
+For code that already keeps its parameters, gradients and moments in flat buffers
+(Megatron- or FSDP-style) and wants the update without the optimizer class.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from . import _backends
+from ._layout import CHUNK_COLUMNS, chunk_elements_for
+from ._tables import upload
+
+__all__ = ["adam"]
+
+_chunk_tables: dict[tuple, torch.Tensor] = {}
+_zero_shift: dict[torch.device, torch.Tensor] = {}
+
+
+def _single_segment_chunks(numel: int, device: torch.device) -> torch.Tensor:
+    key = (numel, device)
+    table = _chunk_tables.get(key)
+    if table is None:
+        size = chunk_elements_for(numel, device)
+        starts = np.arange(0, max(numel, 1), size, dtype=np.int64)
+        rows = np.zeros((len(starts), CHUNK_COLUMNS), dtype=np.int64)
+        rows[:, 0] = starts
+        rows[:, 1] = np.minimum(starts + size, numel)
+        rows[:, 4] = np.arange(len(starts))
+        table = upload(rows, device)
+        _chunk_tables[key] = table
+    return table
+
+
+def _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad):
+    tensors = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            raise ValueError("amsgrad=True needs max_exp_avg_sq")
+        tensors["max_exp_avg_sq"] = max_exp_avg_sq
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.device != param.device or tensor.shape != param.shape:
+            raise ValueError(f"{name} must have param's shape {tuple(param.shape)} and device {param.device}")
+        if not tensor.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating point tensor, got {tensor.dtype}")
+    if grad.dtype != param.dtype:
+        raise ValueError(f"grad dtype {grad.dtype} differs from param dtype {param.dtype}")
+    if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype != torch.float32:
+        raise ValueError("step must be a one-element float32 tensor (as torch's state['step'])")
+    if step.device != param.device:
+        raise ValueError(f"step must be on {param.device}")
+
+
+@torch.no_grad()
+def adam(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    step: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None = None,
+    *,
+    lr: float,
+    beta1: float = 0.9,
+    beta2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    amsgrad: bool = False,
+    maximize: bool = False,
+    decoupled_weight_decay: bool = False,
+    backend: str = "auto",
+) -> None:
+    """Apply one Adam step (AdamW with ``decoupled_weight_decay=True``) in place.
+
+    ``param``, ``grad``, ``exp_avg``, ``exp_avg_sq`` (and ``max_exp_avg_sq`` with ``amsgrad``)
+    are contiguous tensors of one shape on one device; ``step`` is the completed-step count
+    (a one-element float32 tensor on that device, like ``state["step"]``) and is incremented.
+    The math is that of :class:`adam_triton.Adam`. With ``backend="triton"`` or ``"auto"`` on
+    CUDA this is one kernel launch plus the increment of ``step``; with ``"torch"`` it is
+    ``torch._fused_adam_``.
+    """
+    _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)
+    implementation = _backends.resolve_backend(backend, param.device)
+    if implementation == "torch":
+        step += 1
+        fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+        fused(
+            [param], [grad], [exp_avg], [exp_avg_sq], [max_exp_avg_sq] if amsgrad else [], [step.view(())],
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+        )
+        return
+    hyper = upload(np.array([[lr, beta1, beta2, eps, weight_decay]], dtype=np.float64), param.device)
+    _backends.kernels().adam_chunked_update(
+        param.view(-1),
+        grad.view(-1),
+        exp_avg.view(-1),
+        exp_avg_sq.view(-1),
+        max_exp_avg_sq.view(-1) if amsgrad else None,
+        _zero_shift.setdefault(param.device, upload(np.zeros(1, dtype=np.int64), param.device)),
+        _single_segment_chunks(param.numel(), param.device),
+        step.view(1),
+        hyper,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled_weight_decay,
+        bump_steps=False,
+    )
+    step += 1

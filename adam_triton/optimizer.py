@@ -1,0 +1,322 @@
+"""``Adam`` and ``AdamW``: drop-in replacements for ``torch.optim.Adam`` / ``AdamW``.
+
+The classes keep torch's whole public surface (constructor, validation, ``param_groups``,
+``state``, ``state_dict`` format, hooks, schedulers). The work is done by ``_engine``: the
+parameters live in flat buffers and every step is one fused update per buffer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from copy import deepcopy
+from itertools import chain
+from typing import Any
+
+import torch
+from torch.optim import Optimizer
+
+from . import _checkpoint
+from ._engine import Engine
+from ._validation import check_hyperparameters, check_implementation_flags
+
+__all__ = ["Adam", "AdamW"]
+
+_GROUP_DEFAULTS = {
+    "amsgrad": False,
+    "maximize": False,
+    "foreach": None,
+    "capturable": False,
+    "differentiable": False,
+    "decoupled_weight_decay": False,
+    "fused": None,
+}
+
+
+class _FlatAdam(Optimizer):
+    """Everything Adam and AdamW share; the public classes only fix their signatures."""
+
+    def __init__(
+        self,
+        params,
+        lr,
+        betas,
+        eps,
+        weight_decay,
+        amsgrad,
+        *,
+        foreach,
+        maximize,
+        capturable,
+        differentiable,
+        fused,
+        decoupled_weight_decay,
+        backend,
+    ) -> None:
+        betas = check_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
+        check_implementation_flags(foreach=foreach, fused=fused, differentiable=differentiable, backend=backend)
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "amsgrad": amsgrad,
+            "maximize": maximize,
+            "foreach": foreach,
+            "capturable": capturable,
+            "differentiable": differentiable,
+            "fused": fused,
+            "decoupled_weight_decay": decoupled_weight_decay,
+        }
+        self._backend = backend
+        self._engine = None  # add_param_group below must not re-home before we are ready
+        super().__init__(params, defaults)
+        self._engine = Engine(type(self).__name__, backend)
+        self._engine.rebuild(self.param_groups, self.state)
+
+    @property
+    def backend(self) -> str:
+        """The ``backend`` this optimizer was built with: ``"auto"``, ``"triton"`` or ``"torch"``."""
+        return self._backend
+
+    def backends(self) -> dict[tuple[torch.device, torch.dtype], str]:
+        """Which implementation updates each flat buffer, keyed by (device, storage dtype)."""
+        return {(b.device, b.dtype): self._engine.backend_of[id(b)] for b in self._engine.buffers}
+
+    # -- torch.optim.Optimizer surface --------------------------------------------------------
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        if self._engine is None:
+            return
+        try:
+            self._engine.rebuild(self.param_groups, self.state)
+        except Exception:
+            self.param_groups.pop()  # nothing was re-homed: leave the optimizer as it was
+            raise
+
+    @torch.compiler.disable
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step: one fused update per flat buffer.
+
+        Args:
+            closure (Callable, optional): re-evaluates the model and returns the loss.
+        """
+        self._accelerator_graph_capture_health_check()
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._engine.step(self.param_groups, self.state)
+        return loss
+
+    @torch._disable_dynamo
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients of all optimized tensors.
+
+        ``set_to_none=True`` (the default) sets them to ``None``, exactly as torch does.
+        ``set_to_none=False`` zeroes them, as torch does, but in one operation per flat buffer:
+        each gradient becomes a view of the buffer's gradient buffer (the tensor object changes
+        once, on the first call; gradients that are views of someone else's storage, such as
+        DistributedDataParallel's buckets, are zeroed in place instead). Backward then
+        accumulates straight into the flat buffer.
+        """
+        if set_to_none:
+            super().zero_grad(set_to_none=True)
+            return
+        if not hasattr(self, "_zero_grad_profile_name"):
+            self._patch_step_function()
+        with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
+            self._engine.zero_grad_into_buffers()
+
+    @torch._disable_dynamo
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a checkpoint saved by this class or by ``torch.optim.Adam`` / ``AdamW``.
+
+        The whole checkpoint is checked first (group count and sizes, every state tensor's
+        shape and type, every step count); a bad one raises ``ValueError`` and leaves the
+        optimizer as it was. States are copied into the flat buffers (cast to the buffer's
+        dtype and device) and ``state[p]`` become views of them again.
+        """
+        state_dict = state_dict.copy()
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hook_result = pre_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
+        new_groups, new_state = _checkpoint.validated(self.param_groups, state_dict)
+        for group in new_groups:
+            self._complete_group(group)
+        self.param_groups = new_groups
+        self.state = new_state
+        self._engine.import_state(self.param_groups, self.state)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def _complete_group(self, group: dict) -> None:
+        for key, value in _GROUP_DEFAULTS.items():
+            group.setdefault(key, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state["_backend"] = self._backend
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickling and deepcopy: rebuild the flat buffers around the restored parameters.
+        backend = state.pop("_backend", "auto")
+        super().__setstate__(state)
+        for group in self.param_groups:
+            self._complete_group(group)
+        self._backend = backend
+        self._engine = Engine(type(self).__name__, backend)
+        self._engine.rebuild(self.param_groups, self.state)
+
+
+_MATH = r"""
+    With :math:`g_t` the gradient (negated if ``maximize``), :math:`\gamma` the learning
+    rate, :math:`\lambda` the weight decay and :math:`t` the parameter's step count:
+
+    .. math::
+        \begin{aligned}
+        &\text{L2 (Adam):}\quad g_t \leftarrow g_t + \lambda\theta_{t-1}
+            \qquad \text{decoupled (AdamW):}\quad \theta_{t-1} \leftarrow (1 - \gamma\lambda)\,\theta_{t-1} \\
+        &m_t = \beta_1 m_{t-1} + (1 - \beta_1)\, g_t \qquad
+         v_t = \beta_2 v_{t-1} + (1 - \beta_2)\, g_t^2 \\
+        &\hat v_t = \max(\hat v_{t-1}, v_t) \text{ with AMSGrad, else } v_t \\
+        &\theta_t = \theta_{t-1} - \frac{\gamma}{1-\beta_1^t}\,
+            \frac{m_t}{\sqrt{\hat v_t}\,/\sqrt{1-\beta_2^t} + \epsilon}
+        \end{aligned}
+
+    The update is computed in float32 (float64 for float64 parameters) whatever the storage
+    dtype, with torch's order of operations, so one step from equal state agrees with
+    ``torch.optim.Adam`` to float32 rounding. A parameter whose ``.grad`` is ``None`` is neither
+    updated nor counted, as in torch.
+"""
+
+_ARGS = r"""
+    Args:
+        params (iterable): parameters, named parameters, or dicts defining parameter groups,
+            as for any torch optimizer. The parameters of each (device, dtype) are moved into
+            one flat buffer; each keeps its identity and its ``.data`` becomes a view.
+        lr (float, Tensor, optional): learning rate (default: {lr}).
+        betas (tuple[float | Tensor, float | Tensor], optional): decay rates of the first and
+            second moment averages (default: (0.9, 0.999)).
+        eps (float, optional): added to the denominator for stability (default: 1e-8). In
+            float16/bfloat16 it is applied in float32, so it cannot underflow.
+        weight_decay (float, optional): {weight_decay_doc}
+        amsgrad (bool, optional): use the AMSGrad variant, which normalises by the largest
+            second moment seen so far (default: False).
+{decoupled_doc}        foreach (bool, optional): accepted for compatibility; has no effect (every step is
+            already one fused launch per buffer). ``foreach=True`` with ``fused=True`` raises
+            as in torch.
+        maximize (bool, optional): maximize the objective instead of minimizing (default: False).
+        capturable (bool, optional): accepted and stored in the param groups as in torch; the
+            step never synchronises with the device either way (default: False).
+        differentiable (bool, optional): not supported; ``True`` raises ``RuntimeError``.
+        fused (bool, optional): accepted for compatibility; has no effect (default: None).
+        backend (str, optional): ``"auto"`` (Triton kernel for CUDA parameters, pure PyTorch
+            elsewhere), ``"triton"`` (always the kernel; CPU parameters need
+            ``TRITON_INTERPRET=1`` set before triton is imported), or ``"torch"`` (always the
+            pure-PyTorch implementation) (default: "auto").
+
+    ``state_dict()`` has torch's exact layout, so checkpoints move freely between this class
+    and ``torch.optim.{torch_name}``.
+"""
+
+
+class Adam(_FlatAdam):
+    __doc__ = (
+        """Adam over flat parameter buffers: ``torch.optim.Adam`` with one fused update per buffer.
+"""
+        + _MATH
+        + _ARGS.format(
+            lr="1e-3",
+            weight_decay_doc="L2 penalty added to the gradient, or decoupled weight decay\n"
+            "            with ``decoupled_weight_decay=True`` (default: 0).",
+            decoupled_doc="        decoupled_weight_decay (bool, optional): decay the weights directly, as AdamW\n"
+            "            (default: False).\n",
+            torch_name="Adam",
+        )
+    )
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        amsgrad: bool = False,
+        *,
+        foreach: bool | None = None,
+        maximize: bool = False,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        decoupled_weight_decay: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=decoupled_weight_decay,
+            backend=backend,
+        )
+
+
+class AdamW(Adam):
+    __doc__ = (
+        """AdamW over flat parameter buffers: ``torch.optim.AdamW`` with one fused update per buffer.
+"""
+        + _MATH
+        + _ARGS.format(
+            lr="1e-3",
+            weight_decay_doc="decoupled weight decay coefficient (default: 1e-2).",
+            decoupled_doc="",
+            torch_name="AdamW",
+        )
+    )
+
+    def __init__(
+        self,
+        params,
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        *,
+        maximize: bool = False,
+        foreach: bool | None = None,
+        capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__(
+            params,
+            lr,
+            betas,
+            eps,
+            weight_decay,
+            amsgrad,
+            foreach=foreach,
+            maximize=maximize,
+            capturable=capturable,
+            differentiable=differentiable,
+            fused=fused,
+            decoupled_weight_decay=True,
+            backend=backend,
+        )
+
+    def _complete_group(self, group: dict) -> None:
+        super()._complete_group(group)
+        group["decoupled_weight_decay"] = True

@@ -1,0 +1,233 @@
+"""Triton device code: one Adam/AdamW update over a flat buffer cut into chunks.
+
+Only ``triton`` is imported here, so the kernel can be compiled ahead of time for a GPU
+target on a machine that has neither a GPU nor torch (see ``tests/test_kernel_compiles.py``).
+The host-side launcher that validates inputs and picks the variant lives in ``adam.py``.
+
+Layout contract (built by the host):
+
+* ``param``, ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are flat buffers with one
+  common element index. A *segment* is the element range of one tensor; every segment
+  starts at a multiple of 16 elements and 16 bytes.
+* A *chunk* is a slice of one segment; each program updates one chunk. The chunk table is
+  ``int64[n_chunks, 5]``: first element, end element (exclusive), segment, hyperparameter
+  row, step counter. Chunk starts are multiples of 16 elements.
+* ``grad_shift[segment]`` says where the segment's gradient lives: the gradient of flat
+  element ``i`` is ``grad_base[i + grad_shift[segment]]``. ``NO_GRADIENT`` (-1, never a valid
+  shift because valid shifts are multiples of ``VEC`` >= 2) means the segment has no gradient:
+  it is neither updated nor counted. Valid shifts keep 16-byte alignment.
+* ``steps[counter]`` holds the number of completed steps of the chunk's segment (float32,
+  as torch keeps ``state["step"]``). With ``BUMP_STEPS`` each chunk owns its counter, reads
+  it and writes it back incremented, so no two programs touch the same counter and one
+  launch does the whole step. Without it every program reads ``steps[0]`` and nothing is
+  written (the caller increments).
+* ``hyper[row]`` is ``float64[5]``: lr, beta1, beta2, eps, weight_decay.
+"""
+
+import triton
+import triton.language as tl
+
+NO_GRADIENT = tl.constexpr(-1)
+CHUNK_TABLE_COLUMNS = tl.constexpr(5)
+HYPER_TABLE_COLUMNS = tl.constexpr(5)
+
+
+@triton.jit
+def _div(numerator, denominator, COMPUTE_DTYPE: tl.constexpr):
+    # torch divides with IEEE rounding; Triton's plain fp32 `/` is an approximation.
+    if COMPUTE_DTYPE == tl.float64:
+        return numerator / denominator
+    else:
+        return tl.div_rn(numerator, denominator)
+
+
+@triton.jit
+def _sqrt(x, COMPUTE_DTYPE: tl.constexpr):
+    if COMPUTE_DTYPE == tl.float64:
+        return tl.sqrt(x)
+    else:
+        return tl.sqrt_rn(x)
+
+
+@triton.jit
+def _load(pointers, mask, COMPUTE_DTYPE: tl.constexpr):
+    if mask is None:
+        values = tl.load(pointers)
+    else:
+        values = tl.load(pointers, mask=mask, other=0.0)
+    return values.to(COMPUTE_DTYPE)
+
+
+@triton.jit
+def _powers(beta1, beta2, exponent):
+    """beta1**exponent and beta2**exponent in float64 by repeated squaring.
+
+    Plain multiplications compile on every backend and in the interpreter, and float64
+    keeps 1 - beta**t free of the cancellation that float32 would suffer at small t.
+    """
+    power1 = tl.full((), 1.0, tl.float64)
+    power2 = tl.full((), 1.0, tl.float64)
+    base1 = beta1
+    base2 = beta2
+    remaining = exponent
+    while remaining > 0:
+        odd = (remaining & 1) == 1
+        power1 = tl.where(odd, power1 * base1, power1)
+        power2 = tl.where(odd, power2 * base2, power2)
+        base1 = base1 * base1
+        base2 = base2 * base2
+        remaining = remaining >> 1
+    return power1, power2
+
+
+@triton.jit
+def _adam_tile(
+    offsets,
+    mask,
+    grad_shift,
+    param_ptr,
+    grad_base_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    max_exp_avg_sq_ptr,
+    step_size,
+    bias_correction2_sqrt,
+    lerp_weight,
+    one_minus_lerp_weight,
+    beta2,
+    one_minus_beta2,
+    eps,
+    weight_decay,
+    decay_factor,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED_WEIGHT_DECAY: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    grad = _load(grad_base_ptr + (offsets + grad_shift), mask, COMPUTE_DTYPE)
+    param = _load(param_ptr + offsets, mask, COMPUTE_DTYPE)
+    exp_avg = _load(exp_avg_ptr + offsets, mask, COMPUTE_DTYPE)
+    exp_avg_sq = _load(exp_avg_sq_ptr + offsets, mask, COMPUTE_DTYPE)
+
+    if MAXIMIZE:
+        grad = -grad
+    if DECOUPLED_WEIGHT_DECAY:
+        param = param * decay_factor
+    else:
+        # torch skips the L2 term when weight_decay == 0, which keeps inf parameters from
+        # turning the gradient into nan (0 * inf).
+        grad = tl.where(weight_decay != 0.0, grad + weight_decay * param, grad)
+
+    # torch's lerp: the branch keeps the rounding of the shorter interpolation.
+    delta = grad - exp_avg
+    exp_avg = tl.where(
+        lerp_weight < 0.5,
+        exp_avg + lerp_weight * delta,
+        grad - delta * one_minus_lerp_weight,
+    )
+    exp_avg_sq = exp_avg_sq * beta2
+    exp_avg_sq = exp_avg_sq + (one_minus_beta2 * grad) * grad
+
+    second_moment = exp_avg_sq
+    if AMSGRAD:
+        max_exp_avg_sq = _load(max_exp_avg_sq_ptr + offsets, mask, COMPUTE_DTYPE)
+        max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
+        tl.store(
+            max_exp_avg_sq_ptr + offsets,
+            max_exp_avg_sq.to(max_exp_avg_sq_ptr.dtype.element_ty),
+            mask=mask,
+        )
+        second_moment = max_exp_avg_sq
+
+    denom = _div(_sqrt(second_moment, COMPUTE_DTYPE), bias_correction2_sqrt, COMPUTE_DTYPE) + eps
+    param = param - step_size * _div(exp_avg, denom, COMPUTE_DTYPE)
+
+    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _adam_chunk_kernel(
+    param_ptr,
+    grad_base_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    max_exp_avg_sq_ptr,
+    grad_shift_ptr,
+    chunk_ptr,
+    step_ptr,
+    hyper_ptr,
+    BLOCK: tl.constexpr,
+    VEC: tl.constexpr,
+    AMSGRAD: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    DECOUPLED_WEIGHT_DECAY: tl.constexpr,
+    BUMP_STEPS: tl.constexpr,
+    COMPUTE_DTYPE: tl.constexpr,
+):
+    chunk = tl.program_id(0).to(tl.int64)
+    chunk_row = chunk_ptr + chunk * CHUNK_TABLE_COLUMNS
+    start = tl.load(chunk_row)
+    end = tl.load(chunk_row + 1)
+    segment = tl.load(chunk_row + 2)
+    hyper_row = hyper_ptr + tl.load(chunk_row + 3) * HYPER_TABLE_COLUMNS
+
+    grad_shift = tl.load(grad_shift_ptr + segment)
+    has_grad = grad_shift != NO_GRADIENT
+
+    if BUMP_STEPS:
+        counter_ptr = step_ptr + tl.load(chunk_row + 4)
+    else:
+        counter_ptr = step_ptr
+    completed = tl.load(counter_ptr)
+    # float32 addition, as torch's `step_t += 1`, so the counters saturate the same way.
+    step = completed + 1.0
+
+    lr = tl.load(hyper_row)
+    beta1 = tl.load(hyper_row + 1)
+    beta2 = tl.load(hyper_row + 2)
+    eps = tl.load(hyper_row + 3)
+    weight_decay = tl.load(hyper_row + 4)
+
+    # Scalars in float64 and rounded once, as torch computes them with Python floats.
+    beta1_power, beta2_power = _powers(beta1, beta2, step.to(tl.int64))
+    step_size = (lr / (1.0 - beta1_power)).to(COMPUTE_DTYPE)
+    bias_correction2_sqrt = tl.sqrt(1.0 - beta2_power).to(COMPUTE_DTYPE)
+    lerp_weight = (1.0 - beta1).to(COMPUTE_DTYPE)
+    one_minus_lerp_weight = 1.0 - lerp_weight
+    one_minus_beta2 = (1.0 - beta2).to(COMPUTE_DTYPE)
+    decay_factor = (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
+
+    # A chunk without a gradient runs no tile: nothing is read, written or counted.
+    end = tl.where(has_grad, end, start)
+    start = tl.multiple_of(start, 16)
+    grad_shift = tl.multiple_of(grad_shift, VEC)
+
+    # Whole tiles carry no mask so that loads and stores stay 16-byte vectors; the ragged
+    # end of the chunk gets one masked tile.
+    full_tiles = (end - start) // BLOCK
+    for tile in range(0, full_tiles):
+        offsets = tl.multiple_of(start + tile * BLOCK, 16) + tl.arange(0, BLOCK)
+        _adam_tile(
+            offsets, None, grad_shift,
+            param_ptr, grad_base_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            step_size, bias_correction2_sqrt, lerp_weight, one_minus_lerp_weight,
+            beta2.to(COMPUTE_DTYPE), one_minus_beta2, eps.to(COMPUTE_DTYPE),
+            weight_decay.to(COMPUTE_DTYPE), decay_factor,
+            AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY, COMPUTE_DTYPE,
+        )
+    tail = start + full_tiles * BLOCK
+    if tail < end:
+        offsets = tl.multiple_of(tail, 16) + tl.arange(0, BLOCK)
+        _adam_tile(
+            offsets, offsets < end, grad_shift,
+            param_ptr, grad_base_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            step_size, bias_correction2_sqrt, lerp_weight, one_minus_lerp_weight,
+            beta2.to(COMPUTE_DTYPE), one_minus_beta2, eps.to(COMPUTE_DTYPE),
+            weight_decay.to(COMPUTE_DTYPE), decay_factor,
+            AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY, COMPUTE_DTYPE,
+        )
+
+    if BUMP_STEPS:
+        tl.store(counter_ptr, step, mask=has_grad)

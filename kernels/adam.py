@@ -1,0 +1,159 @@
+"""Host launcher for the chunked Adam kernel: checks its inputs, picks the variant, launches.
+
+The launcher knows the kernel's layout contract (see ``_adam_kernel``) but nothing about
+optimizers, parameter groups or checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._adam_kernel import NO_GRADIENT, _adam_chunk_kernel
+
+__all__ = [
+    "NO_GRADIENT",
+    "SEGMENT_ALIGNMENT_BYTES",
+    "adam_chunked_update",
+    "block_size",
+    "is_interpreted",
+]
+
+#: Segments should start on this many bytes so that accesses are whole 16-byte vectors.
+#: Correctness does not depend on it: triton specialises each launch on the pointers'
+#: actual alignment, and a misaligned buffer only loses vectorisation.
+SEGMENT_ALIGNMENT_BYTES = 128
+
+_NO_GRADIENT = NO_GRADIENT.value
+_ACCESS_BYTES = 16  # one vector load per thread
+_UNROLL = 2  # vectors per thread per tile
+_NUM_WARPS = 4
+_SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def is_interpreted() -> bool:
+    """True when this process imported triton with ``TRITON_INTERPRET=1`` (kernels run on CPU)."""
+    return type(_adam_chunk_kernel).__name__ == "InterpretedFunction"
+
+
+def block_size(dtype: torch.dtype) -> int:
+    """Elements one program handles per tile: 16-byte accesses for every storage dtype."""
+    elements_per_access = _ACCESS_BYTES // dtype.itemsize
+    return _NUM_WARPS * 32 * elements_per_access * _UNROLL
+
+
+def _fail(message: str) -> None:
+    raise ValueError(f"adam_chunked_update: {message}")
+
+
+def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper, amsgrad, bump_steps):
+    if param.dtype not in _SUPPORTED:
+        _fail(f"param dtype {param.dtype} is not one of {_SUPPORTED}")
+    if grad_base.dtype != param.dtype:
+        _fail(f"grad_base dtype {grad_base.dtype} differs from param dtype {param.dtype}")
+    buffers = {"param": param, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    if amsgrad:
+        if max_exp_avg_sq is None:
+            _fail("amsgrad=True needs max_exp_avg_sq")
+        buffers["max_exp_avg_sq"] = max_exp_avg_sq
+    for name, buffer in buffers.items():
+        if buffer.device != param.device:
+            _fail(f"{name} is on {buffer.device}, param on {param.device}")
+        if buffer.numel() != param.numel() or not buffer.is_contiguous():
+            _fail(f"{name} must be contiguous with {param.numel()} elements like param")
+        if buffer.dtype not in _SUPPORTED:
+            _fail(f"{name} dtype {buffer.dtype} is not one of {_SUPPORTED}")
+    tables = {
+        "grad_shifts": (grad_shifts, torch.int64, 1),
+        "chunks": (chunks, torch.int64, 2),
+        "steps": (steps, torch.float32, None),
+        "hyper": (hyper, torch.float64, 2),
+    }
+    for name, (table, dtype, ndim) in tables.items():
+        if table.device != param.device:
+            _fail(f"{name} is on {table.device}, param on {param.device}")
+        if table.dtype != dtype or not table.is_contiguous():
+            _fail(f"{name} must be a contiguous {dtype} tensor, got {table.dtype}")
+        if ndim is not None and table.dim() != ndim:
+            _fail(f"{name} must have {ndim} dimensions, got {table.dim()}")
+    if chunks.shape[1:] != (5,) or hyper.shape[1:] != (5,):
+        _fail("chunks must be [n, 5] (start, end, segment, hyper row, step counter) and hyper [rows, 5]")
+    if not bump_steps and steps.numel() != 1:
+        _fail("with bump_steps=False, steps must hold the one shared step count")
+
+
+def adam_chunked_update(
+    param: torch.Tensor,
+    grad_base: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    max_exp_avg_sq: torch.Tensor | None,
+    grad_shifts: torch.Tensor,
+    chunks: torch.Tensor,
+    steps: torch.Tensor,
+    hyper: torch.Tensor,
+    *,
+    amsgrad: bool,
+    maximize: bool,
+    decoupled_weight_decay: bool,
+    bump_steps: bool = True,
+) -> None:
+    """Apply one Adam (or AdamW) step, in place, to every chunk listed in ``chunks``.
+
+    One launch, one program per chunk. Per element, with the chunk's hyperparameter row
+    ``(lr, beta1, beta2, eps, weight_decay)`` and ``t`` its step count plus one::
+
+        g = -grad if maximize else grad
+        decoupled:  p = p * (1 - lr * weight_decay)       else:  g = g + weight_decay * p
+        m = lerp(m, g, 1 - beta1)
+        v = v * beta2 + (1 - beta2) * g * g
+        amsgrad:    v_max = max(v_max, v); v_hat = v_max  else:  v_hat = v
+        p = p - lr / (1 - beta1**t) * m / (sqrt(v_hat) / sqrt(1 - beta2**t) + eps)
+
+    Elements are loaded, computed in float32 (float64 for float64 params), and stored in
+    each buffer's own dtype. Scalars are formed in float64 and rounded once.
+
+    Args:
+        param, exp_avg, exp_avg_sq, max_exp_avg_sq: contiguous buffers sharing one element
+            index (ideally on ``SEGMENT_ALIGNMENT_BYTES`` boundaries, for vector accesses).
+            ``max_exp_avg_sq`` is only read with ``amsgrad``.
+        grad_base: any tensor of ``param``'s dtype and device; gradients are addressed from
+            its first element (see ``grad_shifts``).
+        grad_shifts: ``int64[segments]``. The gradient of flat element ``i`` of segment ``s``
+            is element ``i + grad_shifts[s]`` counted from ``grad_base``; every shift must be
+            a multiple of ``16 // itemsize`` (the kernel tells the compiler so, to vectorise).
+            ``NO_GRADIENT`` skips the segment (no update, no count).
+        chunks: ``int64[n, 5]`` rows ``(start, end, segment, hyper_row, counter)``; starts
+            are multiples of 16 elements and chunks never straddle segments.
+        steps: ``float32`` completed-step counters. With ``bump_steps`` each chunk reads
+            ``steps[counter]`` and, if its segment has a gradient, writes it back incremented;
+            no two chunks may share a counter. Otherwise ``steps`` is a single counter that is
+            read only (the caller increments it).
+        hyper: ``float64[rows, 5]`` rows ``(lr, beta1, beta2, eps, weight_decay)``.
+        amsgrad, maximize, decoupled_weight_decay: compile-time variants of the kernel.
+    """
+    _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper, amsgrad, bump_steps)
+    n_chunks = chunks.shape[0]
+    if n_chunks == 0:
+        return
+    compute_dtype = tl.float64 if param.dtype == torch.float64 else tl.float32
+    _adam_chunk_kernel[(n_chunks,)](
+        param,
+        grad_base,
+        exp_avg,
+        exp_avg_sq,
+        max_exp_avg_sq if amsgrad else exp_avg_sq,
+        grad_shifts,
+        chunks,
+        steps,
+        hyper,
+        BLOCK=block_size(param.dtype),
+        VEC=_ACCESS_BYTES // param.dtype.itemsize,
+        AMSGRAD=amsgrad,
+        MAXIMIZE=maximize,
+        DECOUPLED_WEIGHT_DECAY=decoupled_weight_decay,
+        BUMP_STEPS=bump_steps,
+        COMPUTE_DTYPE=compute_dtype,
+        num_warps=_NUM_WARPS,
+    )

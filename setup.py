@@ -1,0 +1,26 @@
+from pathlib import Path
+
+from setuptools import setup
+
+setup(
+    name="adam-triton",
+    version="0.1.0",
+    description="torch.optim.Adam/AdamW as one fused Triton kernel over flat parameter buffers",
+    long_description=Path("README.md").read_text(encoding="utf-8") if Path("README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="BSD-3-Clause",
+    python_requires=">=3.10",
+    # The Triton code lives in kernels/ and installs as adam_triton.kernels: a different
+    # PyPI package is already called "kernels", so nothing may land in site-packages/kernels.
+    packages=["adam_triton", "adam_triton.kernels"],
+    package_dir={"adam_triton.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy",
+        "triton>=3.6; platform_system == 'Linux'",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "bench": ["pytest-benchmark>=4", "matplotlib"],
+    },
+)
