@@ -20,7 +20,7 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "expecttest"],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
 )

@@ -20,6 +20,7 @@ import torch
 from ._gradients import GradientPlan
 from ._layout import FlatBuffer
 from ._tables import HyperTable, upload
+from ._validation import BACKENDS
 
 _INTERPRET_HINT = (
     "set TRITON_INTERPRET=1 in the environment before triton is first imported "
@@ -45,6 +46,8 @@ def triton_importable() -> bool:
 
 def resolve_backend(requested: str, device: torch.device) -> str:
     """The implementation that will update a buffer on ``device``; raise if none can."""
+    if requested not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {requested!r}")
     if requested == "torch":
         return "torch"
     if requested == "auto":

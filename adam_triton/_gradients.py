@@ -30,9 +30,7 @@ NO_GRADIENT = -1  # must equal adam_triton.kernels.NO_GRADIENT (checked by the t
 _ACCESS_BYTES = 16
 
 _grad_of = operator.attrgetter("grad")
-_layout_of = operator.attrgetter("layout")
-_dtype_of = operator.attrgetter("dtype")
-_device_of = operator.attrgetter("device")
+
 
 
 class GradientPlan:
@@ -68,18 +66,21 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     grads = list(raw)
     staged: list[int] = []
     if present:
-        if set(map(_layout_of, present)) != {torch.strided}:
-            raise _sparse_error(optimizer_name)
+        try:
+            strides = list(map(torch.Tensor.stride, present))
+            pointers = np.fromiter(map(torch.Tensor.data_ptr, present), dtype=np.int64, count=len(present))
+        except RuntimeError:  # sparse layouts have neither
+            if any(g.layout != torch.strided for g in present):
+                raise _sparse_error(optimizer_name) from None
+            raise
         segments = np.flatnonzero(has_grad)
-        pointers = np.fromiter(map(torch.Tensor.data_ptr, present), dtype=np.int64, count=len(present))
         expected_strides = list(compress(buffer.strides, has_grad))
         needs_copy = pointers % _ACCESS_BYTES != 0
-        as_expected = (
-            list(map(torch.Tensor.stride, present)) == expected_strides
-            and set(map(_dtype_of, present)) <= buffer.param_dtypes
-            and set(map(_device_of, present)) == {buffer.device}
-        )
-        if not as_expected:
+        # Gradients may differ from their parameter in dtype (torch's grad_dtype) or device
+        # (a .data assignment): such gradients are copied into place.
+        kinds = set(torch._C._group_tensors_by_device_and_dtype([present], False).keys())
+        mixed = len(buffer.param_kinds) > 1  # complex and real parameters share the buffer
+        if strides != expected_strides or not kinds <= buffer.param_kinds or mixed:
             # Rare: find the culprits one by one.
             expected_dtypes = [p.dtype for p in compress(buffer.params, has_grad)]
             needs_copy |= np.fromiter(

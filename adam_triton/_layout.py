@@ -53,6 +53,15 @@ def chunk_elements_for(total: int, device: torch.device) -> int:
     return min(max(per_program, CHUNK_QUANTUM), MAX_CHUNK_ELEMENTS)
 
 
+def aligned_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed 1-D tensor whose first element sits on a ``SEGMENT_ALIGNMENT_BYTES`` boundary
+    (CUDA's allocator gives that anyway; CPU allocators may give only 64 bytes)."""
+    spare = SEGMENT_ALIGNMENT_BYTES // dtype.itemsize
+    raw = torch.zeros(numel + spare, dtype=dtype, device=device)
+    offset = (-raw.data_ptr() % SEGMENT_ALIGNMENT_BYTES) // dtype.itemsize
+    return raw[offset : offset + numel]
+
+
 def _preserved_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     # The strides torch gives state created with memory_format=preserve_format: the
     # parameter's own when it is dense (channels_last, transposed), contiguous otherwise.
@@ -68,7 +77,7 @@ class FlatBuffer:
         self.params = params
         self.group_of_segment = np.asarray(groups, dtype=np.int64)
         self.is_complex = [p.is_complex() for p in params]
-        self.param_dtypes = {p.dtype for p in params}
+        self.param_kinds = {(device, p.dtype) for p in params}
         self.has_complex = any(self.is_complex)
         self.shapes = [tuple(p.shape) for p in params]
         # Complex parameters are laid out contiguously so that their real view is too.
@@ -91,9 +100,9 @@ class FlatBuffer:
         self._build_chunks()
 
         # Padding is zero in every buffer and stays zero under the update (g = m = v = 0).
-        self.param = torch.zeros(self.total, dtype=dtype, device=device)
-        self.exp_avg = torch.zeros(self.total, dtype=dtype, device=device)
-        self.exp_avg_sq = torch.zeros(self.total, dtype=dtype, device=device)
+        self.param = aligned_zeros(self.total, dtype, device)
+        self.exp_avg = aligned_zeros(self.total, dtype, device)
+        self.exp_avg_sq = aligned_zeros(self.total, dtype, device)
         self.max_exp_avg_sq: torch.Tensor | None = None
         self.grad: torch.Tensor | None = None
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
@@ -142,7 +151,8 @@ class FlatBuffer:
 
     def segment_view(self, flat: torch.Tensor, segment: int) -> torch.Tensor:
         """The segment of ``flat`` shaped (and strided, and typed) like its parameter."""
-        start = int(self.starts[segment])
+        # as_strided counts from the start of the storage, not of the (aligned) view.
+        start = flat.storage_offset() + int(self.starts[segment])
         shape = self.shapes[segment]
         if self.is_complex[segment]:
             real = flat.as_strided(shape + (2,), _contiguous_strides(shape + (2,)), start)
@@ -172,12 +182,12 @@ class FlatBuffer:
     # -- buffers created on demand ----------------------------------------------------------
     def ensure_max_exp_avg_sq(self) -> None:
         if self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+            self.max_exp_avg_sq = aligned_zeros(self.total, self.dtype, self.device)
             self.max_exp_avg_sq_views = [self.segment_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
 
     def ensure_grad(self) -> None:
         if self.grad is None:
-            self.grad = torch.zeros(self.total, dtype=self.dtype, device=self.device)
+            self.grad = aligned_zeros(self.total, self.dtype, self.device)
             self.grad_views = [self.segment_view(self.grad, i) for i in range(len(self.params))]
 
     # -- parameters -------------------------------------------------------------------------

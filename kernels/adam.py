@@ -10,7 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._adam_kernel import NO_GRADIENT, _adam_chunk_kernel
+from . import _adam_kernel
+from ._adam_kernel import _adam_chunk_kernel
 
 __all__ = [
     "NO_GRADIENT",
@@ -25,7 +26,8 @@ __all__ = [
 #: actual alignment, and a misaligned buffer only loses vectorisation.
 SEGMENT_ALIGNMENT_BYTES = 128
 
-_NO_GRADIENT = NO_GRADIENT.value
+#: Shift that marks a segment without a gradient: it is neither updated nor counted.
+NO_GRADIENT: int = _adam_kernel.NO_GRADIENT.value
 _ACCESS_BYTES = 16  # one vector load per thread
 _UNROLL = 2  # vectors per thread per tile
 _NUM_WARPS = 4

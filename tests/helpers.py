@@ -1,0 +1,109 @@
+"""Shared pieces of the tests: targets, a model with awkward sizes, training loops."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import adam_triton
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+FP32_EPS = torch.finfo(torch.float32).eps
+
+
+@dataclass(frozen=True)
+class Target:
+    device: str
+    backend: str
+
+    def __str__(self) -> str:
+        return f"{self.device}-{self.backend}"
+
+
+# Sizes that straddle everything the layout and kernel care about: a single element, the
+# 16-element alignment, a tile (1024 fp32 elements) +- 1, and several chunks.
+ODD_SHAPES = [(1,), (17,), (1023,), (1025,), (7, 13), (3, 5, 11), (2, 1031)]
+
+
+class OddModel(nn.Module):
+    """Parameters of awkward sizes, each getting a different, nonlinear gradient."""
+
+    def __init__(self, shapes=ODD_SHAPES, seed: int = 0, dtype=torch.float32):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(shape, generator=generator, dtype=dtype) * 0.5) for shape in shapes
+        )
+        for index, shape in enumerate(shapes):
+            self.register_buffer(f"mix{index}", torch.randn(shape, generator=generator, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        loss = x.new_zeros(())
+        for index, weight in enumerate(self.weights):
+            mix = getattr(self, f"mix{index}")
+            loss = loss + ((weight * mix).sum() * x[index % x.numel()] - 1.0) ** 2 / weight.numel()
+            loss = loss + (weight.sin() * mix).mean() * x[(index + 1) % x.numel()]
+        return loss
+
+
+def paired(make_model, device, dtype=torch.float32):
+    """Two identical models on ``device``: one for adam_triton, one for torch."""
+    ours = make_model().to(device=device, dtype=dtype) if dtype else make_model().to(device)
+    reference = copy.deepcopy(ours)
+    return ours, reference
+
+
+def optimizers(ours_model, reference_model, cls_name: str, backend: str, params_fn=None, **kwargs):
+    params_fn = params_fn or (lambda model: model.parameters())
+    ours = getattr(adam_triton, cls_name)(params_fn(ours_model), backend=backend, **kwargs)
+    reference = getattr(torch.optim, cls_name)(params_fn(reference_model), **kwargs)
+    return ours, reference
+
+
+def train(model, optimizer, steps: int, seed: int = 1, set_to_none: bool = True, scheduler=None):
+    """A real loop: fresh random data, zero_grad, loss.backward(), step."""
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(8, generator=generator).to(device=device, dtype=dtype if dtype.is_floating_point else torch.float32)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        loss = model(x)
+        loss.backward()
+        optimizer.step()
+        if scheduler is not None:
+            scheduler.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_close_params(ours_model, reference_model, rtol=2e-5, atol=2e-6):
+    for (name, a), b in zip(ours_model.named_parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_close_state(ours_opt, reference_opt, ours_model, reference_model, rtol=2e-5, atol=2e-6):
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        ours_state, reference_state = ours_opt.state.get(a, {}), reference_opt.state.get(b, {})
+        assert set(ours_state) == set(reference_state)
+        for key in reference_state:
+            expected = reference_state[key]
+            actual = ours_state[key]
+            if key == "step":
+                assert float(actual) == float(expected)
+                continue
+            torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)

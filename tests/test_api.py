@@ -1,0 +1,205 @@
+"""The public surface: torch's signature, validation, errors, hooks and base-class checks."""
+
+import inspect
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import OddModel, train
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+import adam_triton
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_signature_is_torchs_plus_backend(name):
+    ours = inspect.signature(getattr(adam_triton, name).__init__).parameters
+    theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
+    assert list(ours)[:-1] == list(theirs)
+    for key, parameter in theirs.items():
+        assert ours[key].default == parameter.default, key
+        assert ours[key].kind == parameter.kind, key
+    assert ours["backend"].default == "auto" and ours["backend"].kind == inspect.Parameter.KEYWORD_ONLY
+
+
+def test_is_a_torch_optimizer_and_adamw_is_an_adam():
+    model = nn.Linear(3, 2)
+    optimizer = adam_triton.AdamW(model.parameters())
+    assert isinstance(optimizer, torch.optim.Optimizer)
+    assert isinstance(optimizer, adam_triton.Adam)
+    assert optimizer.defaults == torch.optim.AdamW(nn.Linear(3, 2).parameters()).defaults
+
+
+def _torch_error_inputs():
+    from torch.testing._internal.common_optimizers import optim_db
+
+    cases = []
+    for info in optim_db:
+        name = info.optim_cls.__name__
+        if name not in ("Adam", "AdamW"):
+            continue
+        for device in ("cpu", "cuda"):
+            if device == "cuda" and not torch.cuda.is_available():
+                continue
+            for error in info.optim_error_inputs_func(device=device, dtype=torch.float32):
+                cases.append(pytest.param(name, device, error, id=f"{name}-{device}-{error.optimizer_error_input.desc}"))
+    return cases
+
+
+@pytest.mark.parametrize("name, device, error", _torch_error_inputs())
+def test_torch_error_database(name, device, error):
+    """Every error input torch tests Adam/AdamW with raises (or warns) the same from ours."""
+    optim_input = error.optimizer_error_input
+    params = optim_input.params
+    if params is None:
+        params = [nn.Parameter(torch.randn(1, device=device))]
+    cls = getattr(adam_triton, name)
+    if issubclass(error.error_type, Warning):
+        with pytest.warns(error.error_type, match=error.error_regex):
+            cls(params, **optim_input.kwargs)
+    else:
+        with pytest.raises(error.error_type, match=error.error_regex):
+            cls(params, **optim_input.kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(lr=-1.0), ValueError, "Invalid learning rate: -1.0"),
+        (dict(eps=-1e-8), ValueError, "Invalid epsilon value"),
+        (dict(betas=(0.9, 1.0)), ValueError, "Invalid beta parameter at index 1: 1.0"),
+        (dict(lr=torch.tensor([1e-3, 1e-3])), ValueError, "Tensor lr must be 1-element"),
+        (dict(differentiable=True), RuntimeError, "does not support differentiable=True"),
+        (dict(fused=True, foreach=True), RuntimeError, "cannot be `True` together"),
+        (dict(backend="cuda"), ValueError, "backend must be one of"),
+    ],
+)
+def test_bad_arguments_raise_before_anything_changes(kwargs, error, message):
+    model = nn.Linear(3, 2)
+    before = [p.data_ptr() for p in model.parameters()]
+    with pytest.raises(error, match=message):
+        adam_triton.Adam(model.parameters(), **kwargs)
+    assert [p.data_ptr() for p in model.parameters()] == before
+
+
+def test_lr_and_betas_as_tensors(target):
+    model = OddModel().to(target.device)
+    reference_model = OddModel().to(target.device)
+    ours = adam_triton.Adam(model.parameters(), lr=torch.tensor(0.01), betas=(torch.tensor(0.8), torch.tensor([0.95])), backend=target.backend)
+    reference = torch.optim.Adam(reference_model.parameters(), lr=torch.tensor(0.01), betas=(torch.tensor(0.8), torch.tensor([0.95])))
+    for m, o in ((model, ours), (reference_model, reference)):
+        train(m, o, steps=3)
+    for a, b in zip(model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_unsupported_parameters_raise_clearly():
+    with pytest.raises(TypeError, match="dtype"):
+        adam_triton.Adam([torch.zeros(3, dtype=torch.int64)])
+    with pytest.raises(ValueError, match="non-leaf"):
+        adam_triton.Adam([torch.zeros(3, requires_grad=True) * 2])
+
+
+def test_a_bad_added_group_leaves_the_optimizer_as_it_was():
+    model = OddModel()
+    optimizer = adam_triton.Adam(model.parameters())
+    groups_before = len(optimizer.param_groups)
+    with pytest.raises(TypeError, match="dtype"):
+        optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.int32)]})
+    assert len(optimizer.param_groups) == groups_before
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        optimizer.add_param_group({"params": [model.weights[0]]})
+    train(model, optimizer, steps=1)
+
+
+def test_sparse_gradients_raise_before_any_update(target):
+    embedding = nn.Embedding(10, 3, sparse=True).to(target.device)
+    dense = nn.Linear(3, 1).to(target.device)
+    optimizer = adam_triton.Adam(list(dense.parameters()) + list(embedding.parameters()), backend=target.backend)
+    dense(embedding(torch.tensor([1, 2], device=target.device))).sum().backward()
+    before = [p.detach().clone() for p in dense.parameters()]
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, dense.parameters()))
+    assert not optimizer.state
+
+
+def test_named_parameters_and_duplicates_behave_as_in_torch():
+    model = OddModel()
+    optimizer = adam_triton.AdamW(model.named_parameters())
+    assert optimizer.state_dict()["param_groups"][0]["param_names"] == [n for n, _ in model.named_parameters()]
+    parameter = nn.Parameter(torch.randn(3))
+    with pytest.warns(UserWarning, match="duplicate parameters"):
+        duplicated = adam_triton.Adam([parameter, parameter], lr=0.1)
+    parameter.grad = torch.ones(3)
+    duplicated.step()
+    assert float(duplicated.state[parameter]["step"]) == 1
+
+
+def test_step_hooks_global_hooks_and_profiler_name():
+    model = OddModel()
+    optimizer = adam_triton.Adam(model.parameters())
+    calls = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append("pre"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("post"))
+    handle = register_optimizer_step_post_hook(lambda opt, args, kwargs: calls.append("global"))
+    try:
+        train(model, optimizer, steps=1)
+    finally:
+        handle.remove()
+    assert calls == ["pre", "post", "global"]
+    with torch.profiler.profile() as profile:
+        train(model, optimizer, steps=1)
+    names = {event.name for event in profile.events()}
+    assert "Optimizer.step#Adam.step" in names
+
+
+def test_state_is_views_of_the_flat_buffers(target):
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.Adam(model.parameters(), backend=target.backend)
+    assert not optimizer.state  # lazily created, as torch
+    train(model, optimizer, steps=1)
+    params = list(model.parameters())
+    storages = {p.untyped_storage().data_ptr() for p in params}
+    assert len(storages) == 1, "parameters of one device and dtype share one buffer"
+    exp_avg_storages = {optimizer.state[p]["exp_avg"].untyped_storage().data_ptr() for p in params}
+    assert len(exp_avg_storages) == 1
+    for p in params:
+        assert p.data_ptr() % 128 == 0 or p.numel() == 0, "segments are 128-byte aligned"
+        # An in-place edit of the exposed state is what the next step uses.
+    optimizer.state[params[0]]["exp_avg"].fill_(0.5)
+    optimizer.state[params[0]]["step"].fill_(10.0)
+    reference = {k: v.clone() for k, v in optimizer.state[params[0]].items()}
+    train(model, optimizer, steps=1, seed=5)
+    assert float(optimizer.state[params[0]]["step"]) == 11.0
+    assert not torch.equal(optimizer.state[params[0]]["exp_avg"], reference["exp_avg"])
+
+
+def test_triton_backend_on_cpu_without_the_interpreter_says_how(tmp_path):
+    pytest.importorskip("triton")
+    script = (
+        "import torch, adam_triton\n"
+        "try:\n"
+        "    adam_triton.Adam([torch.nn.Parameter(torch.zeros(3))], backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
+
+
+def test_auto_backend_uses_the_fallback_on_cpu():
+    optimizer = adam_triton.Adam(OddModel().parameters())
+    assert set(optimizer.backends().values()) == {"torch"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(OddModel(), adam_triton.Adam(OddModel().parameters()), steps=1)

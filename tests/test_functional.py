@@ -1,0 +1,48 @@
+"""The functional entry point on flat tensors the caller owns."""
+
+import pytest
+import torch
+from torch.optim.adam import _single_tensor_adam
+
+from adam_triton import functional
+
+
+@pytest.mark.parametrize("decoupled", [False, True])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_matches_torch_over_several_steps(target, decoupled, amsgrad):
+    generator = torch.Generator().manual_seed(0)
+    n = 3000
+    param = torch.randn(n, generator=generator)
+    reference = [param.clone(), torch.zeros(n), torch.zeros(n), torch.zeros(n), torch.tensor(0.0)]
+    ours = [t.clone().to(target.device) for t in (param, torch.zeros(n), torch.zeros(n), torch.zeros(n))]
+    step = torch.zeros(1, device=target.device)
+    hyper = dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    for _ in range(5):
+        grad = torch.randn(n, generator=generator)
+        functional.adam(
+            ours[0], grad.to(target.device), ours[1], ours[2], step, ours[3],
+            amsgrad=amsgrad, decoupled_weight_decay=decoupled, backend=target.backend, **hyper,
+        )
+        p, m, v, vmax, s = reference
+        _single_tensor_adam(
+            [p], [grad], [m], [v], [vmax], [s], None, None, amsgrad=amsgrad, has_complex=False, maximize=False,
+            capturable=False, differentiable=False, decoupled_weight_decay=decoupled, **hyper,
+        )
+    assert float(step) == 5
+    for actual, expected in zip(ours, reference):
+        torch.testing.assert_close(actual.cpu(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_inputs_raise():
+    t = torch.zeros(4)
+    step = torch.zeros(1)
+    with pytest.raises(ValueError, match="shape"):
+        functional.adam(t, torch.zeros(5), t.clone(), t.clone(), step, lr=1e-3)
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        functional.adam(t, t.clone(), t.clone(), t.clone(), step, amsgrad=True, lr=1e-3)
+    with pytest.raises(ValueError, match="step"):
+        functional.adam(t, t.clone(), t.clone(), t.clone(), torch.zeros(1, dtype=torch.int64), lr=1e-3)
+    with pytest.raises(ValueError, match="contiguous"):
+        functional.adam(torch.zeros(4, 2).t(), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), step, lr=1e-3)
+    with pytest.raises(ValueError, match="backend"):
+        functional.adam(t, t.clone(), t.clone(), t.clone(), step, lr=1e-3, backend="nope")

@@ -1,0 +1,250 @@
+"""The Triton kernel itself: one step from equal state against torch, layout contract, checks.
+
+On CPU the kernel runs through Triton's interpreter (small sizes); on a GPU, compiled.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+
+from torch.optim.adam import _single_tensor_adam
+
+import adam_triton
+from adam_triton import functional
+
+kernels = pytest.importorskip("adam_triton.kernels")
+
+BLOCK = kernels.block_size(torch.float32)
+SIZES = [1, 15, 16, 17, BLOCK - 1, BLOCK, BLOCK + 1, 3 * BLOCK + 5]
+
+
+def _adversarial_state(numel, dtype, device, seed, step):
+    """State spanning many magnitudes, so eps, the bias corrections and every product matter."""
+    generator = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** torch.empty(numel, dtype=torch.float64).uniform_(-9, 2, generator=generator)
+    sign = torch.randint(0, 2, (numel,), generator=generator) * 2 - 1
+    grad = scale * sign * torch.rand(numel, generator=generator, dtype=torch.float64)
+    param = torch.randn(numel, generator=generator, dtype=torch.float64)
+    exp_avg = grad * torch.rand(numel, generator=generator, dtype=torch.float64) * 0.8 if step else torch.zeros(numel, dtype=torch.float64)
+    exp_avg_sq = (grad * torch.rand(numel, generator=generator, dtype=torch.float64)) ** 2 if step else torch.zeros(numel, dtype=torch.float64)
+    max_exp_avg_sq = exp_avg_sq * (1 + torch.rand(numel, generator=generator, dtype=torch.float64)) if step else torch.zeros(numel, dtype=torch.float64)
+    tensors = [t.to(device=device, dtype=dtype) for t in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq)]
+    return tensors
+
+
+def _torch_single_step(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, completed, decoupled, **hyper):
+    """torch's own for-loop implementation (the default on CPU), on copies, after
+    ``completed`` steps."""
+    p, g, m, v, vmax = (t.detach().clone().cpu() for t in (param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq))
+    state_step = torch.tensor(float(completed))
+    _single_tensor_adam(
+        [p], [g], [m], [v], [vmax], [state_step], None, None,
+        has_complex=False, capturable=False, differentiable=False, decoupled_weight_decay=decoupled, **hyper,
+    )
+    return p, m, v, vmax
+
+
+VARIANTS = [
+    dict(amsgrad=False, maximize=False, decoupled=False, weight_decay=0.0),
+    dict(amsgrad=False, maximize=False, decoupled=False, weight_decay=0.1),
+    dict(amsgrad=True, maximize=True, decoupled=False, weight_decay=0.1),
+    dict(amsgrad=True, maximize=False, decoupled=True, weight_decay=0.1),
+    dict(amsgrad=False, maximize=True, decoupled=True, weight_decay=0.0),
+]
+
+
+def _assert_within_ulps(actual, expected, ulps, name, scale=None):
+    """|actual - expected| within ``ulps`` units in the last place of the largest term that
+    went into the value (``scale``, default |expected|): where terms cancel, a fused
+    multiply-add or a different association changes the last bits of the terms, not of
+    the small result."""
+    actual, expected = actual.cpu(), expected.cpu()
+    eps = torch.finfo(expected.dtype).eps
+    tiny = torch.finfo(expected.dtype).tiny
+    scale = expected.abs() if scale is None else torch.maximum(scale.cpu(), expected.abs())
+    excess = (actual - expected).abs() - (ulps * eps * scale + tiny)
+    assert (excess <= 0).all(), f"{name}: worst excess {excess.max().item():.3g} over {ulps} ulps"
+
+
+def _term_scales(param, grad, exp_avg, exp_avg_sq, weight_decay, decoupled, beta1=0.9, beta2=0.999):
+    """The magnitude of the terms each new value is a sum of. With L2 weight decay the
+    gradient is itself a sum, g + wd * p, and its rounding error is doubled by squaring."""
+    param, grad, exp_avg, exp_avg_sq = (t.detach().double().cpu().abs() for t in (param, grad, exp_avg, exp_avg_sq))
+    gradient = grad if decoupled else grad + weight_decay * param
+    return (
+        param,
+        beta1 * exp_avg + (1 - beta1) * gradient,
+        beta2 * exp_avg_sq + (1 - beta2) * 2 * gradient**2,
+    )
+
+
+@pytest.mark.parametrize("numel", SIZES)
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("step", [0, 6])
+def test_one_step_agrees_with_torch_to_float32_rounding(kernel_device, numel, variant, step):
+    hyper = dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=variant["weight_decay"])
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = _adversarial_state(numel, torch.float32, kernel_device, 0, step)
+    param_scale, exp_avg_scale, exp_avg_sq_scale = _term_scales(
+        param, grad, exp_avg, exp_avg_sq, variant["weight_decay"], variant["decoupled"]
+    )
+    expected = _torch_single_step(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step, variant["decoupled"],
+        amsgrad=variant["amsgrad"], maximize=variant["maximize"], **hyper,
+    )
+    step_tensor = torch.tensor([float(step)], device=kernel_device)
+    functional.adam(
+        param, grad, exp_avg, exp_avg_sq, step_tensor, max_exp_avg_sq,
+        amsgrad=variant["amsgrad"], maximize=variant["maximize"], decoupled_weight_decay=variant["decoupled"],
+        backend="triton", **hyper,
+    )
+    assert float(step_tensor) == step + 1
+    # The moments follow torch's operations exactly up to fused multiply-adds; the parameter
+    # adds the rounding of sqrt, two divisions and the update.
+    _assert_within_ulps(exp_avg, expected[1], 2, "exp_avg", exp_avg_scale)
+    _assert_within_ulps(exp_avg_sq, expected[2], 2, "exp_avg_sq", exp_avg_sq_scale)
+    _assert_within_ulps(max_exp_avg_sq, expected[3], 2, "max_exp_avg_sq", exp_avg_sq_scale)
+    _assert_within_ulps(param, expected[0], 2, "param", param_scale)
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999), (0.3, 0.5), (0.0, 0.0), (0.99, 0.9999)])
+def test_float64_buffers_compute_in_float64(kernel_device, betas):
+    hyper = dict(lr=1e-2, beta1=betas[0], beta2=betas[1], eps=1e-12, weight_decay=0.01)
+    completed = 3
+    tensors = _adversarial_state(BLOCK + 3, torch.float64, kernel_device, 1, completed)
+    expected = _torch_single_step(*tensors, completed, True, amsgrad=True, maximize=False, **hyper)
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq = tensors
+    scales = list(_term_scales(param, grad, exp_avg, exp_avg_sq, 0.01, True, *betas))
+    # 1 - beta**t cancels when beta**t is near 1; torch's Python pow and the kernel's
+    # squaring round differently there, which moves the update by this relative amount.
+    t = completed + 1
+    eps64 = torch.finfo(torch.float64).eps
+    bias_rounding = 4 * eps64 * (1 / (1 - betas[0] ** t) + 1 / (1 - betas[1] ** t))
+    scales[0] = scales[0] + (expected[0].cpu() - param.cpu()).abs() * bias_rounding / eps64
+    functional.adam(
+        param, grad, exp_avg, exp_avg_sq, torch.tensor([float(completed)], device=kernel_device), max_exp_avg_sq,
+        amsgrad=True, decoupled_weight_decay=True, backend="triton", **hyper,
+    )
+    # float64: torch's CPU kernels fuse some of the multiply-adds that the kernel rounds twice.
+    for actual, wanted, scale, name in zip((param, exp_avg, exp_avg_sq), expected, scales, ("param", "exp_avg", "exp_avg_sq")):
+        _assert_within_ulps(actual, wanted, 3, name, scale)
+
+
+def _chunk_rows(segments, chunk):
+    rows = []
+    for segment, (start, length, group) in enumerate(segments):
+        for first in range(start, start + max(length, 1), chunk):
+            rows.append((first, min(first + chunk, start + length), segment, group, len(rows)))
+    return np.array(rows, dtype=np.int64)
+
+
+def test_launcher_updates_segments_in_place_and_skips_those_without_gradient(kernel_device):
+    """Three segments in one buffer, two hyperparameter rows, one segment without a
+    gradient, gradients read from separate tensors through their shifts."""
+    device = kernel_device
+    segments = [(0, 2 * BLOCK + 7, 0), (2 * BLOCK + 32, 100, 1), (2 * BLOCK + 160, 40, 0)]
+    total = 2 * BLOCK + 224
+    generator = torch.Generator().manual_seed(4)
+    param = torch.randn(total, generator=generator).to(device)
+    exp_avg = torch.zeros(total, device=device)
+    exp_avg_sq = torch.zeros(total, device=device)
+    grads = [torch.randn(length, generator=generator).to(device) for _, length, _ in segments]
+    shifts = [(g.data_ptr() - param.data_ptr()) // 4 - start for g, (start, _, _) in zip(grads, segments)]
+    shifts[2] = kernels.NO_GRADIENT
+    rows = _chunk_rows(segments, chunk=1024)
+    steps = torch.zeros(len(rows), device=device)
+    hyper = torch.tensor([[1e-2, 0.9, 0.999, 1e-8, 0.0], [3e-2, 0.5, 0.9, 1e-6, 0.2]], dtype=torch.float64, device=device)
+    before = param.clone()
+    kernels.adam_chunked_update(
+        param, param, exp_avg, exp_avg_sq, None,
+        torch.tensor(shifts, device=device), torch.from_numpy(rows).to(device), steps, hyper,
+        amsgrad=False, maximize=False, decoupled_weight_decay=True,
+    )
+    for (start, length, group), grad in zip(segments[:2], grads[:2]):
+        lr, beta1, beta2, eps, wd = hyper[group].tolist()
+        expected = _torch_single_step(
+            before[start : start + length], grad, torch.zeros(length), torch.zeros(length), torch.zeros(length), 0, True,
+            amsgrad=False, maximize=False, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd,
+        )
+        _assert_within_ulps(param[start : start + length], expected[0], 2, f"segment at {start}", before[start : start + length].abs())
+    untouched = torch.ones(total, dtype=torch.bool)
+    for start, length, _ in segments[:2]:
+        untouched[start : start + length] = False
+    assert torch.equal(param.cpu()[untouched], before.cpu()[untouched]), "padding or the gradient-less segment changed"
+    counts = steps.cpu()[torch.from_numpy(rows[:, 4])]
+    assert counts[torch.from_numpy(rows[:, 2]) < 2].eq(1).all() and counts[torch.from_numpy(rows[:, 2]) == 2].eq(0).all()
+
+
+def test_launcher_rejects_bad_inputs(kernel_device):
+    device = kernel_device
+    n = 64
+    good = dict(
+        param=torch.zeros(n, device=device),
+        grad_base=torch.zeros(n, device=device),
+        exp_avg=torch.zeros(n, device=device),
+        exp_avg_sq=torch.zeros(n, device=device),
+        max_exp_avg_sq=None,
+        grad_shifts=torch.zeros(1, dtype=torch.int64, device=device),
+        chunks=torch.tensor([[0, n, 0, 0, 0]], dtype=torch.int64, device=device),
+        steps=torch.zeros(1, device=device),
+        hyper=torch.zeros(1, 5, dtype=torch.float64, device=device),
+    )
+    flags = dict(amsgrad=False, maximize=False, decoupled_weight_decay=False)
+    bad_cases = {
+        "exp_avg": torch.zeros(n - 1, device=device),
+        "grad_base": torch.zeros(n, dtype=torch.float64, device=device),
+        "chunks": torch.zeros(1, 4, dtype=torch.int64, device=device),
+        "hyper": torch.zeros(1, 5, dtype=torch.float32, device=device),
+        "steps": torch.zeros(1, dtype=torch.float64, device=device),
+        "param": torch.zeros(n, dtype=torch.int32, device=device),
+    }
+    for name, bad in bad_cases.items():
+        with pytest.raises(ValueError, match="adam_chunked_update"):
+            kernels.adam_chunked_update(**{**good, name: bad}, **flags)
+    with pytest.raises(ValueError, match="max_exp_avg_sq"):
+        kernels.adam_chunked_update(**good, amsgrad=True, maximize=False, decoupled_weight_decay=False)
+
+
+def test_constants_shared_with_the_host_agree():
+    from adam_triton import _gradients, _layout
+
+    assert _gradients.NO_GRADIENT == kernels.NO_GRADIENT
+    assert _layout.SEGMENT_ALIGNMENT_BYTES == kernels.SEGMENT_ALIGNMENT_BYTES
+    assert _layout.CHUNK_QUANTUM % 16 == 0
+
+
+def test_one_launch_per_buffer_whatever_the_tensors_and_groups(kernel_device, monkeypatch):
+    from adam_triton import _backends
+
+    launches = []
+    real = kernels.adam_chunked_update
+
+    def counting(*args, **kwargs):
+        launches.append(args[0].data_ptr())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kernels, "adam_chunked_update", counting)
+    assert _backends.kernels() is kernels
+    params = [torch.nn.Parameter(torch.randn(n, device=kernel_device)) for n in range(1, 60)]
+    params += [torch.nn.Parameter(torch.randn(5, device=kernel_device, dtype=torch.float64))]
+    groups = [{"params": params[i::3], "lr": 1e-3 * (i + 1)} for i in range(3)]
+    optimizer = adam_triton.Adam(groups, backend="triton")
+    for p in params:
+        p.grad = torch.ones_like(p)
+    optimizer.step()
+    assert len(launches) == 2  # one float32 buffer, one float64 buffer
+    launches.clear()
+    optimizer.step()
+    assert len(launches) == 2
+
+
+def test_fp32_math_eps_does_not_underflow_in_half_precision(kernel_device):
+    """float16 storage: eps=1e-8 is applied in float32, so a zero second moment gives a
+    finite update (torch's for-loop in float16 divides by zero here)."""
+    n = 40
+    param = torch.ones(n, dtype=torch.float16, device=kernel_device)
+    grad = torch.full((n,), 1e-4, dtype=torch.float16, device=kernel_device)
+    exp_avg = torch.zeros_like(param)
+    exp_avg_sq = torch.zeros_like(param)
+    functional.adam(param, grad, exp_avg, exp_avg_sq, torch.zeros(1, device=kernel_device), lr=1e-3, backend="triton")
+    assert torch.isfinite(param).all() and (param < 1).all()

@@ -1,0 +1,95 @@
+"""Flat buffers and gradients: where things live, and what the step reads."""
+
+import pytest
+import torch
+from helpers import OddModel, assert_close_params, optimizers, paired, train
+
+import adam_triton
+from adam_triton import _layout
+
+
+def test_views_land_on_their_segments_when_the_buffer_is_not_at_its_storage_start(target, monkeypatch):
+    """Buffers are aligned slices of a larger allocation; every view must count from the
+    slice, not from the allocation (an off-by-offset here corrupts neighbours)."""
+
+    def offset_zeros(numel, dtype, device):
+        return torch.zeros(numel + 64, dtype=dtype, device=device)[64:]
+
+    monkeypatch.setattr(_layout, "aligned_zeros", offset_zeros)
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+        train(model, optimizer, steps=2, seed=2, set_to_none=False)
+    assert_close_params(ours_model, reference_model)
+
+
+def test_parameters_keep_identity_and_share_one_buffer(target):
+    model = OddModel().to(target.device)
+    params = list(model.parameters())
+    values = [p.detach().clone() for p in params]
+    optimizer = adam_triton.Adam(model.parameters(), backend=target.backend)
+    assert list(model.parameters()) == params  # same Parameter objects
+    assert all(torch.equal(p, v) for p, v in zip(params, values))
+    (buffer,) = optimizer._engine.buffers
+    for p in params:
+        assert p.untyped_storage().data_ptr() == buffer.param.untyped_storage().data_ptr()
+
+
+def test_zero_grad_keeps_gradients_in_the_flat_buffer_and_the_fallback_steps_it_flat(monkeypatch):
+    """With zero_grad(set_to_none=False) backward accumulates into views of one gradient
+    buffer, and the CPU fallback updates each group as one flat tensor."""
+    model = OddModel()
+    optimizer = adam_triton.Adam(model.parameters(), backend="torch")
+    train(model, optimizer, steps=1)
+    optimizer.zero_grad(set_to_none=False)
+    (buffer,) = optimizer._engine.buffers
+    for p, view in zip(model.parameters(), buffer.grad_views):
+        assert p.grad is view
+    calls = []
+    real = torch._fused_adam_
+
+    def recording(params, *args, **kwargs):
+        calls.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", recording)
+    train(model, optimizer, steps=2, seed=3, set_to_none=False)
+    assert calls == [1, 1]
+    calls.clear()
+    train(model, optimizer, steps=1, seed=4, set_to_none=True)
+    assert calls == [len(list(model.parameters()))]
+
+
+def test_gradients_of_a_wrapper_stay_where_they_are(target):
+    """A gradient that is a view of someone else's storage (DDP's buckets, for one) is
+    zeroed in place by zero_grad(set_to_none=False), never replaced."""
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.Adam(model.parameters(), backend=target.backend)
+    bucket = torch.zeros(sum(p.numel() for p in model.parameters()), device=target.device)
+    views, offset = [], 0
+    for p in model.parameters():
+        views.append(bucket[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+        p.grad = views[-1]
+    bucket.normal_()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=False)
+    assert all(p.grad is v for p, v in zip(model.parameters(), views))
+    assert not bucket.any()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_does_not_synchronise_with_the_device():
+    model = OddModel().cuda()
+    optimizer = adam_triton.AdamW(model.parameters(), lr=torch.tensor(1e-3, device="cuda"), backend="triton")
+    train(model, optimizer, steps=2)
+    loss = model(torch.randn(8, device="cuda"))
+    optimizer.zero_grad()
+    loss.backward()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        optimizer.step()
+        optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,0 +1,179 @@
+"""Checkpoints: torch's exact layout, both directions, exact resume, bad checkpoints."""
+
+import copy
+import io
+
+import pytest
+import torch
+from helpers import OddModel, assert_close_params, assert_close_state, optimizers, paired, train
+
+import adam_triton
+
+
+def _roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _grouped(model):
+    weights = list(model.weights)
+    return [{"params": weights[:3], "amsgrad": True}, {"params": weights[3:], "lr": 3e-2, "maximize": True}]
+
+
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+def test_layout_matches_torch(target, cls_name):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, cls_name, target.backend, params_fn=_grouped, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+    saved, expected = ours.state_dict(), reference.state_dict()
+    assert saved["param_groups"] == expected["param_groups"]
+    assert saved["state"].keys() == expected["state"].keys()
+    for index, entry in expected["state"].items():
+        assert saved["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            got = saved["state"][index][key]
+            assert (got.shape, got.dtype, got.stride()) == (value.shape, value.dtype, value.stride()), key
+    assert saved["state"][0]["step"].shape == () and saved["state"][0]["step"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("cls_name", ["Adam", "AdamW"])
+def test_checkpoint_from_ours_continues_in_torch_and_back(target, cls_name):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, cls_name, target.backend, params_fn=_grouped, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+
+    # ours -> torch: a torch optimizer picks up our checkpoint and keeps pace with torch.
+    handover_model = copy.deepcopy(ours_model)
+    handover = getattr(torch.optim, cls_name)(_grouped(handover_model))
+    handover.load_state_dict(_roundtrip(ours.state_dict()))
+    # torch -> ours: a fresh adam_triton optimizer picks up torch's checkpoint.
+    takeover_model = copy.deepcopy(reference_model)
+    takeover = getattr(adam_triton, cls_name)(_grouped(takeover_model), backend=target.backend)
+    takeover.load_state_dict(_roundtrip(reference.state_dict()))
+
+    for model, optimizer in ((reference_model, reference), (handover_model, handover), (takeover_model, takeover)):
+        train(model, optimizer, steps=3, seed=7)
+    assert_close_params(handover_model, reference_model)
+    assert_close_params(takeover_model, reference_model)
+    assert_close_state(takeover, reference, takeover_model, reference_model)
+
+
+def test_resume_is_bit_exact(target):
+    torch.manual_seed(0)
+    straight_model = OddModel().to(target.device)
+    resumed_model = copy.deepcopy(straight_model)
+    straight = adam_triton.AdamW(_grouped(straight_model), lr=1e-2, backend=target.backend)
+    train(straight_model, straight, steps=4)
+    model_checkpoint = _roundtrip(straight_model.state_dict())
+    optimizer_checkpoint = _roundtrip(straight.state_dict())
+    train(straight_model, straight, steps=3, seed=2)
+
+    resumed_model.load_state_dict(model_checkpoint)
+    resumed = adam_triton.AdamW(_grouped(resumed_model), lr=1.0, backend=target.backend)
+    resumed.load_state_dict(optimizer_checkpoint)
+    train(resumed_model, resumed, steps=3, seed=2)
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(straight.state[a][key], resumed.state[b][key])
+
+
+def _corruptions():
+    def shape(sd):
+        sd["state"][1]["exp_avg"] = torch.zeros(3)
+
+    def missing_key(sd):
+        del sd["state"][2]["exp_avg_sq"]
+
+    def not_a_tensor(sd):
+        sd["state"][0]["exp_avg_sq"] = [0.0]
+
+    def negative_step(sd):
+        sd["state"][0]["step"] = torch.tensor(-1.0)
+
+    def step_vector(sd):
+        sd["state"][0]["step"] = torch.ones(2)
+
+    def integer_state(sd):
+        sd["state"][4]["exp_avg"] = torch.zeros(sd["state"][4]["exp_avg"].shape, dtype=torch.int64)
+
+    def group_count(sd):
+        sd["param_groups"].pop()
+
+    def group_size(sd):
+        sd["param_groups"][0]["params"].pop()
+
+    def group_lacks_lr(sd):
+        del sd["param_groups"][1]["lr"]
+
+    def no_state(sd):
+        del sd["state"]
+
+    return [
+        pytest.param(fn, id=fn.__name__)
+        for fn in (shape, missing_key, not_a_tensor, negative_step, step_vector, integer_state, group_count, group_size, group_lacks_lr, no_state)
+    ]
+
+
+@pytest.mark.parametrize("corrupt", _corruptions())
+def test_bad_checkpoint_raises_and_changes_nothing(target, corrupt):
+    torch.manual_seed(0)
+    model = OddModel().to(target.device)
+    twin = copy.deepcopy(model)
+    optimizer = adam_triton.Adam(_grouped(model), lr=1e-2, backend=target.backend)
+    untouched = adam_triton.Adam(_grouped(twin), lr=1e-2, backend=target.backend)
+    for m, o in ((model, optimizer), (twin, untouched)):
+        train(m, o, steps=2)
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    corrupt(checkpoint)
+    groups_before = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups])
+    with pytest.raises(ValueError):
+        optimizer.load_state_dict(checkpoint)
+    assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups_before
+    # The optimizer goes on exactly as its untouched twin.
+    for m, o in ((model, optimizer), (twin, untouched)):
+        train(m, o, steps=2, seed=3)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_load_state_dict_hooks_run(target):
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.Adam(model.parameters(), backend=target.backend)
+    train(model, optimizer, steps=1)
+    calls = []
+
+    def pre(opt, sd):
+        calls.append("pre")
+        sd = dict(sd)
+        sd["param_groups"] = copy.deepcopy(sd["param_groups"])
+        sd["param_groups"][0]["lr"] = 0.123
+        return sd
+
+    optimizer.register_load_state_dict_pre_hook(pre)
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append("post"))
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("save-pre"))
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert calls == ["save-pre", "pre", "post"]
+    assert optimizer.param_groups[0]["lr"] == 0.123
+
+
+def test_deepcopy_and_pickle_give_working_optimizers(target):
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    clone = copy.deepcopy(optimizer)
+    assert clone.backend == target.backend
+    cloned_params = [p for g in clone.param_groups for p in g["params"]]
+    for original, copied in zip(model.parameters(), cloned_params):
+        assert torch.equal(original, copied)
+        assert torch.equal(optimizer.state[original]["exp_avg"], clone.state[copied]["exp_avg"])
+    for p in cloned_params:
+        p.grad = torch.ones_like(p)
+    clone.step()
+    assert float(clone.state[cloned_params[0]]["step"]) == 3

@@ -1,0 +1,305 @@
+"""Training loops against stock torch.optim.Adam / AdamW, on every target this machine has."""
+
+import copy
+
+import pytest
+import torch
+from helpers import OddModel, assert_close_params, assert_close_state, optimizers, paired, train
+from torch import nn
+
+import adam_triton
+
+CLASSES = ["Adam", "AdamW"]
+
+
+def _torch_db_configs():
+    """Every configuration torch's own test database lists for Adam and AdamW (CPU and CUDA)."""
+    from torch.testing._internal.common_optimizers import optim_db
+
+    configs = []
+    for info in optim_db:
+        name = info.optim_cls.__name__
+        if name not in CLASSES:
+            continue
+        for device in ("cpu", "cuda"):
+            for optim_input in info.optim_inputs_func(device=device):
+                configs.append(pytest.param(name, device, optim_input.kwargs, id=f"{name}-{device}-{optim_input.desc}"))
+    return configs
+
+
+@pytest.mark.parametrize("cls_name, db_device, kwargs", _torch_db_configs())
+def test_torch_optimizer_database_configs(target, cls_name, db_device, kwargs):
+    if db_device != target.device:
+        pytest.skip(f"torch lists this configuration for {db_device}")
+    kwargs = {k: (v.to(target.device) if isinstance(v, torch.Tensor) and kwargs.get("capturable") else v) for k, v in kwargs.items()}
+    if "betas" in kwargs and kwargs.get("capturable"):
+        kwargs["betas"] = tuple(b.to(target.device) if isinstance(b, torch.Tensor) else b for b in kwargs["betas"])
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, cls_name, target.backend, **copy.deepcopy(kwargs))
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=6)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_variants_train_like_torch(target, cls_name, amsgrad, maximize):
+    ours_model, reference_model = paired(OddModel, target.device)
+    kwargs = dict(lr=3e-2, betas=(0.8, 0.95), weight_decay=0.05, amsgrad=amsgrad, maximize=maximize)
+    ours, reference = optimizers(ours_model, reference_model, cls_name, target.backend, **kwargs)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=8)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def _grouped(model):
+    weights = list(model.weights)
+    return [
+        {"params": weights[0:2], "lr": 0.05, "betas": (0.5, 0.9)},
+        {"params": weights[2:4], "weight_decay": 0.1, "amsgrad": True},
+        {"params": weights[4:5], "maximize": True, "eps": 1e-3},
+        {"params": weights[5:], "lr": 1e-3, "decoupled_weight_decay": True, "weight_decay": 0.3},
+    ]
+
+
+def test_several_param_groups_with_different_hyperparameters(target):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, params_fn=_grouped, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=6)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_float64_parameters(target):
+    ours_model, reference_model = paired(OddModel, target.device, dtype=torch.float64)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=6)
+    assert_close_params(ours_model, reference_model, rtol=1e-12, atol=1e-13)
+    assert_close_state(ours, reference, ours_model, reference_model, rtol=1e-12, atol=1e-13)
+
+
+class _MixedModel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.single = OddModel(shapes=[(5,), (1025,)])
+        self.wide = OddModel(shapes=[(3, 7), (33,)], seed=1, dtype=torch.float64)
+
+    def forward(self, x):
+        return self.single(x) + self.wide(x.double()).float()
+
+
+def test_each_device_and_dtype_gets_one_buffer(target):
+    ours_model, reference_model = paired(_MixedModel, target.device, dtype=None)
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, lr=1e-2)
+    assert set(ours.backends()) == {(torch.device(target.device), torch.float32), (torch.device(target.device), torch.float64)}
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=4)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_parameter_without_gradient_is_neither_updated_nor_counted(target):
+    ours_model, reference_model = paired(OddModel, target.device)
+    for model in (ours_model, reference_model):
+        model.weights[3].requires_grad_(False)  # frozen: never gets a gradient
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    frozen_before = ours_model.weights[3].detach().clone()
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+        # A parameter that has a gradient only now and then: counted only when it has one.
+        model.weights[0].requires_grad_(False)
+        train(model, optimizer, steps=2, seed=5)
+        model.weights[0].requires_grad_(True)
+        train(model, optimizer, steps=2, seed=6)
+    assert torch.equal(ours_model.weights[3], frozen_before)
+    assert ours_model.weights[3] not in ours.state
+    assert float(ours.state[ours_model.weights[0]]["step"]) == 5
+    assert float(ours.state[ours_model.weights[1]]["step"]) == 7
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_add_param_group_after_training_started(target):
+    ours_model, reference_model = paired(OddModel, target.device)
+    first = lambda model: list(model.weights)[:4]  # noqa: E731
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, params_fn=first, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+        optimizer.add_param_group({"params": list(model.weights)[4:], "lr": 5e-2, "amsgrad": True})
+        train(model, optimizer, steps=3, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+@pytest.mark.parametrize(
+    "make_scheduler",
+    [
+        pytest.param(lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12), id="OneCycleLR"),
+        pytest.param(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5), id="StepLR"),
+        pytest.param(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5), id="CosineAnnealingLR"),
+    ],
+)
+def test_lr_schedulers(target, make_scheduler):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=8, scheduler=make_scheduler(optimizer))
+    assert ours.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+    assert ours.param_groups[0]["betas"] == reference.param_groups[0]["betas"]
+    assert_close_params(ours_model, reference_model)
+
+
+def test_closure_is_called_and_its_loss_returned(target):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, lr=1e-2)
+    x = torch.randn(8, generator=torch.Generator().manual_seed(3)).to(target.device)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        for _ in range(3):
+            def closure(model=model, optimizer=optimizer):
+                optimizer.zero_grad()
+                loss = model(x)
+                loss.backward()
+                return loss
+
+            loss = optimizer.step(closure)
+            assert loss is not None and loss.requires_grad
+    assert_close_params(ours_model, reference_model)
+
+
+def test_zero_grad_set_to_none_false_keeps_zero_gradients(target):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        train(model, optimizer, steps=4, seed=4, set_to_none=False)
+        # torch semantics: zeros, not None, and the parameters are still updated with them.
+        optimizer.zero_grad(set_to_none=False)
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters())
+        optimizer.step()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    ours.zero_grad()
+    assert all(p.grad is None for p in ours_model.parameters())
+
+
+def test_hand_assigned_gradients_of_any_layout(target):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, lr=1e-2, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        grads = []
+        for p in ours_model.parameters():
+            kind = len(grads) % 3
+            values = torch.randn(p.shape, generator=generator).to(target.device)
+            if kind == 1 and p.dim() == 2:
+                values = values.t().contiguous().t()  # transposed strides
+            elif kind == 2:
+                backing = torch.randn(p.numel() + 1, generator=generator).to(target.device)
+                backing[1:] = values.flatten()
+                values = backing[1:].view(p.shape)  # 4 bytes off: not 16-byte aligned
+            grads.append(values)
+        for model in (ours_model, reference_model):
+            for p, g in zip(model.parameters(), grads):
+                p.grad = g.clone() if model is reference_model else g
+        ours.step()
+        reference.step()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_complex_parameters(target):
+    def make():
+        torch.manual_seed(0)
+        return nn.Linear(6, 5, dtype=torch.complex64)
+
+    ours_model, reference_model = paired(make, target.device, dtype=torch.complex64)
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, lr=1e-2, weight_decay=0.1, amsgrad=True)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(3, 6, dtype=torch.complex64, generator=generator).to(target.device)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            optimizer.zero_grad()
+            model(x).abs().square().sum().backward()
+            optimizer.step()
+    assert ours_model.weight.dtype == torch.complex64
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_channels_last_convolution(target):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 3)).to(memory_format=torch.channels_last)
+
+    ours_model, reference_model = paired(make, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    assert ours_model[0].weight.is_contiguous(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(2, 3, 9, 9, generator=generator).to(target.device).to(memory_format=torch.channels_last)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_foreach_and_fused_are_accepted_and_change_nothing(target):
+    results = []
+    for flags in ({}, {"foreach": True}, {"fused": True}, {"foreach": False, "fused": False}):
+        model = OddModel().to(target.device)
+        optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, **flags)
+        train(model, optimizer, steps=3)
+        results.append([p.detach().clone() for p in model.parameters()])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+def test_model_converted_after_the_optimizer_was_built(target):
+    """model.double() or model.to(device) after construction (accelerate moves models that
+    way): torch keeps working because it reads p.data at every step, and so must we."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        model.double()
+        train(model, optimizer, steps=3)
+    assert ours_model.weights[0].dtype == torch.float64
+    assert ours.state[ours_model.weights[0]]["exp_avg"].dtype == torch.float64
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_parameter_data_replaced_mid_training(target):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        for p in model.parameters():
+            p.data = p.data.clone()  # what model surgery or a re-sharding wrapper may do
+        train(model, optimizer, steps=2, seed=3)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_gradients_in_another_dtype(target):
+    """torch lets a parameter take gradients of another dtype (``grad_dtype = None``); the
+    step uses them cast to the parameter's dtype."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64).to(target.device) for p in ours_model.parameters()]
+        for p, q, g in zip(ours_model.parameters(), reference_model.parameters(), grads):
+            p.grad_dtype = None
+            p.grad = g
+            q.grad = g.float()
+        ours.step()
+        reference.step()
+    assert_close_params(ours_model, reference_model)
