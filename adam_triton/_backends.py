@@ -2,31 +2,35 @@
 
 * ``triton``: the fused kernel in ``adam_triton.kernels``, one launch per buffer (per kernel
   variant present in it), reading gradients in place through the shift table.
-* ``torch``: pure PyTorch. torch's own fused Adam kernel (``torch._fused_adam_`` /
-  ``torch._fused_adamw_``) over views of the same flat buffers: one call per parameter
-  group per buffer, on a single flat span when the gradients are in the buffer's gradient
-  buffer, else on the list of segment views. Same math, same state.
+* ``torch``: pure PyTorch over views of the same flat buffers. When parameters and state
+  share one dtype it is torch's own fused Adam kernel (``torch._fused_adam_`` /
+  ``torch._fused_adamw_``), one call per parameter group per buffer, on a single flat span
+  when the gradients are in the buffer's gradient buffer, else on the list of segment
+  views. Master weights, a separate state dtype or stochastic rounding (which torch's
+  kernel cannot do) take the same math written out in torch operations over the buffer.
 """
 
 from __future__ import annotations
 
 import operator
 import os
-from itertools import compress
 
 import numpy as np
 import torch
 
 from ._gradients import GradientPlan
 from ._layout import FlatBuffer
-from ._tables import HyperTable, upload
+from ._tables import HyperTable, refuse_upload_while_capturing, upload
 from ._validation import BACKENDS
+
+__all__ = ["kernels", "refuse_upload_while_capturing", "resolve_backend", "update_torch", "update_triton"]
 
 _INTERPRET_HINT = (
     "set TRITON_INTERPRET=1 in the environment before triton is first imported "
     "(to run the Triton kernel on CPU tensors through Triton's interpreter), "
     'or use backend="torch" / backend="auto" for CPU parameters'
 )
+_GOLDEN = 0x9E3779B9  # spreads step counts over the random key, as the kernel does
 
 
 def kernels():
@@ -71,14 +75,17 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     return "triton"
 
 
-def update_triton(buffer: FlatBuffer, plan: GradientPlan, hyper: HyperTable) -> None:
+# -- triton -----------------------------------------------------------------------------------
+def update_triton(buffer: FlatBuffer, plan: GradientPlan, hyper: HyperTable, grad_scale=None, found_inf=None) -> None:
     if plan.shifts_changed or buffer.shifts_on_device is None:
+        refuse_upload_while_capturing(buffer.device, "the gradient tensors")
         buffer.shifts_on_device = upload(plan.shifts, buffer.device)
     hyper_table = hyper.on(buffer.device)
+    precision = buffer.precision
     launch = kernels().adam_chunked_update
     for (amsgrad, maximize, decoupled), first, end in buffer.chunk_ranges:
         launch(
-            buffer.param,
+            buffer.updated,
             buffer.param,
             buffer.exp_avg,
             buffer.exp_avg_sq,
@@ -90,35 +97,70 @@ def update_triton(buffer: FlatBuffer, plan: GradientPlan, hyper: HyperTable) -> 
             amsgrad=amsgrad,
             maximize=maximize,
             decoupled_weight_decay=decoupled,
+            param_copy=buffer.param if precision.master_weights else None,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            stochastic_rounding_seed=precision.seed if precision.stochastic_rounding else None,
         )
 
 
+@torch.no_grad()
+def return_unscaled_gradients(buffer: FlatBuffer, plan: GradientPlan) -> None:
+    """Gradients read through a staging copy get their unscaled values back too."""
+    for segment in plan.staged:
+        plan.raw[segment].copy_(plan.grads[segment])
+
+
+# -- torch ------------------------------------------------------------------------------------
 def _pick(items: list, indices: np.ndarray) -> list:
     if len(indices) == 1:
         return [items[int(indices[0])]]
     return list(operator.itemgetter(*indices.tolist())(items))
 
 
-def _fused_arguments(group: dict, device: torch.device) -> dict:
+def _group_values(group: dict, device: torch.device) -> tuple:
+    """lr, beta1, beta2, eps, weight_decay as numbers, or as tensors on ``device`` when the
+    group holds them in device tensors (reading those would wait for the device)."""
     beta1, beta2 = group["betas"]
-    lr = group["lr"]
-    if isinstance(lr, torch.Tensor) and lr.device != device:
-        lr = float(lr)
-    return {
-        "lr": lr,
-        "beta1": float(beta1),
-        "beta2": float(beta2),
-        "weight_decay": float(group["weight_decay"]),
-        "eps": float(group["eps"]),
-        "amsgrad": bool(group["amsgrad"]),
-        "maximize": bool(group["maximize"]),
-    }
+    values = []
+    for value in (group["lr"], beta1, beta2, group["eps"], group["weight_decay"]):
+        if isinstance(value, torch.Tensor):
+            value = float(value) if value.device.type == "cpu" else value.to(device=device, dtype=torch.float64)
+        values.append(value)
+    return tuple(values)
+
+
+def _count_segments(buffer: FlatBuffer, segments: np.ndarray, found_inf=None) -> None:
+    """Add one to the counters of every chunk of ``segments`` (none where found_inf)."""
+    chunks = np.flatnonzero(np.isin(buffer.chunk_segment, segments))
+    if buffer.device.type == "cpu" and found_inf is None:
+        buffer.steps.numpy()[chunks] += 1.0
+    else:
+        views = _pick(buffer.chunk_step_views, chunks)
+        if found_inf is None:
+            torch._foreach_add_(views, 1.0)
+        else:
+            torch._foreach_add_(views, (1.0 - found_inf).reshape(()))
+    buffer.steps_version = buffer.steps._version
 
 
 @torch.no_grad()
-def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]) -> None:
+def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale=None, found_inf=None) -> None:
+    if found_inf is not None and found_inf.device.type == "cpu":
+        if float(found_inf) != 0.0:
+            return  # GradScaler skipped this step: nothing is updated or counted
+        found_inf = None
+    precision = buffer.precision
+    if precision.master_weights or precision.stochastic_rounding or buffer.state_dtype != buffer.dtype:
+        _update_composed(buffer, plan, groups, grad_scale, found_inf)
+    else:
+        _update_fused(buffer, plan, groups, grad_scale, found_inf)
+
+
+def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf) -> None:
     on_cpu = buffer.device.type == "cpu"
     counts = buffer.steps.numpy() if on_cpu else None
+    scaler = {"grad_scale": grad_scale, "found_inf": found_inf}
     for group_index, first, last in buffer.group_ranges:
         has_grad = plan.has_grad[first : last + 1]
         if not has_grad.any():
@@ -128,17 +170,24 @@ def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]) -> 
         if amsgrad:
             buffer.ensure_max_exp_avg_sq()
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        # torch's fused kernel expects the step count of this update: counted before it runs.
+        lr, beta1, beta2, eps, weight_decay = _group_values(group, buffer.device)
+        arguments = dict(
+            lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
+            amsgrad=amsgrad, maximize=bool(group["maximize"]), **scaler,
+        )
         leaders = buffer.leaders[first : last + 1]
+        # torch's fused kernel expects the step count of this update: counted before it runs
+        # (and taken back where GradScaler found an inf, as torch does).
         flat = (
             on_cpu
             and has_grad.all()
             and plan.in_grad_buffer[first : last + 1].all()
             and (counts[leaders] == counts[leaders[0]]).all()
         )
+        segments = np.arange(first, last + 1) if flat else first + np.flatnonzero(has_grad)
+        _count_segments(buffer, segments)
         if flat:
             step = buffer.steps[int(leaders[0]) : int(leaders[0]) + 1].view(())
-            _count_segments(buffer, np.arange(first, last + 1))
             fused(
                 [buffer.segment_slice(buffer.param, first, last)],
                 [buffer.segment_slice(buffer.grad, first, last)],
@@ -146,30 +195,135 @@ def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]) -> 
                 [buffer.segment_slice(buffer.exp_avg_sq, first, last)],
                 [buffer.segment_slice(buffer.max_exp_avg_sq, first, last)] if amsgrad else [],
                 [step],
-                **_fused_arguments(group, buffer.device),
+                **arguments,
             )
-            continue
-        segments = first + np.flatnonzero(has_grad)
-        _count_segments(buffer, segments)
-        grads = _pick(plan.grads, segments)
-        if buffer.has_complex:
-            grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
-        fused(
-            _pick(buffer.real_views("param"), segments),
-            grads,
-            _pick(buffer.real_views("exp_avg"), segments),
-            _pick(buffer.real_views("exp_avg_sq"), segments),
-            _pick(buffer.real_views("max_exp_avg_sq"), segments) if amsgrad else [],
-            _pick(buffer.step_views, segments),
-            **_fused_arguments(group, buffer.device),
-        )
+        else:
+            grads = _pick(plan.grads, segments)
+            if buffer.has_complex:
+                grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
+            fused(
+                _pick(buffer.real_views("param"), segments),
+                grads,
+                _pick(buffer.real_views("exp_avg"), segments),
+                _pick(buffer.real_views("exp_avg_sq"), segments),
+                _pick(buffer.real_views("max_exp_avg_sq"), segments) if amsgrad else [],
+                _pick(buffer.step_views, segments),
+                **arguments,
+            )
+        if found_inf is not None:
+            views = _pick(buffer.chunk_step_views, np.flatnonzero(np.isin(buffer.chunk_segment, segments)))
+            torch._foreach_sub_(views, found_inf.reshape(()))
+            buffer.steps_version = buffer.steps._version
 
 
-def _count_segments(buffer: FlatBuffer, segments: np.ndarray) -> None:
-    """Add one to the counters of every chunk of ``segments``."""
-    chunks = np.flatnonzero(np.isin(buffer.chunk_segment, segments))
+def _storage_view(buffer: FlatBuffer, flat: torch.Tensor, segment: int) -> torch.Tensor:
+    view = buffer.segment_view(flat, segment)
+    return torch.view_as_real(view) if view.is_complex() else view
+
+
+def _flat_gradients(buffer: FlatBuffer, plan: GradientPlan, dtype: torch.dtype) -> torch.Tensor:
+    """Every segment's gradient in one flat tensor of ``dtype`` (zero where there is none)."""
+    gradients = torch.zeros(buffer.total, dtype=dtype, device=buffer.device)
+    segments = np.flatnonzero(plan.has_grad)
+    present = _pick(plan.grads, segments)
+    present = [torch.view_as_real(g) if g.is_complex() else g for g in present]
+    torch._foreach_copy_([_storage_view(buffer, gradients, int(s)) for s in segments], present)
+    return gradients
+
+
+def _random_bits(buffer: FlatBuffer, numel: int, step: torch.Tensor) -> torch.Tensor:
+    """16 random bits per element for stochastic rounding, reproducible from the seed and
+    the step count where the count can be read without waiting (CPU)."""
     if buffer.device.type == "cpu":
-        buffer.steps.numpy()[chunks] += 1.0
+        generator = torch.Generator().manual_seed((buffer.precision.seed + int(step) * _GOLDEN) % (1 << 63))
     else:
-        torch._foreach_add_(_pick(buffer.chunk_step_views, chunks), 1.0)
-    buffer.steps_version = buffer.steps._version
+        # Reading the device's step count would wait for it: one stream per buffer instead.
+        generator = getattr(buffer, "rounding_generator", None)
+        if generator is None:
+            generator = torch.Generator(device=buffer.device).manual_seed(buffer.precision.seed)
+            buffer.rounding_generator = generator
+    return torch.randint(0, 1 << 16, (numel,), dtype=torch.int32, device=buffer.device, generator=generator)
+
+
+def _round_stochastically(values: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:
+    bits = (values.view(torch.int32) + random_bits) & -65536  # clear the 16 bits below bfloat16
+    rounded = bits.view(torch.float32)
+    return torch.where(torch.isnan(values), values, rounded).to(torch.bfloat16)
+
+
+def _update_composed(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf) -> None:
+    """The kernel's math in torch operations, for precisions torch's fused kernel lacks."""
+    compute = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+    gradients = _flat_gradients(buffer, plan, compute)
+    if grad_scale is not None:
+        gradients.div_(grad_scale.to(compute))
+        # As GradScaler.unscale_ and torch's fused kernel: the gradients are left unscaled.
+        segments = np.flatnonzero(plan.has_grad)
+        torch._foreach_copy_(
+            [torch.view_as_real(g) if g.is_complex() else g for g in _pick(plan.grads, segments)],
+            [_storage_view(buffer, gradients, int(s)) for s in segments],
+        )
+    # float32 addition, as torch's `step_t += 1`; then float64 for the scalars.
+    steps = (buffer.steps[torch.from_numpy(buffer.leaders).to(buffer.device)] + 1.0).to(torch.float64)
+    padded = np.diff(np.append(buffer.starts, buffer.total))
+    for group_index, first, last in buffer.group_ranges:
+        has_grad = plan.has_grad[first : last + 1]
+        if not has_grad.any():
+            continue
+        group = groups[group_index]
+        amsgrad = bool(group["amsgrad"])
+        if amsgrad:
+            buffer.ensure_max_exp_avg_sq()
+        lr, beta1, beta2, eps, weight_decay = _group_values(group, buffer.device)
+        lo = int(buffer.starts[first])
+        hi = int(buffer.starts[last] + buffer.lengths[last])
+        lengths = torch.from_numpy(padded[first : last + 1].copy()).to(buffer.device)
+        lengths[-1] = int(buffer.lengths[last])
+
+        def per_element(per_segment: torch.Tensor) -> torch.Tensor:
+            return torch.repeat_interleave(per_segment.to(compute), lengths, output_size=hi - lo)
+
+        t = steps[first : last + 1]
+        step_size = per_element(lr / (1 - beta1**t))
+        bias_correction2_sqrt = per_element(torch.sqrt(1 - beta2**t))
+
+        grad = gradients[lo:hi]
+        if group["maximize"]:
+            grad = -grad
+        param = buffer.updated[lo:hi].to(compute)
+        if group["decoupled_weight_decay"]:
+            param = param * (1 - lr * weight_decay)
+        elif isinstance(weight_decay, torch.Tensor) or weight_decay != 0:
+            grad = grad + weight_decay * param
+        # Copies: the buffers keep their old values until the masked store below.
+        exp_avg = buffer.exp_avg[lo:hi].to(compute, copy=True).lerp_(grad, 1 - beta1)
+        exp_avg_sq = buffer.exp_avg_sq[lo:hi].to(compute) * beta2 + (1 - beta2) * grad * grad
+        second_moment = exp_avg_sq
+        if amsgrad:
+            max_exp_avg_sq = torch.maximum(buffer.max_exp_avg_sq[lo:hi].to(compute), exp_avg_sq)
+            second_moment = max_exp_avg_sq
+        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
+        param = param - step_size * (exp_avg / denom)
+
+        keep = None  # elements to leave as they were: no gradient, or a skipped step
+        if not has_grad.all():
+            keep = ~per_element(torch.from_numpy(has_grad).to(buffer.device)).bool()
+        if found_inf is not None:
+            keep = (found_inf != 0) if keep is None else keep | (found_inf != 0)
+
+        def store(target: torch.Tensor, value: torch.Tensor) -> None:
+            value = value.to(target.dtype)
+            target.copy_(value if keep is None else torch.where(keep, target, value))
+
+        store(buffer.exp_avg[lo:hi], exp_avg)
+        store(buffer.exp_avg_sq[lo:hi], exp_avg_sq)
+        if amsgrad:
+            store(buffer.max_exp_avg_sq[lo:hi], max_exp_avg_sq)
+        if buffer.precision.master_weights:
+            store(buffer.master[lo:hi], param)
+            store(buffer.param[lo:hi], param)
+        elif buffer.precision.stochastic_rounding:
+            store(buffer.param[lo:hi], _round_stochastically(param, _random_bits(buffer, hi - lo, t[0])))
+        else:
+            store(buffer.param[lo:hi], param)
+    _count_segments(buffer, np.flatnonzero(plan.has_grad), found_inf)

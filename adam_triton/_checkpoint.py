@@ -16,7 +16,7 @@ from numbers import Number
 
 import torch
 
-_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _REQUIRED_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
 
 
@@ -46,7 +46,7 @@ def _check_entry(param: torch.Tensor, entry, where: str) -> None:
     if missing:
         raise _bad(f"{where}: state lacks {missing}")
     _check_step(entry["step"], where)
-    for key in _MOMENTS:
+    for key in _PER_ELEMENT:
         value = entry.get(key)
         if value is None:
             continue

@@ -14,16 +14,20 @@ import torch
 
 from . import _backends
 from ._gradients import plan_gradients, zero_into_grad_buffer
-from ._layout import FlatBuffer, storage_dtype
+from ._layout import PRECISION_KEYS, FlatBuffer, precision_of, storage_dtype
 from ._tables import HyperTable, order_chunks, upload, variant_of
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
-ADAM_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+#: Per-parameter state keys the engine owns; any other key in a loaded state is kept as is.
+ENGINE_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 
 
-def check_parameters(params: list, optimizer_name: str) -> None:
-    """Raise for parameters the flat buffers cannot hold, before anything is changed."""
-    for param in params:
+def check_parameters(groups: list[dict], params: list, group_of: list[int], optimizer_name: str) -> None:
+    """Raise for parameters or precision options the buffers cannot hold, before anything
+    is changed."""
+    for param, index in zip(params, group_of):
+        group = groups[index]
         if param.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"{optimizer_name} supports parameters of dtype {', '.join(map(str, SUPPORTED_DTYPES))}; "
@@ -33,22 +37,42 @@ def check_parameters(params: list, optimizer_name: str) -> None:
             raise TypeError(f"{optimizer_name} supports dense (strided) parameters, got layout {param.layout}")
         if param.device.type == "meta":
             raise ValueError(f"{optimizer_name} cannot hold parameters on the meta device: materialize them first")
+        state_dtype = group.get("state_dtype")
+        if state_dtype is not None:
+            if state_dtype not in STATE_DTYPES:
+                raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or None, got {state_dtype!r}")
+            if param.is_complex() and state_dtype != storage_dtype(param):
+                raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
+        if group.get("stochastic_rounding") and group.get("master_weights"):
+            raise ValueError(
+                "stochastic_rounding and master_weights exclude each other: with master weights the "
+                "parameters are float32 masters rounded to nearest; choose one"
+            )
+        if group.get("stochastic_rounding") and param.dtype == torch.float16:
+            raise ValueError("stochastic_rounding supports bfloat16 parameters; use master_weights=True for float16")
 
 
 class Engine:
-    def __init__(self, optimizer_name: str, backend: str):
+    def __init__(self, optimizer_name: str, backend: str, precision: dict | None = None):
         self.name = optimizer_name
         self.backend = backend
+        self.precision = precision or {}  # the optimizer's precision options; groups may override
         self.buffers: list[FlatBuffer] = []
         self.backend_of: dict[int, str] = {}
         self.hyper = HyperTable()
+        self.found_inf = None  # GradScaler's verdict on the last step, if it gave one
         self._fingerprint = None
         self._params: list = []
 
     # -- structure --------------------------------------------------------------------------
     @staticmethod
     def _group_fingerprint(groups: list[dict]) -> tuple:
-        return tuple((id(group["params"]), len(group["params"])) for group in groups)
+        return tuple(
+            (id(g["params"]), len(g["params"])) + tuple(g.get(key) for key in PRECISION_KEYS) for g in groups
+        )
+
+    def _options(self, group: dict) -> dict:
+        return {key: group.get(key, self.precision.get(key)) for key in PRECISION_KEYS}
 
     @staticmethod
     def _ordered_parameters(groups: list[dict]) -> tuple[list, list[int]]:
@@ -61,39 +85,48 @@ class Engine:
                     group_of.append(index)
         return params, group_of
 
+    def _keys(self, groups, params, group_of) -> dict:
+        keyed: dict[tuple, tuple[list, list]] = {}
+        for param, index in zip(params, group_of):
+            dtype = storage_dtype(param)
+            key = (param.device, dtype, precision_of(self._options(groups[index]), dtype))
+            members = keyed.setdefault(key, ([], []))
+            members[0].append(param)
+            members[1].append(index)
+        return keyed
+
     def rebuild(self, groups: list[dict], state: defaultdict) -> None:
         """(Re)home every parameter into flat buffers, keeping whatever state it has."""
         params, group_of = self._ordered_parameters(groups)
-        check_parameters(params, self.name)
-        keyed: dict[tuple, tuple[list, list]] = {}
-        for param, group in zip(params, group_of):
-            members = keyed.setdefault((param.device, storage_dtype(param)), ([], []))
-            members[0].append(param)
-            members[1].append(group)
+        check_parameters([self._options(g) for g in groups], params, group_of, self.name)
+        keyed = self._keys(groups, params, group_of)
         backends = {key: _backends.resolve_backend(self.backend, key[0]) for key in keyed}
 
         # Nothing has been changed up to here; from here on parameters move.
         buffers = []
         for key, (members, member_groups) in keyed.items():
-            buffer = FlatBuffer(key[0], key[1], members, member_groups)
+            buffer = FlatBuffer(key[0], key[1], members, member_groups, precision=key[2])
             buffer.adopt_parameters()
             buffers.append(buffer)
         self.buffers = buffers
-        self.backend_of = {id(b): backends[(b.device, b.dtype)] for b in buffers}
+        self.backend_of = {id(b): backends[(b.device, b.dtype, b.precision)] for b in buffers}
         self._params = params
         self._fingerprint = self._group_fingerprint(groups)
         self.import_state(groups, state)
 
     def ensure_current(self, groups: list[dict], state: defaultdict) -> None:
-        """Re-home if the groups' parameters changed or a parameter's data moved away."""
+        """Re-home if the groups' parameters or precision changed, or a parameter's data moved
+        away (``model.to(device)``, ``model.half()``, a ``.data`` assignment)."""
         if self._group_fingerprint(groups) != self._fingerprint:
             params, group_of = self._ordered_parameters(groups)
-            current = [p for b in self.buffers for p in b.params]
+            current = {id(p): (b.device, b.dtype, b.precision) for b in self.buffers for p in b.params}
+            wanted = {id(p): key for key, (members, _) in self._keys(groups, params, group_of).items() for p in members}
             current_groups = [g for b in self.buffers for g in b.group_of_segment.tolist()]
-            same = {id(p): g for p, g in zip(params, group_of)} == {
-                id(p): g for p, g in zip(current, current_groups)
+            current_params = [p for b in self.buffers for p in b.params]
+            same_groups = {id(p): g for p, g in zip(params, group_of)} == {
+                id(p): g for p, g in zip(current_params, current_groups)
             }
-            if same:
+            if current == wanted and same_groups:
                 self._fingerprint = self._group_fingerprint(groups)
             else:
                 self.rebuild(groups, state)
@@ -104,13 +137,19 @@ class Engine:
     # -- state ------------------------------------------------------------------------------
     @torch.no_grad()
     def import_state(self, groups: list[dict], state: defaultdict) -> None:
-        """Copy each parameter's Adam state (views of old buffers, or loaded tensors) into the
-        buffers, and make ``state[p]`` views of them. Parameters without state start fresh."""
+        """Copy each parameter's state (views of old buffers, or loaded tensors) into the
+        buffers, cast to the buffer's precision, and make ``state[p]`` views of them.
+        Parameters without state start fresh; masters missing from the state are taken from
+        the parameters."""
         for buffer in self.buffers:
             step_values = np.zeros(len(buffer.params), dtype=np.float64)
             loaded_steps = []
             for segment, param in enumerate(buffer.params):
                 entry = state.get(param)
+                if buffer.master_views is not None:
+                    saved_master = entry.get("master_param") if entry else None
+                    source = saved_master if isinstance(saved_master, torch.Tensor) else buffer.segment_view(buffer.param, segment)
+                    buffer.master_views[segment].copy_(source)
                 if not entry or "exp_avg" not in entry:
                     buffer.exp_avg_views[segment].zero_()
                     buffer.exp_avg_sq_views[segment].zero_()
@@ -129,7 +168,7 @@ class Engine:
                 loaded_steps.append((segment, entry.get("step", 0)))
                 group = groups[int(buffer.group_of_segment[segment])]
                 views = buffer.state_views(segment, amsgrad=has_max or bool(group["amsgrad"]))
-                extra = {k: v for k, v in entry.items() if k not in ADAM_STATE_KEYS}
+                extra = {k: v for k, v in entry.items() if k not in ENGINE_STATE_KEYS}
                 state[param] = {**views, **extra}
                 buffer.initialized[segment] = True
             if loaded_steps:
@@ -138,6 +177,7 @@ class Engine:
             per_chunk = step_values[buffer.chunk_segment].astype(np.float32)
             buffer.steps.copy_(torch.from_numpy(per_chunk))
             buffer.steps_version = buffer.steps._version
+            buffer.param_versions = [p._version for p in buffer.params]
             buffer.last_plan = None
             buffer.variant_key = None
         # Drop the empty entries a defaultdict lookup may have left behind, as torch has none.
@@ -158,6 +198,7 @@ class Engine:
         key = tuple(variants[g] for g, _, _ in buffer.group_ranges)
         if key == buffer.variant_key:
             return
+        _backends.refuse_upload_while_capturing(buffer.device, "the kernel variants of the parameter groups")
         rows, ranges = order_chunks(buffer.chunk_rows, variants)
         buffer.chunks_on_device = upload(rows, buffer.device)
         buffer.chunk_ranges = ranges
@@ -174,25 +215,51 @@ class Engine:
                             )
 
     # -- the step ---------------------------------------------------------------------------
-    def step(self, groups: list[dict], state: defaultdict) -> None:
+    def step(self, groups: list[dict], state: defaultdict, grad_scale=None, found_inf=None) -> None:
+        """One update of every buffer. ``grad_scale`` and ``found_inf`` are GradScaler's: the
+        gradients are divided by the scale, and nothing is updated or counted where
+        ``found_inf`` is not zero, without the host ever reading it."""
         self.ensure_current(groups, state)
         # Find every gradient first: a bad one raises before anything is updated.
         plans = [plan_gradients(b, b.last_plan, self.name) for b in self.buffers]
         variants = [variant_of(group) for group in groups]
         self.hyper.refresh(groups)
+        self.found_inf = found_inf
+        on_device: dict = {}
+
+        def scaler_value(value, device):
+            if value is None:
+                return None
+            key = (id(value), device)
+            if key not in on_device:
+                on_device[key] = value.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
+            return on_device[key]
+
         for buffer, plan in zip(self.buffers, plans):
             buffer.last_plan = plan
             if not plan.has_grad.any():
                 continue
             self._initialize_new_state(buffer, plan.has_grad, groups, state)
             buffer.sync_step_counters()
+            buffer.sync_master_weights()
+            scale, inf = scaler_value(grad_scale, buffer.device), scaler_value(found_inf, buffer.device)
             if self.backend_of[id(buffer)] == "triton":
                 self._order_chunks(buffer, variants, state)
-                _backends.update_triton(buffer, plan, self.hyper)
+                _backends.update_triton(buffer, plan, self.hyper, scale, inf)
             else:
-                _backends.update_torch(buffer, plan, groups)
+                _backends.update_torch(buffer, plan, groups, scale, inf)
+            if scale is not None and plan.staged:
+                _backends.return_unscaled_gradients(buffer, plan)
+
+    def last_step_skipped(self) -> torch.Tensor:
+        """A boolean tensor: did GradScaler skip the last step? (On the scaler's device; a
+        CPU ``False`` when no scaler took part.)"""
+        if self.found_inf is None:
+            return torch.zeros((), dtype=torch.bool)
+        return self.found_inf != 0
 
     def zero_grad_into_buffers(self) -> None:
         for buffer in self.buffers:
             zero_into_grad_buffer(buffer)
             buffer.last_plan = None
+

@@ -17,6 +17,8 @@ writes the table (``sync_step_counters``).
 from __future__ import annotations
 
 import math
+import operator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -33,6 +35,9 @@ MAX_CHUNK_ELEMENTS = 65536
 PROGRAMS_PER_SM = 8
 
 CHUNK_COLUMNS = 5  # start, end, segment, hyper row (param group), step counter
+
+
+_version_of = operator.attrgetter("_version")
 
 
 def storage_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -68,12 +73,54 @@ def _preserved_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     return torch.empty_like(tensor, device="meta").stride()
 
 
-class FlatBuffer:
-    """One (device, dtype) buffer of parameters and their Adam state."""
+@dataclass(frozen=True)
+class Precision:
+    """How a buffer stores its state and writes its parameters.
 
-    def __init__(self, device: torch.device, dtype: torch.dtype, params: list, groups: list[int], chunk_elements: int | None = None):
+    ``master_weights``: the update runs on a float32 copy and the model's float16/bfloat16
+    parameters receive it rounded to nearest. ``stochastic_rounding``: bfloat16 parameters
+    (without masters) are rounded up or down at random, in proportion to the distance.
+    ``seed`` keys the random stream.
+    """
+
+    state_dtype: torch.dtype
+    master_weights: bool = False
+    stochastic_rounding: bool = False
+    seed: int = 0
+
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+PRECISION_KEYS = ("master_weights", "state_dtype", "stochastic_rounding", "stochastic_rounding_seed")
+
+
+def precision_of(options: dict, dtype: torch.dtype) -> Precision:
+    """The precision a parameter of storage ``dtype`` gets under ``options`` (those that
+    cannot apply to that dtype, such as master weights for float32, have no effect).
+    States follow the dtype the update is computed against: the parameters', or float32
+    with master weights; ``state_dtype`` overrides."""
+    master = bool(options.get("master_weights")) and dtype in LOW_PRECISION
+    rounding = bool(options.get("stochastic_rounding")) and dtype == torch.bfloat16 and not master
+    state_dtype = options.get("state_dtype") or (torch.float32 if master else dtype)
+    seed = int(options.get("stochastic_rounding_seed") or 0) if rounding else 0
+    return Precision(state_dtype, master, rounding, seed)
+
+
+class FlatBuffer:
+    """One (device, dtype, precision) buffer of parameters and their Adam state."""
+
+    def __init__(
+        self,
+        device: torch.device,
+        dtype: torch.dtype,
+        params: list,
+        groups: list[int],
+        precision: Precision | None = None,
+        chunk_elements: int | None = None,
+    ):
         self.device = device
         self.dtype = dtype
+        self.precision = precision or Precision(dtype)
+        self.state_dtype = self.precision.state_dtype
         self.params = params
         self.group_of_segment = np.asarray(groups, dtype=np.int64)
         self.is_complex = [p.is_complex() for p in params]
@@ -101,13 +148,15 @@ class FlatBuffer:
 
         # Padding is zero in every buffer and stays zero under the update (g = m = v = 0).
         self.param = aligned_zeros(self.total, dtype, device)
-        self.exp_avg = aligned_zeros(self.total, dtype, device)
-        self.exp_avg_sq = aligned_zeros(self.total, dtype, device)
+        self.master = aligned_zeros(self.total, torch.float32, device) if self.precision.master_weights else None
+        self.exp_avg = aligned_zeros(self.total, self.state_dtype, device)
+        self.exp_avg_sq = aligned_zeros(self.total, self.state_dtype, device)
         self.max_exp_avg_sq: torch.Tensor | None = None
         self.grad: torch.Tensor | None = None
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
 
+        self.master_views = None if self.master is None else [self.segment_view(self.master, i) for i in range(len(params))]
         self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(params))]
         self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(params))]
         self.max_exp_avg_sq_views: list | None = None
@@ -182,7 +231,7 @@ class FlatBuffer:
     # -- buffers created on demand ----------------------------------------------------------
     def ensure_max_exp_avg_sq(self) -> None:
         if self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = aligned_zeros(self.total, self.dtype, self.device)
+            self.max_exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
             self.max_exp_avg_sq_views = [self.segment_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
 
     def ensure_grad(self) -> None:
@@ -199,6 +248,33 @@ class FlatBuffer:
             view.copy_(param.data)
             param.data = view
         self.param_ptrs = [p.data_ptr() for p in self.params]
+        self.sync_master_weights(force=True)
+
+    @property
+    def updated(self) -> torch.Tensor:
+        """The buffer the update runs on: the float32 masters, or the parameters themselves."""
+        return self.param if self.master is None else self.master
+
+    @torch.no_grad()
+    def sync_master_weights(self, force: bool = False) -> None:
+        """Re-seed the masters where something but the optimizer wrote the parameters
+        (``model.load_state_dict``, an in-place edit of a parameter): there the parameters
+        are the truth. Elements whose parameter still equals its master rounded keep the
+        master's precision. Each Parameter keeps its own version counter (``.data =`` does
+        not share the buffer's), so the check is one C-level pass over the parameters, and
+        the re-seeding touches only the parameters that changed."""
+        if self.master is None:
+            return
+        versions = list(map(_version_of, self.params))
+        if force:
+            self.master.copy_(self.param)
+        elif versions != self.param_versions:
+            changed = np.flatnonzero(np.array(versions) != np.array(self.param_versions))
+            for segment in changed.tolist():
+                master = self.master_views[segment]
+                param = self.segment_view(self.param, segment)
+                torch.where(master.to(self.dtype) == param, master, param.to(torch.float32), out=master)
+        self.param_versions = versions
 
     def parameters_moved(self) -> bool:
         """True when some parameter's ``.data`` no longer lives in this buffer (e.g. after
@@ -228,6 +304,8 @@ class FlatBuffer:
             "exp_avg": self.exp_avg_views[segment],
             "exp_avg_sq": self.exp_avg_sq_views[segment],
         }
+        if self.master_views is not None:
+            state["master_param"] = self.master_views[segment]
         if amsgrad:
             self.ensure_max_exp_avg_sq()
             state["max_exp_avg_sq"] = self.max_exp_avg_sq_views[segment]

@@ -31,14 +31,19 @@ def _group_values(group: dict) -> tuple:
 class HyperTable:
     """``float64[groups, 5]`` rows of (lr, beta1, beta2, eps, weight_decay), one per device.
 
-    Python numbers and CPU tensors are read on the host. A hyperparameter held in a tensor
-    on the device itself (``capturable`` users, schedulers writing tensors in place) is
-    copied on the device, so reading it never waits for the device.
+    Python numbers and CPU tensors are read on the host and uploaded when they change. A
+    hyperparameter held in a tensor on the device itself (``capturable`` training, a
+    scheduler writing a tensor lr in place) is copied on the device at every step, so that
+    reading it never waits for the device and a captured CUDA graph picks up new values.
     """
 
     def __init__(self):
         self._host_rows = None
-        self._device_tables: dict[torch.device, torch.Tensor] = {}
+        self._array = None
+        self._device_values: list = []
+        self._tables: dict[torch.device, torch.Tensor] = {}
+        self._uploaded_rows: dict[torch.device, tuple] = {}
+        self._fresh: set = set()
 
     def refresh(self, groups: list[dict]) -> None:
         rows = []
@@ -55,21 +60,36 @@ class HyperTable:
                 values.append(float(value))
             rows.append(tuple(values))
         rows = tuple(rows)
-        if rows == self._host_rows and not device_values:
-            return
-        self._host_rows = rows
+        if rows != self._host_rows:
+            self._host_rows = rows
+            self._array = np.array(rows, dtype=np.float64).reshape(len(rows), len(HYPER_COLUMNS))
         self._device_values = device_values
-        self._device_tables.clear()
-        self._array = np.array(rows, dtype=np.float64).reshape(len(rows), len(HYPER_COLUMNS))
+        self._fresh = set()
 
     def on(self, device: torch.device) -> torch.Tensor:
-        table = self._device_tables.get(device)
-        if table is None:
-            table = upload(self._array, device)
-            for row, column, value in self._device_values:
-                table[row, column].copy_(value, non_blocking=True)
-            self._device_tables[device] = table
+        """The table on ``device``, current for this step."""
+        if device in self._fresh:
+            return self._tables[device]
+        if self._uploaded_rows.get(device) != self._host_rows:
+            refuse_upload_while_capturing(device, "a hyperparameter held as a Python number")
+            self._tables[device] = upload(self._array, device)
+            self._uploaded_rows[device] = self._host_rows
+        table = self._tables[device]
+        for row, column, value in self._device_values:
+            table[row, column].copy_(value, non_blocking=True)
+        self._fresh.add(device)
         return table
+
+
+def refuse_upload_while_capturing(device: torch.device, what: str) -> None:
+    """A CUDA graph replays copies from host memory that may be gone by then: a table that
+    has to change while a graph is being captured is an error, not a silent hazard."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"{what} changed while a CUDA graph was being captured. Capture the step only after a "
+            "warm-up step with the same gradient tensors, parameter groups and hyperparameters; keep "
+            "lr and betas in device tensors (capturable=True) to change them between replays."
+        )
 
 
 def variant_of(group: dict) -> tuple[bool, bool, bool]:

@@ -7,9 +7,6 @@ parameters live in flat buffers and every step is one fused update per buffer.
 
 from __future__ import annotations
 
-from collections import defaultdict
-from copy import deepcopy
-from itertools import chain
 from typing import Any
 
 import torch
@@ -17,10 +14,11 @@ from torch.optim import Optimizer
 
 from . import _checkpoint
 from ._engine import Engine
-from ._validation import check_hyperparameters, check_implementation_flags
+from ._validation import check_hyperparameters, check_implementation_flags, check_precision_options
 
 __all__ = ["Adam", "AdamW"]
 
+# What torch.optim.Adam assumes for group keys an old checkpoint lacks.
 _GROUP_DEFAULTS = {
     "amsgrad": False,
     "maximize": False,
@@ -34,6 +32,10 @@ _GROUP_DEFAULTS = {
 
 class _FlatAdam(Optimizer):
     """Everything Adam and AdamW share; the public classes only fix their signatures."""
+
+    # GradScaler hands us its scale and its inf check instead of unscaling and checking
+    # on the host: the kernel unscales, and skips the step on the device.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -51,9 +53,14 @@ class _FlatAdam(Optimizer):
         fused,
         decoupled_weight_decay,
         backend,
+        master_weights,
+        state_dtype,
+        stochastic_rounding,
+        stochastic_rounding_seed,
     ) -> None:
         betas = check_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
         check_implementation_flags(foreach=foreach, fused=fused, differentiable=differentiable, backend=backend)
+        check_precision_options(master_weights, state_dtype, stochastic_rounding, stochastic_rounding_seed)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -67,10 +74,18 @@ class _FlatAdam(Optimizer):
             "fused": fused,
             "decoupled_weight_decay": decoupled_weight_decay,
         }
+        # Precision options are the optimizer's, not group fields, so that state_dict() keeps
+        # torch's exact group layout; a group dict may still override any of them.
+        self._precision = {
+            "master_weights": master_weights,
+            "state_dtype": state_dtype,
+            "stochastic_rounding": stochastic_rounding,
+            "stochastic_rounding_seed": stochastic_rounding_seed,
+        }
         self._backend = backend
         self._engine = None  # add_param_group below must not re-home before we are ready
         super().__init__(params, defaults)
-        self._engine = Engine(type(self).__name__, backend)
+        self._engine = Engine(type(self).__name__, backend, self._precision)
         self._engine.rebuild(self.param_groups, self.state)
 
     @property
@@ -81,6 +96,13 @@ class _FlatAdam(Optimizer):
     def backends(self) -> dict[tuple[torch.device, torch.dtype], str]:
         """Which implementation updates each flat buffer, keyed by (device, storage dtype)."""
         return {(b.device, b.dtype): self._engine.backend_of[id(b)] for b in self._engine.buffers}
+
+    @property
+    def last_step_skipped(self) -> torch.Tensor:
+        """Whether ``torch.amp.GradScaler`` skipped the last step (inf or nan gradients): a
+        boolean tensor on the scaler's device, so checking it waits only when you read it
+        (``if not optimizer.last_step_skipped: scheduler.step()``). ``False`` without a scaler."""
+        return self._engine.last_step_skipped()
 
     # -- torch.optim.Optimizer surface --------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -106,7 +128,12 @@ class _FlatAdam(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._engine.step(self.param_groups, self.state)
+        self._engine.step(
+            self.param_groups,
+            self.state,
+            grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None),
+        )
         return loss
 
     @torch._disable_dynamo
@@ -158,16 +185,19 @@ class _FlatAdam(Optimizer):
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         state["_backend"] = self._backend
+        state["_precision"] = self._precision
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Unpickling and deepcopy: rebuild the flat buffers around the restored parameters.
         backend = state.pop("_backend", "auto")
+        precision = state.pop("_precision", {})
         super().__setstate__(state)
         for group in self.param_groups:
             self._complete_group(group)
         self._backend = backend
-        self._engine = Engine(type(self).__name__, backend)
+        self._precision = precision
+        self._engine = Engine(type(self).__name__, backend, precision)
         self._engine.rebuild(self.param_groups, self.state)
 
 
@@ -254,6 +284,10 @@ class Adam(_FlatAdam):
         fused: bool | None = None,
         decoupled_weight_decay: bool = False,
         backend: str = "auto",
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -269,6 +303,10 @@ class Adam(_FlatAdam):
             fused=fused,
             decoupled_weight_decay=decoupled_weight_decay,
             backend=backend,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding_seed=stochastic_rounding_seed,
         )
 
 
@@ -300,6 +338,10 @@ class AdamW(Adam):
         differentiable: bool = False,
         fused: bool | None = None,
         backend: str = "auto",
+        master_weights: bool = False,
+        state_dtype: torch.dtype | None = None,
+        stochastic_rounding: bool = False,
+        stochastic_rounding_seed: int = 0,
     ) -> None:
         super().__init__(
             params,
@@ -315,6 +357,10 @@ class AdamW(Adam):
             fused=fused,
             decoupled_weight_decay=True,
             backend=backend,
+            master_weights=master_weights,
+            state_dtype=state_dtype,
+            stochastic_rounding=stochastic_rounding,
+            stochastic_rounding_seed=stochastic_rounding_seed,
         )
 
     def _complete_group(self, group: dict) -> None:

@@ -81,15 +81,50 @@ def _powers(beta1, beta2, exponent):
 
 
 @triton.jit
+def _round_to_bfloat16(values):
+    """float32 -> bfloat16, to nearest, ties to even, on the bits.
+
+    The same on every backend: triton's interpreter truncates (and flushes subnormals) on
+    this conversion, so tests on CPU would otherwise check a rounding the GPU does not do.
+    """
+    bits = values.to(tl.uint32, bitcast=True)
+    # A nan's payload could carry into the sign bit: keep nans' top bits as they are.
+    bits = tl.where(values != values, bits, bits + (0x7FFF + ((bits >> 16) & 1)))
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
+def _to_storage(values, pointer):
+    """Round float32/float64 results to the dtype stored behind ``pointer``, to nearest."""
+    if pointer.dtype.element_ty == tl.bfloat16:
+        return _round_to_bfloat16(values.to(tl.float32))
+    else:
+        return values.to(pointer.dtype.element_ty)
+
+
+@triton.jit
+def _round_stochastically_to_bfloat16(values, random_bits):
+    """float32 -> bfloat16, rounding up with probability equal to the distance to the lower
+    neighbour: add 16 random bits below bfloat16's last place, then truncate them."""
+    bits = values.to(tl.uint32, bitcast=True)
+    # A nan's payload could carry into the sign bit: keep nans' top bits as they are.
+    bits = tl.where(values != values, bits, bits + (random_bits & 0xFFFF))
+    return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@triton.jit
 def _adam_tile(
     offsets,
     mask,
     grad_shift,
     param_ptr,
+    param_copy_ptr,
     grad_base_ptr,
     exp_avg_ptr,
     exp_avg_sq_ptr,
     max_exp_avg_sq_ptr,
+    grad_scale,
+    random_key,
     step_size,
     bias_correction2_sqrt,
     lerp_weight,
@@ -103,12 +138,21 @@ def _adam_tile(
     MAXIMIZE: tl.constexpr,
     DECOUPLED_WEIGHT_DECAY: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    WRITE_PARAM_COPY: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
 ):
-    grad = _load(grad_base_ptr + (offsets + grad_shift), mask, COMPUTE_DTYPE)
+    grad_ptrs = grad_base_ptr + (offsets + grad_shift)
+    grad = _load(grad_ptrs, mask, COMPUTE_DTYPE)
     param = _load(param_ptr + offsets, mask, COMPUTE_DTYPE)
     exp_avg = _load(exp_avg_ptr + offsets, mask, COMPUTE_DTYPE)
     exp_avg_sq = _load(exp_avg_sq_ptr + offsets, mask, COMPUTE_DTYPE)
 
+    if HAS_GRAD_SCALE:
+        # GradScaler's contract with fused optimizers: unscale here, and leave the unscaled
+        # gradient behind as torch's fused kernel and GradScaler.unscale_ do.
+        grad = _div(grad, grad_scale, COMPUTE_DTYPE)
+        tl.store(grad_ptrs, _to_storage(grad, grad_base_ptr), mask=mask)
     if MAXIMIZE:
         grad = -grad
     if DECOUPLED_WEIGHT_DECAY:
@@ -134,7 +178,7 @@ def _adam_tile(
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
         tl.store(
             max_exp_avg_sq_ptr + offsets,
-            max_exp_avg_sq.to(max_exp_avg_sq_ptr.dtype.element_ty),
+            _to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr),
             mask=mask,
         )
         second_moment = max_exp_avg_sq
@@ -142,14 +186,24 @@ def _adam_tile(
     denom = _div(_sqrt(second_moment, COMPUTE_DTYPE), bias_correction2_sqrt, COMPUTE_DTYPE) + eps
     param = param - step_size * _div(exp_avg, denom, COMPUTE_DTYPE)
 
-    tl.store(param_ptr + offsets, param.to(param_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_ptr + offsets, exp_avg.to(exp_avg_ptr.dtype.element_ty), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq.to(exp_avg_sq_ptr.dtype.element_ty), mask=mask)
+    if STOCHASTIC_ROUNDING:
+        # 32-bit Philox counters (offsets wrap past 2**32 elements, harmlessly): the 64-bit
+        # variant costs several times the integer work per element.
+        random_bits = tl.randint(random_key, offsets.to(tl.int32))
+        tl.store(param_ptr + offsets, _round_stochastically_to_bfloat16(param, random_bits), mask=mask)
+    else:
+        tl.store(param_ptr + offsets, _to_storage(param, param_ptr), mask=mask)
+    if WRITE_PARAM_COPY:
+        # Master weights: the model's low-precision parameter is the master rounded to nearest.
+        tl.store(param_copy_ptr + offsets, _to_storage(param, param_copy_ptr), mask=mask)
+    tl.store(exp_avg_ptr + offsets, _to_storage(exp_avg, exp_avg_ptr), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, _to_storage(exp_avg_sq, exp_avg_sq_ptr), mask=mask)
 
 
 @triton.jit
 def _adam_chunk_kernel(
     param_ptr,
+    param_copy_ptr,
     grad_base_ptr,
     exp_avg_ptr,
     exp_avg_sq_ptr,
@@ -158,6 +212,9 @@ def _adam_chunk_kernel(
     chunk_ptr,
     step_ptr,
     hyper_ptr,
+    grad_scale_ptr,
+    found_inf_ptr,
+    random_seed,
     BLOCK: tl.constexpr,
     VEC: tl.constexpr,
     AMSGRAD: tl.constexpr,
@@ -165,6 +222,10 @@ def _adam_chunk_kernel(
     DECOUPLED_WEIGHT_DECAY: tl.constexpr,
     BUMP_STEPS: tl.constexpr,
     COMPUTE_DTYPE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    WRITE_PARAM_COPY: tl.constexpr,
+    STOCHASTIC_ROUNDING: tl.constexpr,
 ):
     chunk = tl.program_id(0).to(tl.int64)
     chunk_row = chunk_ptr + chunk * CHUNK_TABLE_COLUMNS
@@ -174,7 +235,13 @@ def _adam_chunk_kernel(
     hyper_row = hyper_ptr + tl.load(chunk_row + 3) * HYPER_TABLE_COLUMNS
 
     grad_shift = tl.load(grad_shift_ptr + segment)
-    has_grad = grad_shift != NO_GRADIENT
+    update = grad_shift != NO_GRADIENT
+    if HAS_FOUND_INF:
+        # GradScaler saw an inf or nan: the whole step is skipped, counters included.
+        update = update & (tl.load(found_inf_ptr) == 0.0)
+    grad_scale = 1.0
+    if HAS_GRAD_SCALE:
+        grad_scale = tl.load(grad_scale_ptr).to(COMPUTE_DTYPE)
 
     if BUMP_STEPS:
         counter_ptr = step_ptr + tl.load(chunk_row + 4)
@@ -198,9 +265,11 @@ def _adam_chunk_kernel(
     one_minus_lerp_weight = 1.0 - lerp_weight
     one_minus_beta2 = (1.0 - beta2).to(COMPUTE_DTYPE)
     decay_factor = (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
+    # A new random stream every step, reproducible from the seed and the step count.
+    random_key = random_seed + step.to(tl.int64) * 0x9E3779B9
 
-    # A chunk without a gradient runs no tile: nothing is read, written or counted.
-    end = tl.where(has_grad, end, start)
+    # A chunk that is not updated runs no tile: nothing is read, written or counted.
+    end = tl.where(update, end, start)
     start = tl.multiple_of(start, 16)
     grad_shift = tl.multiple_of(grad_shift, VEC)
 
@@ -211,23 +280,25 @@ def _adam_chunk_kernel(
         offsets = tl.multiple_of(start + tile * BLOCK, 16) + tl.arange(0, BLOCK)
         _adam_tile(
             offsets, None, grad_shift,
-            param_ptr, grad_base_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-            step_size, bias_correction2_sqrt, lerp_weight, one_minus_lerp_weight,
+            param_ptr, param_copy_ptr, grad_base_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            grad_scale, random_key, step_size, bias_correction2_sqrt, lerp_weight, one_minus_lerp_weight,
             beta2.to(COMPUTE_DTYPE), one_minus_beta2, eps.to(COMPUTE_DTYPE),
             weight_decay.to(COMPUTE_DTYPE), decay_factor,
             AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY, COMPUTE_DTYPE,
+            HAS_GRAD_SCALE, WRITE_PARAM_COPY, STOCHASTIC_ROUNDING,
         )
     tail = start + full_tiles * BLOCK
     if tail < end:
         offsets = tl.multiple_of(tail, 16) + tl.arange(0, BLOCK)
         _adam_tile(
             offsets, offsets < end, grad_shift,
-            param_ptr, grad_base_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
-            step_size, bias_correction2_sqrt, lerp_weight, one_minus_lerp_weight,
+            param_ptr, param_copy_ptr, grad_base_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
+            grad_scale, random_key, step_size, bias_correction2_sqrt, lerp_weight, one_minus_lerp_weight,
             beta2.to(COMPUTE_DTYPE), one_minus_beta2, eps.to(COMPUTE_DTYPE),
             weight_decay.to(COMPUTE_DTYPE), decay_factor,
             AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY, COMPUTE_DTYPE,
+            HAS_GRAD_SCALE, WRITE_PARAM_COPY, STOCHASTIC_ROUNDING,
         )
 
     if BUMP_STEPS:
-        tl.store(counter_ptr, step, mask=has_grad)
+        tl.store(counter_ptr, step, mask=update)

@@ -49,16 +49,22 @@ def _fail(message: str) -> None:
     raise ValueError(f"adam_chunked_update: {message}")
 
 
-def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper, amsgrad, bump_steps):
+def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper,
+           amsgrad, bump_steps, param_copy, grad_scale, found_inf, stochastic_rounding_seed):
     if param.dtype not in _SUPPORTED:
         _fail(f"param dtype {param.dtype} is not one of {_SUPPORTED}")
-    if grad_base.dtype != param.dtype:
-        _fail(f"grad_base dtype {grad_base.dtype} differs from param dtype {param.dtype}")
+    model_dtype = param.dtype if param_copy is None else param_copy.dtype
+    if grad_base.dtype != model_dtype:
+        _fail(f"grad_base dtype {grad_base.dtype} differs from the parameters' dtype {model_dtype}")
+    if grad_base.device != param.device:
+        _fail(f"grad_base is on {grad_base.device}, param on {param.device}")
     buffers = {"param": param, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if amsgrad:
         if max_exp_avg_sq is None:
             _fail("amsgrad=True needs max_exp_avg_sq")
         buffers["max_exp_avg_sq"] = max_exp_avg_sq
+    if param_copy is not None:
+        buffers["param_copy"] = param_copy
     for name, buffer in buffers.items():
         if buffer.device != param.device:
             _fail(f"{name} is on {buffer.device}, param on {param.device}")
@@ -66,12 +72,18 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
             _fail(f"{name} must be contiguous with {param.numel()} elements like param")
         if buffer.dtype not in _SUPPORTED:
             _fail(f"{name} dtype {buffer.dtype} is not one of {_SUPPORTED}")
+    if stochastic_rounding_seed is not None and (param.dtype != torch.bfloat16 or param_copy is not None):
+        _fail("stochastic rounding writes bfloat16 parameters: param must be bfloat16 and param_copy None")
     tables = {
         "grad_shifts": (grad_shifts, torch.int64, 1),
         "chunks": (chunks, torch.int64, 2),
         "steps": (steps, torch.float32, None),
         "hyper": (hyper, torch.float64, 2),
     }
+    if grad_scale is not None:
+        tables["grad_scale"] = (grad_scale, torch.float32, None)
+    if found_inf is not None:
+        tables["found_inf"] = (found_inf, torch.float32, None)
     for name, (table, dtype, ndim) in tables.items():
         if table.device != param.device:
             _fail(f"{name} is on {table.device}, param on {param.device}")
@@ -79,6 +91,9 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
             _fail(f"{name} must be a contiguous {dtype} tensor, got {table.dtype}")
         if ndim is not None and table.dim() != ndim:
             _fail(f"{name} must have {ndim} dimensions, got {table.dim()}")
+    for name, scalar in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if scalar is not None and scalar.numel() != 1:
+            _fail(f"{name} must hold one value")
     if chunks.shape[1:] != (5,) or hyper.shape[1:] != (5,):
         _fail("chunks must be [n, 5] (start, end, segment, hyper row, step counter) and hyper [rows, 5]")
     if not bump_steps and steps.numel() != 1:
@@ -100,13 +115,18 @@ def adam_chunked_update(
     maximize: bool,
     decoupled_weight_decay: bool,
     bump_steps: bool = True,
+    param_copy: torch.Tensor | None = None,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+    stochastic_rounding_seed: int | None = None,
 ) -> None:
     """Apply one Adam (or AdamW) step, in place, to every chunk listed in ``chunks``.
 
     One launch, one program per chunk. Per element, with the chunk's hyperparameter row
     ``(lr, beta1, beta2, eps, weight_decay)`` and ``t`` its step count plus one::
 
-        g = -grad if maximize else grad
+        g = grad / grad_scale                              (with grad_scale; g is stored back)
+        g = -g if maximize
         decoupled:  p = p * (1 - lr * weight_decay)       else:  g = g + weight_decay * p
         m = lerp(m, g, 1 - beta1)
         v = v * beta2 + (1 - beta2) * g * g
@@ -119,9 +139,10 @@ def adam_chunked_update(
     Args:
         param, exp_avg, exp_avg_sq, max_exp_avg_sq: contiguous buffers sharing one element
             index (ideally on ``SEGMENT_ALIGNMENT_BYTES`` boundaries, for vector accesses).
-            ``max_exp_avg_sq`` is only read with ``amsgrad``.
-        grad_base: any tensor of ``param``'s dtype and device; gradients are addressed from
-            its first element (see ``grad_shifts``).
+            ``max_exp_avg_sq`` is only read with ``amsgrad``. The moments may have another
+            dtype than ``param``.
+        grad_base: a tensor of the gradients' dtype (the model parameters' dtype); gradients
+            are addressed from its first element (see ``grad_shifts``).
         grad_shifts: ``int64[segments]``. The gradient of flat element ``i`` of segment ``s``
             is element ``i + grad_shifts[s]`` counted from ``grad_base``; every shift must be
             a multiple of ``16 // itemsize`` (the kernel tells the compiler so, to vectorise).
@@ -129,19 +150,29 @@ def adam_chunked_update(
         chunks: ``int64[n, 5]`` rows ``(start, end, segment, hyper_row, counter)``; starts
             are multiples of 16 elements and chunks never straddle segments.
         steps: ``float32`` completed-step counters. With ``bump_steps`` each chunk reads
-            ``steps[counter]`` and, if its segment has a gradient, writes it back incremented;
-            no two chunks may share a counter. Otherwise ``steps`` is a single counter that is
-            read only (the caller increments it).
+            ``steps[counter]`` and, if it is updated, writes it back incremented; no two
+            chunks may share a counter. Otherwise ``steps`` is a single counter that is read
+            only (the caller increments it).
         hyper: ``float64[rows, 5]`` rows ``(lr, beta1, beta2, eps, weight_decay)``.
         amsgrad, maximize, decoupled_weight_decay: compile-time variants of the kernel.
+        param_copy: master weights. ``param`` is then the float32 master; the update is also
+            written, rounded to nearest, into ``param_copy`` (the model's fp16/bf16 values).
+        grad_scale: one float32 value gradients are divided by (GradScaler's scale); the
+            unscaled gradients are written back.
+        found_inf: one float32 value; if it is not 0 nothing at all is updated or counted.
+        stochastic_rounding_seed: round the bfloat16 ``param`` stochastically, with random
+            bits from Philox keyed by this seed and each chunk's step count.
     """
-    _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper, amsgrad, bump_steps)
+    _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper,
+           amsgrad, bump_steps, param_copy, grad_scale, found_inf, stochastic_rounding_seed)
     n_chunks = chunks.shape[0]
     if n_chunks == 0:
         return
     compute_dtype = tl.float64 if param.dtype == torch.float64 else tl.float32
+    model_dtype = param.dtype if param_copy is None else param_copy.dtype
     _adam_chunk_kernel[(n_chunks,)](
         param,
+        param if param_copy is None else param_copy,
         grad_base,
         exp_avg,
         exp_avg_sq,
@@ -150,12 +181,19 @@ def adam_chunked_update(
         chunks,
         steps,
         hyper,
-        BLOCK=block_size(param.dtype),
-        VEC=_ACCESS_BYTES // param.dtype.itemsize,
+        steps if grad_scale is None else grad_scale,
+        steps if found_inf is None else found_inf,
+        0 if stochastic_rounding_seed is None else stochastic_rounding_seed,
+        BLOCK=block_size(model_dtype),
+        VEC=_ACCESS_BYTES // model_dtype.itemsize,
         AMSGRAD=amsgrad,
         MAXIMIZE=maximize,
         DECOUPLED_WEIGHT_DECAY=decoupled_weight_decay,
         BUMP_STEPS=bump_steps,
         COMPUTE_DTYPE=compute_dtype,
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        WRITE_PARAM_COPY=param_copy is not None,
+        STOCHASTIC_ROUNDING=stochastic_rounding_seed is not None,
         num_warps=_NUM_WARPS,
     )

@@ -17,34 +17,42 @@ from triton.compiler import ASTSource
 from adam_triton.kernels import _adam_kernel
 from adam_triton.kernels.adam import block_size
 
-TRITON_DTYPES = {"fp32": (tl.float32, 4), "bf16": (tl.float32, 2), "fp16": (tl.float32, 2), "fp64": (tl.float64, 8)}
+TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
 
-def compile_variant(dtype, amsgrad, maximize, decoupled, arch):
+def compile_variant(dtype, amsgrad, maximize, decoupled, arch, master=False, stochastic_rounding=False, grad_scale=False):
+    """``dtype`` is the parameters' (and gradients') dtype; with ``master`` the update runs on
+    a float32 master and writes the rounded copy into the parameters."""
     import torch
 
-    compute, itemsize = TRITON_DTYPES[dtype]
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}[dtype]
-    pointer = f"*{dtype}"
+    model_dtype = getattr(torch, TORCH_NAMES[dtype])
+    updated = "fp32" if master else dtype
+    compute = tl.float64 if dtype == "fp64" else tl.float32
     signature = {
-        "param_ptr": pointer, "grad_base_ptr": pointer, "exp_avg_ptr": pointer, "exp_avg_sq_ptr": pointer,
-        "max_exp_avg_sq_ptr": pointer, "grad_shift_ptr": "*i64", "chunk_ptr": "*i64", "step_ptr": "*fp32",
-        "hyper_ptr": "*fp64",
+        "param_ptr": f"*{updated}", "param_copy_ptr": f"*{dtype}", "grad_base_ptr": f"*{dtype}",
+        "exp_avg_ptr": f"*{updated}", "exp_avg_sq_ptr": f"*{updated}", "max_exp_avg_sq_ptr": f"*{updated}",
+        "grad_shift_ptr": "*i64", "chunk_ptr": "*i64", "step_ptr": "*fp32", "hyper_ptr": "*fp64",
+        "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "random_seed": "i64",
         "BLOCK": "constexpr", "VEC": "constexpr", "AMSGRAD": "constexpr", "MAXIMIZE": "constexpr",
         "DECOUPLED_WEIGHT_DECAY": "constexpr", "BUMP_STEPS": "constexpr", "COMPUTE_DTYPE": "constexpr",
+        "HAS_GRAD_SCALE": "constexpr", "HAS_FOUND_INF": "constexpr", "WRITE_PARAM_COPY": "constexpr",
+        "STOCHASTIC_ROUNDING": "constexpr",
     }
     constants = {
-        "BLOCK": block_size(torch_dtype), "VEC": 16 // itemsize, "AMSGRAD": amsgrad, "MAXIMIZE": maximize,
-        "DECOUPLED_WEIGHT_DECAY": decoupled, "BUMP_STEPS": True, "COMPUTE_DTYPE": compute,
+        "BLOCK": block_size(model_dtype), "VEC": 16 // model_dtype.itemsize, "AMSGRAD": amsgrad,
+        "MAXIMIZE": maximize, "DECOUPLED_WEIGHT_DECAY": decoupled, "BUMP_STEPS": True, "COMPUTE_DTYPE": compute,
+        "HAS_GRAD_SCALE": grad_scale, "HAS_FOUND_INF": grad_scale, "WRITE_PARAM_COPY": master,
+        "STOCHASTIC_ROUNDING": stochastic_rounding,
     }
     # As the JIT does for 16-byte aligned pointers.
-    attrs = {(index,): [["tt.divisibility", 16]] for index in range(9)}
+    attrs = {(index,): [["tt.divisibility", 16]] for index in range(12)}
     source = ASTSource(fn=_adam_kernel._adam_chunk_kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]
     memory = collections.Counter(re.findall(r"((?:ld|st)\.global[\.\w]*)", ptx))
     return {
-        "dtype": dtype, "amsgrad": amsgrad, "maximize": maximize, "decoupled": decoupled,
+        "dtype": dtype, "amsgrad": amsgrad, "maximize": maximize, "decoupled": decoupled, "master": master,
+        "stochastic_rounding": stochastic_rounding, "grad_scale": grad_scale,
         "memory": dict(memory),
         "approximate_division": "div.full.f32" in ptx or "div.approx.f32" in ptx,
         "approximate_sqrt": "sqrt.approx.f32" in ptx,
@@ -54,10 +62,12 @@ def compile_variant(dtype, amsgrad, maximize, decoupled, arch):
 if __name__ == "__main__":
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     variants = [
-        ("fp32", False, False, True),
-        ("fp32", True, True, False),
-        ("bf16", False, False, True),
-        ("fp64", True, False, False),
+        dict(dtype="fp32", amsgrad=False, maximize=False, decoupled=True),
+        dict(dtype="fp32", amsgrad=True, maximize=True, decoupled=False, grad_scale=True),
+        dict(dtype="bf16", amsgrad=False, maximize=False, decoupled=True),
+        dict(dtype="fp64", amsgrad=True, maximize=False, decoupled=False),
+        dict(dtype="bf16", amsgrad=False, maximize=False, decoupled=True, master=True),
+        dict(dtype="bf16", amsgrad=False, maximize=False, decoupled=True, stochastic_rounding=True),
     ]
     for variant in variants:
-        print(json.dumps(compile_variant(*variant, arch)), flush=True)
+        print(json.dumps(compile_variant(arch=arch, **variant)), flush=True)

@@ -17,15 +17,26 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 import adam_triton
 
 
+OUR_KEYWORDS = {
+    "backend": "auto",
+    "master_weights": False,
+    "state_dtype": None,
+    "stochastic_rounding": False,
+    "stochastic_rounding_seed": 0,
+}
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW"])
-def test_signature_is_torchs_plus_backend(name):
+def test_signature_is_torchs_plus_our_keywords(name):
     ours = inspect.signature(getattr(adam_triton, name).__init__).parameters
     theirs = inspect.signature(getattr(torch.optim, name).__init__).parameters
-    assert list(ours)[:-1] == list(theirs)
+    assert list(ours)[: len(theirs)] == list(theirs)
     for key, parameter in theirs.items():
         assert ours[key].default == parameter.default, key
         assert ours[key].kind == parameter.kind, key
-    assert ours["backend"].default == "auto" and ours["backend"].kind == inspect.Parameter.KEYWORD_ONLY
+    assert list(ours)[len(theirs) :] == list(OUR_KEYWORDS)
+    for key, default in OUR_KEYWORDS.items():
+        assert ours[key].default == default and ours[key].kind == inspect.Parameter.KEYWORD_ONLY
 
 
 def test_is_a_torch_optimizer_and_adamw_is_an_adam():

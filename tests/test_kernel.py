@@ -248,3 +248,29 @@ def test_fp32_math_eps_does_not_underflow_in_half_precision(kernel_device):
     exp_avg_sq = torch.zeros_like(param)
     functional.adam(param, grad, exp_avg, exp_avg_sq, torch.zeros(1, device=kernel_device), lr=1e-3, backend="triton")
     assert torch.isfinite(param).all() and (param < 1).all()
+
+
+def test_bfloat16_stores_round_to_nearest_even_like_torch(kernel_device):
+    """Master weights written into bfloat16 parameters: exactly torch's float32 -> bfloat16
+    rounding, ties to even included (Triton's interpreter truncates on that conversion, so
+    the kernel rounds on the bits itself)."""
+    generator = torch.Generator().manual_seed(5)
+    bf16_neighbours = torch.randn(600, generator=generator).to(torch.bfloat16)
+    lower = bf16_neighbours.float()
+    upper = (bf16_neighbours.view(torch.int16) + 1).view(torch.bfloat16).float()
+    halfway = (lower + upper) / 2  # exactly representable in float32
+    special = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 3.3895e38, float("inf"), -float("inf"), 1.0 + 2**-8, 1.0 + 3 * 2**-8])
+    master = torch.cat([halfway, torch.randn(400, generator=generator), special]).to(kernel_device)
+    n = master.numel()
+    copy = torch.zeros(n, dtype=torch.bfloat16, device=kernel_device)
+    grad = torch.zeros(n, dtype=torch.bfloat16, device=kernel_device)
+    zeros = torch.zeros(n, device=kernel_device)
+    kernels.adam_chunked_update(
+        master, copy, zeros.clone(), zeros.clone(), None,
+        torch.tensor([(grad.data_ptr() - copy.data_ptr()) // 2], device=kernel_device),
+        torch.tensor([[0, n, 0, 0, 0]], device=kernel_device), torch.zeros(1, device=kernel_device),
+        torch.tensor([[0.0, 0.9, 0.999, 1e-8, 0.0]], dtype=torch.float64, device=kernel_device),
+        amsgrad=False, maximize=False, decoupled_weight_decay=True, param_copy=copy,
+    )
+    expected = master.cpu().to(torch.bfloat16)
+    assert torch.equal(copy.cpu().view(torch.int16), expected.view(torch.int16))

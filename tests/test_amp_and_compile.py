@@ -1,0 +1,179 @@
+"""GradScaler, capturable steps and torch.compile."""
+
+import copy
+
+import pytest
+import torch
+from helpers import OddModel, assert_close_params
+
+import adam_triton
+
+
+def _scaled_training(model, optimizer, scaler, steps, inf_at=(), clip=False):
+    generator = torch.Generator().manual_seed(3)
+    device = next(model.parameters()).device
+    skipped = []
+    for step in range(steps):
+        x = torch.randn(8, generator=generator).to(device)
+        optimizer.zero_grad()
+        scaler.scale(model(x)).backward()
+        if step in inf_at:
+            next(model.parameters()).grad[0] = float("inf")
+        if clip:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        scaler.step(optimizer)
+        scaler.update()
+        if hasattr(optimizer, "last_step_skipped"):
+            skipped.append(bool(optimizer.last_step_skipped))
+    return skipped
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["scaler-unscales-in-kernel", "unscale_-then-clip"])
+def test_grad_scaler_matches_torch_fused_and_skips_infs(target, clip):
+    device_type = target.device
+    ours_model = OddModel().to(target.device)
+    reference_model = copy.deepcopy(ours_model)
+    ours = adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend)
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, fused=True)
+    ours_scaler = torch.amp.GradScaler(device_type, init_scale=2.0**12, growth_interval=2)
+    reference_scaler = torch.amp.GradScaler(device_type, init_scale=2.0**12, growth_interval=2)
+    skipped = _scaled_training(ours_model, ours, ours_scaler, 7, inf_at=(1, 4), clip=clip)
+    _scaled_training(reference_model, reference, reference_scaler, 7, inf_at=(1, 4), clip=clip)
+    assert skipped == [False, True, False, False, True, False, False]
+    assert ours_scaler.get_scale() == reference_scaler.get_scale()
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        assert float(ours.state[a]["step"]) == float(reference.state[b]["step"]) == 5
+    assert_close_params(ours_model, reference_model)
+    if not clip:
+        # As torch's fused kernel: the gradients are left unscaled after the step.
+        for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_skipped_step_changes_nothing(target):
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.Adam(model.parameters(), lr=1e-2, backend=target.backend, amsgrad=True)
+    scaler = torch.amp.GradScaler(target.device, init_scale=2.0**8)
+    _scaled_training(model, optimizer, scaler, 2)
+    before = copy.deepcopy(optimizer.state_dict())
+    params = [p.detach().clone() for p in model.parameters()]
+    _scaled_training(model, optimizer, scaler, 1, inf_at=(0,))
+    assert bool(optimizer.last_step_skipped)
+    assert all(torch.equal(a, b) for a, b in zip(params, model.parameters()))
+    after = optimizer.state_dict()
+    for index, entry in before["state"].items():
+        for key, value in entry.items():
+            assert torch.equal(value, after["state"][index][key]), key
+
+
+def test_last_step_skipped_without_a_scaler_is_false():
+    model = OddModel()
+    optimizer = adam_triton.Adam(model.parameters())
+    assert not bool(optimizer.last_step_skipped)
+    model(torch.ones(8)).backward()
+    optimizer.step()
+    assert not bool(optimizer.last_step_skipped)
+
+
+def test_capturable_with_tensor_lr_follows_a_scheduler_writing_into_it(target):
+    """On CPU this checks what capture needs of the host side: lr lives in a tensor that the
+    scheduler updates in place, and the step picks the new value up."""
+    ours_model = OddModel().to(target.device)
+    reference_model = copy.deepcopy(ours_model)
+    lr = torch.tensor(0.02, device=target.device)
+    ours = adam_triton.Adam(ours_model.parameters(), lr=lr, capturable=True, backend=target.backend)
+    reference = torch.optim.Adam(reference_model.parameters(), lr=0.02)
+    schedulers = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (ours, reference)]
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        x = torch.randn(8, generator=generator).to(target.device)
+        for model, optimizer, scheduler in zip((ours_model, reference_model), (ours, reference), schedulers):
+            optimizer.zero_grad()
+            model(x).backward()
+            optimizer.step()
+            scheduler.step()
+    assert ours.param_groups[0]["lr"] is lr and float(lr) == pytest.approx(0.02 / 16)
+    assert_close_params(ours_model, reference_model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_capture_and_replay_matches_eager_steps():
+    torch.manual_seed(0)
+    eager_model = OddModel().cuda()
+    graph_model = copy.deepcopy(eager_model)
+    lr = torch.tensor(0.01, device="cuda")
+    eager = adam_triton.AdamW(eager_model.parameters(), lr=0.01)
+    graphed = adam_triton.AdamW(graph_model.parameters(), lr=lr, capturable=True)
+    static_x = torch.randn(8, device="cuda")
+
+    def forward_backward(model, optimizer, x):
+        optimizer.zero_grad(set_to_none=False)
+        model(x).backward()
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):  # warm-up: state, tables and compiled kernels exist before capture
+            forward_backward(graph_model, graphed, static_x)
+            graphed.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    for _ in range(2):
+        forward_backward(eager_model, eager, static_x)
+        eager.step()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward_backward(graph_model, graphed, static_x)
+        graphed.step()
+    generator = torch.Generator().manual_seed(1)
+    for step in range(5):
+        new_lr = 0.01 / (step + 1)
+        lr.fill_(new_lr)
+        eager.param_groups[0]["lr"] = new_lr
+        x = torch.randn(8, generator=generator).cuda()
+        static_x.copy_(x)
+        graph.replay()
+        forward_backward(eager_model, eager, x)
+        eager.step()
+    torch.cuda.synchronize()
+    assert_close_params(graph_model, eager_model)
+
+
+def test_compiled_model_trains_with_our_optimizer(target):
+    torch._dynamo.reset()
+    eager_model = OddModel(shapes=[(5,), (33,), (4, 7)]).to(target.device)
+    compiled_model = copy.deepcopy(eager_model)
+    eager = adam_triton.AdamW(eager_model.parameters(), lr=1e-2, backend=target.backend)
+    compiled = adam_triton.AdamW(compiled_model.parameters(), lr=1e-2, backend=target.backend)
+    forward = torch.compile(compiled_model, backend="aot_eager")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(8, generator=generator).to(target.device)
+        for model, optimizer in ((eager_model, eager), (forward, compiled)):
+            optimizer.zero_grad()
+            model(x).backward()
+            optimizer.step()
+    assert_close_params(compiled_model, eager_model, rtol=1e-5, atol=1e-6)
+
+
+def test_step_called_from_compiled_code_breaks_the_graph_cleanly(target):
+    torch._dynamo.reset()
+    model = OddModel(shapes=[(5,), (33,)]).to(target.device)
+    reference_model = copy.deepcopy(model)
+    optimizer = adam_triton.Adam(model.parameters(), lr=1e-2, backend=target.backend)
+    reference = torch.optim.Adam(reference_model.parameters(), lr=1e-2)
+
+    def train_step(model, optimizer, x):
+        optimizer.zero_grad()
+        loss = model(x)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    compiled_step = torch.compile(train_step, backend="aot_eager")
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x = torch.randn(8, generator=generator).to(target.device)
+        compiled_step(model, optimizer, x)
+        train_step(reference_model, reference, x)
+    assert_close_params(model, reference_model)

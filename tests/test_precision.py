@@ -1,0 +1,231 @@
+"""Half precision: bf16/fp16 parameters, master weights, state dtype, stochastic rounding."""
+
+import copy
+import io
+
+import pytest
+import torch
+from helpers import OddModel, train
+
+import adam_triton
+
+BF16 = torch.bfloat16
+
+
+def _bf16_ulp(values: torch.Tensor) -> torch.Tensor:
+    """The gap from each bfloat16 value to the next one away from zero."""
+    values = values.to(BF16)
+    bits = values.view(torch.int16)
+    up = (bits + 1).view(BF16).float()
+    return (up - values.float()).abs()
+
+
+def _roundtrip(state_dict):
+    buffer = io.BytesIO()
+    torch.save(state_dict, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+def _random_state(shapes, generator, dtype):
+    return [torch.randn(shape, generator=generator).to(dtype) for shape in shapes]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_bfloat16_parameters_agree_with_torch_fused_to_one_ulp(target, amsgrad):
+    """One step from equal state, repeated from fresh random states: within one bfloat16
+    unit in the last place of torch.optim.AdamW(fused=True)."""
+    shapes = [(1,), (17,), (1025,), (3, 333)]
+    generator = torch.Generator().manual_seed(0)
+    for step_count in (0, 5):
+        params = [torch.nn.Parameter(t.to(target.device)) for t in _random_state(shapes, generator, BF16)]
+        reference = [torch.nn.Parameter(p.detach().clone().cpu()) for p in params]
+        kwargs = dict(lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
+        ours = adam_triton.AdamW(params, backend=target.backend, **kwargs)
+        theirs = torch.optim.AdamW(reference, fused=True, **kwargs)
+        grads = _random_state(shapes, generator, BF16)
+        for p, q, g in zip(params, reference, grads):
+            p.grad, q.grad = g.to(target.device), g.clone()
+        ours.step()
+        theirs.step()
+        # Give both the same non-trivial state, then take the step under test.
+        for p, q in zip(params, reference):
+            for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ()):
+                values = (torch.rand(p.shape, generator=generator) * 0.1).to(BF16)
+                ours.state[p][key].copy_(values)
+                theirs.state[q][key].copy_(values)
+            ours.state[p]["step"].fill_(step_count + 1)
+            theirs.state[q]["step"].fill_(step_count + 1)
+            q.data.copy_(p.data.cpu())
+        grads = _random_state(shapes, generator, BF16)
+        for p, q, g in zip(params, reference, grads):
+            p.grad, q.grad = g.to(target.device), g.clone()
+        ours.step()
+        theirs.step()
+        for p, q in zip(params, reference):
+            assert p.dtype == BF16 and ours.state[p]["exp_avg"].dtype == BF16
+            difference = (p.detach().cpu().float() - q.detach().float()).abs()
+            assert (difference <= _bf16_ulp(q.detach())).all(), difference.max()
+
+
+@pytest.mark.parametrize("state_dtype", [None, BF16])
+def test_master_weights_make_a_bfloat16_model_follow_float32_adam(target, state_dtype):
+    """The masters follow torch's float32 AdamW fed with the model's own gradients, and the
+    model's parameters are exactly the masters rounded to nearest."""
+    model = OddModel().to(target.device, BF16)
+    masters = [torch.nn.Parameter(p.detach().float().cpu()) for p in model.parameters()]
+    ours = adam_triton.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend=target.backend,
+                             master_weights=True, state_dtype=state_dtype)
+    reference = torch.optim.AdamW(masters, lr=1e-2, weight_decay=0.1)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(6):
+        x = torch.randn(8, generator=generator).to(target.device, BF16)
+        ours.zero_grad()
+        model(x).backward()
+        for p, master in zip(model.parameters(), masters):
+            master.grad = p.grad.detach().float().cpu()
+        ours.step()
+        reference.step()
+    for p, master in zip(model.parameters(), masters):
+        state = ours.state[p]
+        assert state["master_param"].dtype == torch.float32
+        assert state["exp_avg"].dtype == (state_dtype or torch.float32)
+        assert torch.equal(p.detach(), state["master_param"].to(BF16)), "parameter != master rounded"
+        tolerance = dict(rtol=1e-5, atol=1e-6) if state_dtype is None else dict(rtol=2e-2, atol=2e-3)
+        torch.testing.assert_close(state["master_param"].cpu(), master.detach(), **tolerance)
+
+
+def test_masters_and_bfloat16_states_survive_save_and_load_bit_exactly(target):
+    kwargs = dict(lr=1e-2, backend=target.backend, master_weights=True, state_dtype=BF16)
+    model = OddModel().to(target.device, BF16)
+    straight_model = copy.deepcopy(model)
+    optimizer = adam_triton.AdamW(model.parameters(), **kwargs)
+    straight = adam_triton.AdamW(straight_model.parameters(), **kwargs)
+    for m, o in ((model, optimizer), (straight_model, straight)):
+        train(m, o, steps=3)
+    saved = _roundtrip(optimizer.state_dict())
+    saved_model = _roundtrip(model.state_dict())
+    assert saved["state"][0]["master_param"].dtype == torch.float32
+    assert saved["state"][0]["exp_avg"].dtype == BF16
+    assert set(saved["param_groups"][0]) == set(torch.optim.AdamW(OddModel().parameters()).state_dict()["param_groups"][0])
+
+    resumed_model = OddModel(seed=9).to(target.device, BF16)
+    resumed = adam_triton.AdamW(resumed_model.parameters(), **kwargs)
+    resumed_model.load_state_dict(saved_model)
+    resumed.load_state_dict(saved)
+    for m, o in ((resumed_model, resumed), (straight_model, straight)):
+        train(m, o, steps=3, seed=4)
+    for a, b in zip(resumed_model.parameters(), straight_model.parameters()):
+        assert torch.equal(a, b)
+        for key in ("master_param", "exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(resumed.state[a][key], straight.state[b][key]), key
+
+
+def test_checkpoint_without_masters_initialises_them_and_load_casts_to_the_policy(target):
+    model = OddModel().to(target.device, BF16)
+    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, torch_optimizer, steps=2)
+    ours = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True, state_dtype=torch.float32)
+    ours.load_state_dict(_roundtrip(torch_optimizer.state_dict()))
+    for p in model.parameters():
+        state = ours.state[p]
+        assert torch.equal(state["master_param"], p.detach().float())
+        assert state["exp_avg"].dtype == torch.float32  # the policy, not the checkpoint's bf16
+        torch.testing.assert_close(state["exp_avg"], torch_optimizer.state[p]["exp_avg"].float().to(state["exp_avg"].device))
+
+
+def test_parameters_written_outside_the_optimizer_reseed_their_masters(target):
+    """model.load_state_dict after the optimizer exists: the loaded values must win."""
+    model = OddModel().to(target.device, BF16)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
+    train(model, optimizer, steps=2)
+    untouched = [optimizer.state[p]["master_param"].clone() for p in model.parameters()]
+    with torch.no_grad():
+        model.weights[1].fill_(0.25)
+    loss = model(torch.ones(8, device=target.device, dtype=BF16))
+    optimizer.zero_grad()
+    loss.backward()
+    for p in model.parameters():
+        p.grad.zero_()
+    optimizer.step()
+    # With zero gradients the update is tiny: the filled parameter stays near 0.25 ...
+    assert (model.weights[1].float() - 0.25).abs().max() < 0.01
+    # ... and the others keep their masters' precision (not re-seeded from bfloat16).
+    first = optimizer.state[model.weights[2]]["master_param"]
+    assert not torch.equal(untouched[2], untouched[2].to(BF16).float())
+    assert not torch.equal(first, first.to(BF16).float())
+
+
+@pytest.mark.parametrize("master_weights", [False, True])
+def test_float16_with_default_eps_and_tiny_gradients_stays_finite_and_moves(target, master_weights):
+    params = [torch.nn.Parameter(torch.ones(64, dtype=torch.float16, device=target.device))]
+    optimizer = adam_triton.Adam(params, lr=1e-3, backend=target.backend, master_weights=master_weights)
+    for _ in range(5):
+        params[0].grad = torch.full((64,), 1e-6, dtype=torch.float16, device=target.device)
+        optimizer.step()
+    assert torch.isfinite(params[0]).all()
+    assert (params[0] < 1).all()
+
+
+def test_stochastic_rounding_is_unbiased(target):
+    """Every element takes the same exact float32 update; rounded up or down at random, the
+    share rounded up must match the position of the exact value between its neighbours."""
+    n = 8192
+    start = torch.full((n,), 1.0, dtype=BF16)
+    params = [torch.nn.Parameter(start.clone().to(target.device))]
+    optimizer = adam_triton.Adam(params, lr=3e-3, backend=target.backend, stochastic_rounding=True, stochastic_rounding_seed=7)
+    params[0].grad = torch.full((n,), 0.5, dtype=BF16, device=target.device)
+    optimizer.step()
+    exact = 1.0 - 3e-3  # first Adam step moves by lr (up to eps)
+    below, above = 0.99609375, 1.0  # the bfloat16 neighbours of 0.997
+    values = params[0].detach().float().cpu()
+    assert set(values.unique().tolist()) <= {below, above}
+    share_up = (values == above).float().mean().item()
+    expected = (exact - below) / (above - below)
+    sigma = (expected * (1 - expected) / n) ** 0.5
+    assert abs(share_up - expected) < 5 * sigma, (share_up, expected)
+
+
+def test_stochastic_rounding_keeps_small_updates_that_round_to_nearest_loses(target):
+    n = 4096
+    outcomes = {}
+    for rounding in (False, True):
+        params = [torch.nn.Parameter(torch.ones(n, dtype=BF16, device=target.device))]
+        optimizer = adam_triton.Adam(params, lr=1e-4, backend=target.backend, stochastic_rounding=rounding)
+        for _ in range(20):
+            params[0].grad = torch.ones(n, dtype=BF16, device=target.device)
+            optimizer.step()
+        outcomes[rounding] = params[0].detach().float().mean().item()
+    assert outcomes[False] == 1.0  # each 1e-4 step is under half a bf16 ulp (0.0039): lost
+    assert abs(outcomes[True] - (1.0 - 20 * 1e-4)) < 3e-4  # in expectation, kept
+
+
+def test_stochastic_rounding_is_reproducible_from_its_seed(target):
+    results = []
+    for seed in (3, 3, 4):
+        params = [torch.nn.Parameter(torch.linspace(-1, 1, 2048, dtype=BF16, device=target.device))]
+        optimizer = adam_triton.Adam(params, lr=1e-3, backend=target.backend, stochastic_rounding=True, stochastic_rounding_seed=seed)
+        for _ in range(2):
+            params[0].grad = torch.ones(2048, dtype=BF16, device=target.device)
+            optimizer.step()
+        results.append(params[0].detach().clone())
+    assert torch.equal(results[0], results[1])
+    assert not torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(master_weights=True, stochastic_rounding=True), "exclude each other"),
+        (dict(state_dtype=torch.int8), "state_dtype"),
+        (dict(stochastic_rounding_seed=-1), "stochastic_rounding_seed"),
+    ],
+)
+def test_bad_precision_options_raise(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adam_triton.AdamW([torch.nn.Parameter(torch.zeros(2, dtype=BF16))], **kwargs)
+
+
+def test_stochastic_rounding_of_float16_is_refused():
+    with pytest.raises(ValueError, match="bfloat16"):
+        adam_triton.AdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))], stochastic_rounding=True)
