@@ -274,10 +274,11 @@ def _adam_chunk_kernel(
     grad_shift = tl.multiple_of(grad_shift, VEC)
 
     # Whole tiles carry no mask so that loads and stores stay 16-byte vectors; the ragged
-    # end of the chunk gets one masked tile.
-    full_tiles = (end - start) // BLOCK
-    for tile in range(0, full_tiles):
-        offsets = tl.multiple_of(start + tile * BLOCK, 16) + tl.arange(0, BLOCK)
+    # end of the chunk gets one masked tile. (A while loop: triton 3.6's interpreter cannot
+    # take a loaded value as a range() bound.)
+    offset = start
+    while offset + BLOCK <= end:
+        offsets = tl.multiple_of(offset, 16) + tl.arange(0, BLOCK)
         _adam_tile(
             offsets, None, grad_shift,
             param_ptr, param_copy_ptr, grad_base_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
@@ -287,9 +288,9 @@ def _adam_chunk_kernel(
             AMSGRAD, MAXIMIZE, DECOUPLED_WEIGHT_DECAY, COMPUTE_DTYPE,
             HAS_GRAD_SCALE, WRITE_PARAM_COPY, STOCHASTIC_ROUNDING,
         )
-    tail = start + full_tiles * BLOCK
-    if tail < end:
-        offsets = tl.multiple_of(tail, 16) + tl.arange(0, BLOCK)
+        offset += BLOCK
+    if offset < end:
+        offsets = tl.multiple_of(offset, 16) + tl.arange(0, BLOCK)
         _adam_tile(
             offsets, offsets < end, grad_shift,
             param_ptr, param_copy_ptr, grad_base_ptr, exp_avg_ptr, exp_avg_sq_ptr, max_exp_avg_sq_ptr,
