@@ -251,6 +251,17 @@ def _round_stochastically(values: torch.Tensor, random_bits: torch.Tensor) -> to
     return torch.where(torch.isnan(values), values, rounded).to(torch.bfloat16)
 
 
+def _per_element(per_segment: torch.Tensor, lengths: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """Spread one value per segment over the segment's elements (padding included)."""
+    return torch.repeat_interleave(per_segment.to(dtype), lengths, output_size=numel)
+
+
+def _store(target: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """Write ``value`` into ``target`` in its dtype, except where ``keep`` says not to."""
+    value = value.to(target.dtype)
+    target.copy_(value if keep is None else torch.where(keep, target, value))
+
+
 def _update_composed(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf) -> None:
     """The kernel's math in torch operations, for precisions torch's fused kernel lacks."""
     compute = torch.float64 if buffer.dtype == torch.float64 else torch.float32
@@ -280,12 +291,9 @@ def _update_composed(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict],
         lengths = torch.from_numpy(padded[first : last + 1].copy()).to(buffer.device)
         lengths[-1] = int(buffer.lengths[last])
 
-        def per_element(per_segment: torch.Tensor) -> torch.Tensor:
-            return torch.repeat_interleave(per_segment.to(compute), lengths, output_size=hi - lo)
-
         t = steps[first : last + 1]
-        step_size = per_element(lr / (1 - beta1**t))
-        bias_correction2_sqrt = per_element(torch.sqrt(1 - beta2**t))
+        step_size = _per_element(lr / (1 - beta1**t), lengths, hi - lo, compute)
+        bias_correction2_sqrt = _per_element(torch.sqrt(1 - beta2**t), lengths, hi - lo, compute)
 
         grad = gradients[lo:hi]
         if group["maximize"]:
@@ -307,23 +315,19 @@ def _update_composed(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict],
 
         keep = None  # elements to leave as they were: no gradient, or a skipped step
         if not has_grad.all():
-            keep = ~per_element(torch.from_numpy(has_grad).to(buffer.device)).bool()
+            keep = ~_per_element(torch.from_numpy(has_grad).to(buffer.device), lengths, hi - lo, torch.bool)
         if found_inf is not None:
             keep = (found_inf != 0) if keep is None else keep | (found_inf != 0)
 
-        def store(target: torch.Tensor, value: torch.Tensor) -> None:
-            value = value.to(target.dtype)
-            target.copy_(value if keep is None else torch.where(keep, target, value))
-
-        store(buffer.exp_avg[lo:hi], exp_avg)
-        store(buffer.exp_avg_sq[lo:hi], exp_avg_sq)
+        _store(buffer.exp_avg[lo:hi], exp_avg, keep)
+        _store(buffer.exp_avg_sq[lo:hi], exp_avg_sq, keep)
         if amsgrad:
-            store(buffer.max_exp_avg_sq[lo:hi], max_exp_avg_sq)
+            _store(buffer.max_exp_avg_sq[lo:hi], max_exp_avg_sq, keep)
         if buffer.precision.master_weights:
-            store(buffer.master[lo:hi], param)
-            store(buffer.param[lo:hi], param)
+            _store(buffer.master[lo:hi], param, keep)
+            _store(buffer.param[lo:hi], param, keep)
         elif buffer.precision.stochastic_rounding:
-            store(buffer.param[lo:hi], _round_stochastically(param, _random_bits(buffer, hi - lo, t[0])))
+            _store(buffer.param[lo:hi], _round_stochastically(param, _random_bits(buffer, hi - lo, t[0])), keep)
         else:
-            store(buffer.param[lo:hi], param)
+            _store(buffer.param[lo:hi], param, keep)
     _count_segments(buffer, np.flatnonzero(plan.has_grad), found_inf)

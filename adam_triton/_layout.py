@@ -168,7 +168,7 @@ class FlatBuffer:
         firsts = np.concatenate(([0], boundaries)) if len(params) else np.zeros(0, dtype=np.int64)
         lasts = np.concatenate((boundaries - 1, [len(params) - 1])) if len(params) else firsts
         self.group_ranges = [
-            (int(self.group_of_segment[f]), int(f), int(l)) for f, l in zip(firsts, lasts)
+            (int(self.group_of_segment[first]), int(first), int(last)) for first, last in zip(firsts, lasts)
         ]
         self._real_views: dict[str, list] = {}
         self._chunk_step_views: list | None = None

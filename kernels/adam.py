@@ -7,7 +7,6 @@ optimizers, parameter groups or checkpoints.
 from __future__ import annotations
 
 import torch
-import triton
 import triton.language as tl
 
 from . import _adam_kernel

@@ -93,7 +93,7 @@ def train(model, optimizer, steps: int, seed: int = 1, set_to_none: bool = True,
 
 def assert_close_params(ours_model, reference_model, rtol=2e-5, atol=2e-6):
     for (name, a), b in zip(ours_model.named_parameters(), reference_model.parameters()):
-        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def assert_close_state(ours_opt, reference_opt, ours_model, reference_model, rtol=2e-5, atol=2e-6):
