@@ -28,6 +28,11 @@ CONFIGS = {
 }
 
 
+def assert_runs_on(optimizer, backend: str) -> None:
+    """adam-triton updated every buffer with ``backend`` (no silent fallback)."""
+    assert optimizer.backends() and set(optimizer.backends().values()) == {backend}, optimizer.backends()
+
+
 def optimizer_pair(name: str, backend: str):
     """(adam-triton's class with ``backend`` bound, torch's class) for ``name``."""
     ours = getattr(adam_triton, name)
@@ -81,8 +86,9 @@ def ddp_trains_like_torch(rank, world_size, device, backend, gradient_as_bucket_
                 if gradient_as_bucket_view:
                     # What the optimizers read were views of DDP's buckets.
                     assert all(p.grad._base is not None for p in model.parameters())
-                trained.append(model.module)
-            ours, reference = trained
+                trained.append((model.module, optimizer))
+            (ours, ours_optimizer), (reference, _) = trained
+            assert_runs_on(ours_optimizer, backend)
             assert_close_params(ours, reference, rtol=RTOL, atol=ATOL)
             assert_replicas_agree(ours)
 
@@ -107,10 +113,19 @@ def zero_trains_like_torch(rank, world_size, device, backend, parameters_as_buck
             )
             assert type(optimizer.optim) is optimizer_class  # each rank steps its shard with it
             _train_replicated(model, optimizer, rank, device)
-            trained.append(model.module)
-        ours, reference = trained
+            optimizer.consolidate_state_dict(to=0)  # every rank's shard of the state, on rank 0
+            consolidated = optimizer.state_dict() if rank == 0 else None
+            trained.append((model.module, optimizer.optim, consolidated))
+        (ours, ours_optimizer, ours_state), (reference, _, reference_state) = trained
+        assert_runs_on(ours_optimizer, backend)
         assert_close_params(ours, reference, rtol=RTOL, atol=ATOL)
         assert_replicas_agree(ours)
+        if rank == 0:
+            assert ours_state["state"].keys() == reference_state["state"].keys()
+            for index, expected in reference_state["state"].items():
+                assert ours_state["state"][index].keys() == expected.keys(), index
+                for key, value in expected.items():
+                    torch.testing.assert_close(ours_state["state"][index][key], value, rtol=RTOL, atol=ATOL)
 
 
 # -- FSDP2 ------------------------------------------------------------------------------------
@@ -149,7 +164,9 @@ def _train_sharded(model, optimizer, rank, device, steps=STEPS, seed=1, start=0)
         generator = rank_generator(rank, 100 * seed + index)
         x = torch.randn(8, 13, generator=generator).to(device)
         y = torch.randn(8, 3, generator=generator).to(device)
-        optimizer.zero_grad()
+        # Both kinds of zero_grad: with set_to_none=False FSDP2 accumulates into the zeroed
+        # DTensor gradients it finds.
+        optimizer.zero_grad(set_to_none=index % 2 == 0)
         torch.nn.functional.mse_loss(model(x), y).backward()
         optimizer.step()
 
@@ -182,8 +199,8 @@ def fsdp2_trains_like_torch(rank, world_size, device, backend, name):
         trained.append((model, optimizer))
     (ours, ours_optimizer), (reference, reference_optimizer) = trained
     assert_close_sharded(ours, reference)
-    # The local shards of each (device, dtype) make one flat buffer: one update for all.
-    assert list(ours_optimizer.backends()) == [(device, torch.float32)]
+    # The local shards of each (device, dtype) make one flat buffer, updated by `backend`.
+    assert ours_optimizer.backends() == {(device, torch.float32): backend}
     for (name_, p), q in zip(ours.named_parameters(), reference.parameters()):
         expected_state, state = reference_optimizer.state[q], ours_optimizer.state[p]
         assert set(state) == set(expected_state), name_
