@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import INTERPRETER
+from helpers import INTERPRETER, OddModel, assert_close_params, assert_close_state, optimizers, paired, train
 from multiprocess import run_on_ranks, transports
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="this torch has no torch.distributed")
@@ -81,6 +81,30 @@ ZERO_BUCKET_VIEW_FAILS = (
 def test_zero_redundancy_optimizer_trains_like_torch(transport, parameters_as_bucket_view, backend):
     _skip_unrunnable(transport, backend)
     run_on_ranks(cases.zero_trains_like_torch, backend, parameters_as_bucket_view, transport=transport)
+
+
+@pytest.mark.xfail(strict=True, reason=ZERO_BUCKET_VIEW_FAILS)
+def test_parameters_re_pointed_into_a_wrappers_bucket_are_updated_there(target):
+    """What ZeRO's bucket views do, in one process: parameters pointed at a wrapper's packed
+    bucket after the optimizer was built must be updated there, where the wrapper reads them."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, lr=1e-2, amsgrad=True)
+    buckets = []
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        params = list(model.parameters())
+        # Packed without padding, as ZeRO packs: most views are not 16-byte aligned.
+        bucket = torch.cat([p.detach().reshape(-1) for p in params])
+        offset = 0
+        for p in params:
+            p.data = bucket[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        buckets.append(bucket)
+        train(model, optimizer, steps=3, seed=3)
+    for bucket, model in zip(buckets, (ours_model, reference_model)):
+        assert torch.equal(bucket, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
 
 
 # -- FSDP2 (fully_shard, DTensor parameters) ---------------------------------------------------
