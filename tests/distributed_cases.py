@@ -1,0 +1,305 @@
+"""What every rank runs for tests/test_distributed.py.
+
+Each case trains adam-triton and torch's own optimizer under the same distributed wrapper
+(DistributedDataParallel, ZeroRedundancyOptimizer, FSDP2), from the same initial
+parameters, on the same fresh random data (different on every rank, so the gradients
+really are reduced across ranks), and compares the parameters after several steps.
+Everything here runs inside the rank processes started by ``multiprocess.run_on_ranks``;
+a failed assertion fails the test with the rank's traceback.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from helpers import OddModel, assert_close_params
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+import adam_triton
+
+STEPS = 5
+RTOL, ATOL = 2e-5, 2e-6  # float32, a few steps: as tests/test_training_parity.py
+
+# One configuration per class, each with something that changes the update.
+CONFIGS = {
+    "AdamW": dict(lr=2e-2, betas=(0.8, 0.95), weight_decay=0.1),
+    "Adam": dict(lr=2e-2, betas=(0.8, 0.95), weight_decay=0.05, amsgrad=True),
+}
+
+
+def assert_runs_on(optimizer, backend: str) -> None:
+    """adam-triton updated every buffer with ``backend`` (no silent fallback)."""
+    assert optimizer.backends() and set(optimizer.backends().values()) == {backend}, optimizer.backends()
+
+
+def optimizer_pair(name: str, backend: str):
+    """(adam-triton's class with ``backend`` bound, torch's class) for ``name``."""
+    ours = getattr(adam_triton, name)
+
+    def make_ours(params, **kwargs):
+        return ours(params, backend=backend, **kwargs)
+
+    return make_ours, getattr(torch.optim, name)
+
+
+def rank_generator(rank: int, seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(1000 * seed + rank)
+
+
+def assert_replicas_agree(model: nn.Module) -> None:
+    """Every rank holds the same (replicated) parameters."""
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
+    dist.all_gather(everyone, flat)
+    for rank, other in enumerate(everyone):
+        torch.testing.assert_close(flat, other, rtol=0, atol=0, msg=lambda m: f"rank {rank} differs: {m}")
+
+
+# -- DistributedDataParallel and ZeroRedundancyOptimizer -------------------------------------
+def _train_replicated(model, optimizer, rank, device, set_to_none=True, seed=1):
+    """A real loop over OddModel: fresh data each step, zero_grad, backward, step."""
+    generator = rank_generator(rank, seed)
+    for _ in range(STEPS):
+        x = torch.randn(8, generator=generator).to(device)
+        optimizer.zero_grad(set_to_none=set_to_none)
+        model(x).backward()
+        optimizer.step()
+
+
+def ddp_trains_like_torch(rank, world_size, device, backend, gradient_as_bucket_view):
+    from torch.nn.parallel import DistributedDataParallel
+
+    # zero_grad(set_to_none=False) keeps gradient tensors: ours become views of adam-triton's
+    # gradient buffer, or stay views of DDP's buckets (zeroed in place) with bucket views.
+    for set_to_none in (True, False):
+        for name, kwargs in CONFIGS.items():
+            trained = []
+            for make_optimizer in optimizer_pair(name, backend):
+                model = DistributedDataParallel(
+                    OddModel(seed=0).to(device),
+                    device_ids=[device.index] if device.type == "cuda" else None,
+                    gradient_as_bucket_view=gradient_as_bucket_view,
+                )
+                optimizer = make_optimizer(model.parameters(), **kwargs)
+                _train_replicated(model, optimizer, rank, device, set_to_none=set_to_none)
+                if gradient_as_bucket_view:
+                    # What the optimizers read were views of DDP's buckets.
+                    assert all(p.grad._base is not None for p in model.parameters())
+                trained.append((model.module, optimizer))
+            (ours, ours_optimizer), (reference, _) = trained
+            assert_runs_on(ours_optimizer, backend)
+            assert_close_params(ours, reference, rtol=RTOL, atol=ATOL)
+            assert_replicas_agree(ours)
+
+
+def zero_trains_like_torch(rank, world_size, device, backend, parameters_as_bucket_view):
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    for name, kwargs in CONFIGS.items():
+        trained = []
+        # As users write it: the class, and its keywords (ours with `backend`) for ZeRO to pass on.
+        for optimizer_class, extra in ((getattr(adam_triton, name), {"backend": backend}), (getattr(torch.optim, name), {})):
+            model = DistributedDataParallel(
+                OddModel(seed=0).to(device), device_ids=[device.index] if device.type == "cuda" else None
+            )
+            optimizer = ZeroRedundancyOptimizer(
+                model.parameters(),
+                optimizer_class=optimizer_class,
+                parameters_as_bucket_view=parameters_as_bucket_view,
+                **kwargs,
+                **extra,
+            )
+            assert type(optimizer.optim) is optimizer_class  # each rank steps its shard with it
+            _train_replicated(model, optimizer, rank, device)
+            optimizer.consolidate_state_dict(to=0)  # every rank's shard of the state, on rank 0
+            consolidated = optimizer.state_dict() if rank == 0 else None
+            trained.append((model.module, optimizer.optim, consolidated))
+        (ours, ours_optimizer, ours_state), (reference, _, reference_state) = trained
+        assert_runs_on(ours_optimizer, backend)
+        assert_close_params(ours, reference, rtol=RTOL, atol=ATOL)
+        assert_replicas_agree(ours)
+        if rank == 0:
+            assert ours_state["state"].keys() == reference_state["state"].keys()
+            for index, expected in reference_state["state"].items():
+                assert ours_state["state"][index].keys() == expected.keys(), index
+                for key, value in expected.items():
+                    torch.testing.assert_close(ours_state["state"][index][key], value, rtol=RTOL, atol=ATOL)
+
+
+# -- FSDP2 ------------------------------------------------------------------------------------
+class ShardedNet(nn.Module):
+    """Sizes that shard unevenly over two ranks, and a one-row parameter that leaves one
+    rank an empty shard."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(13, 31)  # 31 rows: 16 and 15 per rank
+        self.mid = nn.Linear(31, 31)
+        self.scale = nn.Parameter(torch.ones(1, 31))  # 1 row: rank 1 holds nothing
+        self.out = nn.Linear(31, 3)
+
+    def forward(self, x):
+        hidden = torch.tanh(self.inp(x))
+        hidden = torch.tanh(self.mid(hidden)) * self.scale
+        return self.out(hidden)
+
+
+def sharded_net(device) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)  # the same initial parameters on every rank and in every run
+    model = ShardedNet().to(device)
+    fully_shard(model.inp)
+    fully_shard(model.mid)
+    fully_shard(model)  # the root: scale and out
+    return model
+
+
+def _train_sharded(model, optimizer, rank, device, steps=STEPS, seed=1, start=0):
+    """Step ``start`` to ``start + steps`` of a fixed data stream (so a resumed run sees
+    the same batches as an uninterrupted one)."""
+    for index in range(start, start + steps):
+        generator = rank_generator(rank, 100 * seed + index)
+        x = torch.randn(8, 13, generator=generator).to(device)
+        y = torch.randn(8, 3, generator=generator).to(device)
+        # Both kinds of zero_grad: with set_to_none=False FSDP2 accumulates into the zeroed
+        # DTensor gradients it finds.
+        optimizer.zero_grad(set_to_none=index % 2 == 0)
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
+def assert_close_sharded(ours: nn.Module, reference: nn.Module, rtol=RTOL, atol=ATOL) -> None:
+    for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+        assert isinstance(a, DTensor) and a.placements == b.placements, name
+        torch.testing.assert_close(a.to_local(), b.to_local(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        # The local shards are what FSDP2 all-gathers: the full parameters agree too.
+        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def fsdp2_trains_like_torch(rank, world_size, device, backend, name):
+    from torch.distributed.tensor.debug import CommDebugMode
+
+    trained = []
+    for make_optimizer in optimizer_pair(name, backend):
+        model = sharded_net(device)
+        optimizer = make_optimizer(model.parameters(), **CONFIGS[name])
+        _train_sharded(model, optimizer, rank, device, steps=STEPS - 1)
+        # One more step by hand, to watch the optimizer's part of it alone.
+        generator = rank_generator(rank, 999)
+        x, y = torch.randn(8, 13, generator=generator).to(device), torch.randn(8, 3, generator=generator).to(device)
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        with CommDebugMode() as comm:
+            optimizer.step()
+        # The update works on the local shards: it never gathers (or sends) anything.
+        assert comm.get_total_counts() == 0, comm.get_comm_counts()
+        trained.append((model, optimizer))
+    (ours, ours_optimizer), (reference, reference_optimizer) = trained
+    assert_close_sharded(ours, reference)
+    # The local shards of each (device, dtype) make one flat buffer, updated by `backend`.
+    assert ours_optimizer.backends() == {(device, torch.float32): backend}
+    for (name_, p), q in zip(ours.named_parameters(), reference.parameters()):
+        expected_state, state = reference_optimizer.state[q], ours_optimizer.state[p]
+        assert set(state) == set(expected_state), name_
+        for key, expected in expected_state.items():
+            actual = state[key]
+            # DTensor moments for DTensor parameters (what distributed checkpoints expect).
+            assert type(actual) is type(expected), (name_, key, type(actual))
+            if key == "step":
+                assert float(actual) == float(expected), name_
+            else:
+                assert actual.placements == expected.placements and actual.shape == expected.shape, (name_, key)
+                torch.testing.assert_close(actual.to_local(), expected.to_local(), rtol=RTOL, atol=ATOL)
+
+
+def _snapshot(optimizer_state_dict: dict) -> dict:
+    """Local copies of every state tensor: optimizers update their state in place, and a
+    state dict holds references to it."""
+    return {
+        key: {field: (v.to_local() if isinstance(v, DTensor) else v).detach().clone() for field, v in state.items()}
+        for key, state in optimizer_state_dict["state"].items()
+    }
+
+
+def fsdp2_checkpoint_round_trip(rank, world_size, device, backend, checkpoint_dir, full_state_dict):
+    """Save model and optimizer mid-run through torch.distributed.checkpoint's state-dict
+    API, load them into a fresh model and optimizer (ours, then torch's), and finish the
+    run: ours resumes bit for bit, torch's within rounding, from adam-triton's checkpoint."""
+    import copy
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    name = "AdamW"
+    make_ours, make_reference = optimizer_pair(name, backend)
+    options = StateDictOptions(full_state_dict=full_state_dict)
+    first, second = 3, 3
+
+    model = sharded_net(device)
+    optimizer = make_ours(model.parameters(), **CONFIGS[name])
+    _train_sharded(model, optimizer, rank, device, steps=first)
+    saved = {
+        "model": get_model_state_dict(model, options=options),
+        "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+    }
+    saved_state = _snapshot(saved["optimizer"])
+    moments = [v for s in saved["optimizer"]["state"].values() for k, v in s.items() if k != "step"]
+    if full_state_dict:
+        # Whole (gathered) tensors, as a single-process checkpoint holds them; kept in memory.
+        assert moments and all(type(v) is torch.Tensor for v in moments)
+        saved = copy.deepcopy(saved)
+    else:
+        assert moments and all(isinstance(v, DTensor) for v in moments)
+        dcp.save(saved, checkpoint_id=checkpoint_dir)
+    _train_sharded(model, optimizer, rank, device, steps=second, start=first)
+    uninterrupted = model
+
+    for make_optimizer in (make_ours, make_reference):
+        model = sharded_net(device)
+        optimizer = make_optimizer(model.parameters(), **CONFIGS[name])
+        if full_state_dict:
+            loaded = copy.deepcopy(saved)
+        else:
+            loaded = {
+                "model": get_model_state_dict(model, options=options),
+                "optimizer": get_optimizer_state_dict(model, optimizer, options=options),
+            }
+            dcp.load(loaded, checkpoint_id=checkpoint_dir)
+        set_model_state_dict(model, loaded["model"], options=options)
+        set_optimizer_state_dict(model, optimizer, loaded["optimizer"], options=options)
+        # What was saved is what is loaded, exactly.
+        reloaded = _snapshot(get_optimizer_state_dict(model, optimizer, options=options))
+        assert reloaded.keys() == saved_state.keys()
+        for key, state in saved_state.items():
+            assert reloaded[key].keys() == state.keys(), key
+            for field, value in state.items():
+                assert torch.equal(reloaded[key][field], value), (key, field)
+        _train_sharded(model, optimizer, rank, device, steps=second, start=first)
+        exact = make_optimizer is make_ours
+        assert_close_sharded(model, uninterrupted, rtol=0 if exact else RTOL, atol=0 if exact else ATOL)
+
+
+# -- the harness itself ---------------------------------------------------------------------------
+def rank_one_never_arrives(rank, world_size, device):
+    """Rank 0 waits in a collective for a rank that never comes."""
+    import time
+
+    if rank == 0:
+        dist.barrier()
+    else:
+        time.sleep(3600)
+
+
+def every_rank_hangs(rank, world_size, device):
+    import time
+
+    time.sleep(3600)
