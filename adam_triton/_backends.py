@@ -80,7 +80,11 @@ def update_triton(buffer: FlatBuffer, plan: GradientPlan, hyper: HyperTable, gra
     if plan.shifts_changed or buffer.shifts_on_device is None:
         refuse_upload_while_capturing(buffer.device, "the gradient tensors")
         buffer.shifts_on_device = upload(plan.shifts, buffer.device)
+    if buffer.param_shifts_on_device is None:
+        refuse_upload_while_capturing(buffer.device, "the parameters' places")
+        buffer.param_shifts_on_device = upload(buffer.param_shifts, buffer.device)
     hyper_table = hyper.on(buffer.device)
+    buffer.stage_in()
     precision = buffer.precision
     launch = kernels().adam_chunked_update
     for (amsgrad, maximize, decoupled), first, end in buffer.chunk_ranges:
@@ -101,7 +105,9 @@ def update_triton(buffer: FlatBuffer, plan: GradientPlan, hyper: HyperTable, gra
             grad_scale=grad_scale,
             found_inf=found_inf,
             stochastic_rounding_seed=precision.seed if precision.stochastic_rounding else None,
+            param_shifts=buffer.param_shifts_on_device,
         )
+    buffer.stage_out()
 
 
 @torch.no_grad()
@@ -150,11 +156,17 @@ def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gra
         if float(found_inf) != 0.0:
             return  # GradScaler skipped this step: nothing is updated or counted
         found_inf = None
-    precision = buffer.precision
-    if precision.master_weights or precision.stochastic_rounding or buffer.state_dtype != buffer.dtype:
+    if needs_composed_update(buffer.dtype, buffer.precision):
+        buffer.stage_in()
         _update_composed(buffer, plan, groups, grad_scale, found_inf)
+        buffer.stage_out()
     else:
         _update_fused(buffer, plan, groups, grad_scale, found_inf)
+
+
+def needs_composed_update(dtype: torch.dtype, precision) -> bool:
+    """Precisions torch's fused kernel cannot do (it wants one dtype for everything)."""
+    return precision.master_weights or precision.stochastic_rounding or precision.state_dtype != dtype
 
 
 def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf) -> None:
@@ -180,6 +192,7 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
         # (and taken back where GradScaler found an inf, as torch does).
         flat = (
             on_cpu
+            and not buffer.in_place[first : last + 1].any()
             and has_grad.all()
             and plan.in_grad_buffer[first : last + 1].all()
             and (counts[leaders] == counts[leaders[0]]).all()

@@ -14,6 +14,7 @@ import torch
 
 from . import _backends
 from ._gradients import plan_gradients, zero_into_grad_buffer
+from ._in_place import is_dtensor, local
 from ._layout import PRECISION_KEYS, FlatBuffer, precision_of, storage_dtype
 from ._tables import HyperTable, order_chunks, upload, variant_of
 
@@ -63,6 +64,9 @@ class Engine:
         self.found_inf = None  # GradScaler's verdict on the last step, if it gave one
         self._fingerprint = None
         self._params: list = []
+        # ids of parameters whose .data someone re-pointed at storage of the same kind after
+        # they were re-homed (ZeroRedundancyOptimizer's buckets): updated there from now on.
+        self._left_in_place: set[int] = set()
 
     # -- structure --------------------------------------------------------------------------
     @staticmethod
@@ -86,26 +90,34 @@ class Engine:
         return params, group_of
 
     def _keys(self, groups, params, group_of) -> dict:
+        """Parameters by buffer: (device, storage dtype, precision) of their local values."""
         keyed: dict[tuple, tuple[list, list]] = {}
         for param, index in zip(params, group_of):
-            dtype = storage_dtype(param)
-            key = (param.device, dtype, precision_of(self._options(groups[index]), dtype))
+            values = local(param)
+            dtype = storage_dtype(values)
+            key = (values.device, dtype, precision_of(self._options(groups[index]), dtype))
             members = keyed.setdefault(key, ([], []))
             members[0].append(param)
             members[1].append(index)
         return keyed
 
     def rebuild(self, groups: list[dict], state: defaultdict) -> None:
-        """(Re)home every parameter into flat buffers, keeping whatever state it has."""
+        """(Re)home every parameter into flat buffers, keeping whatever state it has;
+        DTensor parameters and parameters a wrapper re-pointed stay where they are."""
         params, group_of = self._ordered_parameters(groups)
-        check_parameters([self._options(g) for g in groups], params, group_of, self.name)
+        check_parameters([self._options(g) for g in groups], [local(p) for p in params], group_of, self.name)
         keyed = self._keys(groups, params, group_of)
         backends = {key: _backends.resolve_backend(self.backend, key[0]) for key in keyed}
+        self._left_in_place &= {id(p) for p in params}
 
         # Nothing has been changed up to here; from here on parameters move.
         buffers = []
         for key, (members, member_groups) in keyed.items():
-            buffer = FlatBuffer(key[0], key[1], members, member_groups, precision=key[2])
+            in_place = [is_dtensor(p) or id(p) in self._left_in_place for p in members]
+            composed = backends[key] == "torch" and _backends.needs_composed_update(key[1], key[2])
+            buffer = FlatBuffer(
+                key[0], key[1], members, member_groups, precision=key[2], in_place=in_place, stage_in_place=composed
+            )
             buffer.adopt_parameters()
             buffers.append(buffer)
         self.buffers = buffers
@@ -131,7 +143,15 @@ class Engine:
             else:
                 self.rebuild(groups, state)
                 return
-        if any(buffer.parameters_moved() for buffer in self.buffers):
+        moved = [(b, s) for b in self.buffers if b.parameters_moved() for s in b.moved_segments()]
+        if moved:
+            for buffer, segment in moved:
+                param = buffer.params[segment]
+                values = local(param)
+                if (values.device, storage_dtype(values)) == (buffer.device, buffer.dtype):
+                    # Re-pointed at other storage of the same kind (ZeroRedundancyOptimizer's
+                    # buckets, say): its new owner reads it there, so it is updated there.
+                    self._left_in_place.add(id(param))
             self.rebuild(groups, state)
 
     # -- state ------------------------------------------------------------------------------
@@ -148,8 +168,8 @@ class Engine:
                 entry = state.get(param)
                 if buffer.master_views is not None:
                     saved_master = entry.get("master_param") if entry else None
-                    source = saved_master if isinstance(saved_master, torch.Tensor) else buffer.segment_view(buffer.param, segment)
-                    buffer.master_views[segment].copy_(source)
+                    source = saved_master if isinstance(saved_master, torch.Tensor) else buffer.model_values(segment)
+                    buffer.master_views[segment].copy_(local(source))
                 if not entry or "exp_avg" not in entry:
                     buffer.exp_avg_views[segment].zero_()
                     buffer.exp_avg_sq_views[segment].zero_()
@@ -157,12 +177,13 @@ class Engine:
                         buffer.max_exp_avg_sq_views[segment].zero_()
                     buffer.initialized[segment] = False
                     continue
-                buffer.exp_avg_views[segment].copy_(entry["exp_avg"])
-                buffer.exp_avg_sq_views[segment].copy_(entry["exp_avg_sq"])
+                # DTensor states (ours, or loaded) are copied through their local shards.
+                buffer.exp_avg_views[segment].copy_(local(entry["exp_avg"]))
+                buffer.exp_avg_sq_views[segment].copy_(local(entry["exp_avg_sq"]))
                 has_max = entry.get("max_exp_avg_sq") is not None
                 if has_max:
                     buffer.ensure_max_exp_avg_sq()
-                    buffer.max_exp_avg_sq_views[segment].copy_(entry["max_exp_avg_sq"])
+                    buffer.max_exp_avg_sq_views[segment].copy_(local(entry["max_exp_avg_sq"]))
                 elif buffer.max_exp_avg_sq is not None:
                     buffer.max_exp_avg_sq_views[segment].zero_()
                 loaded_steps.append((segment, entry.get("step", 0)))
@@ -177,7 +198,7 @@ class Engine:
             per_chunk = step_values[buffer.chunk_segment].astype(np.float32)
             buffer.steps.copy_(torch.from_numpy(per_chunk))
             buffer.steps_version = buffer.steps._version
-            buffer.param_versions = [p._version for p in buffer.params]
+            buffer.param_versions = [v._version for v in buffer.version_sources]
             buffer.last_plan = None
             buffer.variant_key = None
         # Drop the empty entries a defaultdict lookup may have left behind, as torch has none.
@@ -211,7 +232,7 @@ class Engine:
                     for segment in range(first, last + 1):
                         if buffer.initialized[segment]:
                             state[buffer.params[segment]].setdefault(
-                                "max_exp_avg_sq", buffer.max_exp_avg_sq_views[segment]
+                                "max_exp_avg_sq", buffer.moment_view("max_exp_avg_sq", segment)
                             )
 
     # -- the step ---------------------------------------------------------------------------

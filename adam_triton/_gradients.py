@@ -24,6 +24,7 @@ from itertools import compress, repeat
 import numpy as np
 import torch
 
+from ._in_place import local_grad
 from ._layout import FlatBuffer
 
 NO_GRADIENT = -1  # must equal adam_triton.kernels.NO_GRADIENT (checked by the tests)
@@ -54,7 +55,7 @@ def _sparse_error(name: str) -> RuntimeError:
 
 def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_name: str) -> GradientPlan:
     """Find every segment's gradient; reuse ``previous`` if the gradients are the same tensors."""
-    raw = list(map(_grad_of, buffer.params))
+    raw = list(map(local_grad if buffer.has_dtensor else _grad_of, buffer.params))
     if previous is not None and all(map(operator.is_, raw, previous.raw)):
         _restage(buffer, previous)
         previous.shifts_changed = False
@@ -135,16 +136,20 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
     raw = list(map(_grad_of, buffer.params))
     if not any(map(operator.is_not, raw, repeat(None, len(raw)))):
         return
-    buffer.ensure_grad()
-    foreign = []
-    for segment, grad in enumerate(raw):
-        if grad is None or grad is buffer.grad_views[segment]:
-            continue
-        if grad._base is not None or grad.layout != torch.strided:
-            foreign.append(grad)
-        else:
-            buffer.params[segment].grad = buffer.grad_views[segment]
-    buffer.grad.zero_()
+    if buffer.has_dtensor:
+        # A DTensor parameter (FSDP2) takes only DTensor gradients: zero them where they are.
+        foreign = [grad for grad in raw if grad is not None]
+    else:
+        buffer.ensure_grad()
+        foreign = []
+        for segment, grad in enumerate(raw):
+            if grad is None or grad is buffer.grad_views[segment]:
+                continue
+            if grad._base is not None or grad.layout != torch.strided:
+                foreign.append(grad)
+            else:
+                buffer.params[segment].grad = buffer.grad_views[segment]
+        buffer.grad.zero_()
     for grad in foreign:
         if grad.grad_fn is not None:
             grad.detach_()

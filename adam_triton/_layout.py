@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ._in_place import DTensorSpec, is_dtensor, local
+
 #: Must equal ``adam_triton.kernels.SEGMENT_ALIGNMENT_BYTES`` (checked by the tests); kept
 #: here so that building a layout does not import triton.
 SEGMENT_ALIGNMENT_BYTES = 128
@@ -116,25 +118,35 @@ class FlatBuffer:
         groups: list[int],
         precision: Precision | None = None,
         chunk_elements: int | None = None,
+        in_place: list[bool] | None = None,
+        stage_in_place: bool = False,
     ):
+        """``in_place`` marks parameters updated where they live (see ``_in_place``) rather
+        than re-homed; ``stage_in_place`` gives them room in ``param`` anyway, for an
+        implementation that can only work on the flat buffer (the torch backend's
+        composed path)."""
         self.device = device
         self.dtype = dtype
         self.precision = precision or Precision(dtype)
         self.state_dtype = self.precision.state_dtype
         self.params = params
         self.group_of_segment = np.asarray(groups, dtype=np.int64)
-        self.is_complex = [p.is_complex() for p in params]
-        self.param_kinds = {(device, p.dtype) for p in params}
+        self.in_place = np.zeros(len(params), dtype=bool) if in_place is None else np.asarray(in_place, dtype=bool)
+        self.dtensor_specs = [DTensorSpec(p) if is_dtensor(p) else None for p in params]
+        self.has_dtensor = any(spec is not None for spec in self.dtensor_specs)
+        values = [local(p) for p in params]  # a DTensor's geometry is its local shard's
+        self.is_complex = [v.is_complex() for v in values]
+        self.param_kinds = {(device, v.dtype) for v in values}
         self.has_complex = any(self.is_complex)
-        self.shapes = [tuple(p.shape) for p in params]
+        self.shapes = [tuple(v.shape) for v in values]
         # Complex parameters are laid out contiguously so that their real view is too.
         self.strides = [
-            _contiguous_strides(shape) if complex_ else _preserved_strides(p)
-            for p, shape, complex_ in zip(params, self.shapes, self.is_complex)
+            _contiguous_strides(shape) if complex_ else _preserved_strides(v)
+            for v, shape, complex_ in zip(values, self.shapes, self.is_complex)
         ]
 
         align = SEGMENT_ALIGNMENT_BYTES // dtype.itemsize
-        lengths = np.array([p.numel() * (2 if c else 1) for p, c in zip(params, self.is_complex)], dtype=np.int64)
+        lengths = np.array([v.numel() * (2 if c else 1) for v, c in zip(values, self.is_complex)], dtype=np.int64)
         padded = (lengths + align - 1) // align * align
         starts = np.zeros(len(params), dtype=np.int64)
         if len(params) > 1:
@@ -146,8 +158,25 @@ class FlatBuffer:
         self.chunk_elements = chunk_elements or chunk_elements_for(self.total, device)
         self._build_chunks()
 
+        # A parameter left in place is addressed where it is if it is dense, laid out as its
+        # segment and 16-byte aligned; others (a packed bucket's views) are staged: copied
+        # into their segment of `param` before the update and back after it.
+        self.addressable = np.array(
+            [
+                not here or v.numel() == 0 or (v.stride() == stride and v.data_ptr() % 16 == 0 and not c)
+                for v, here, stride, c in zip(values, self.in_place, self.strides, self.is_complex)
+            ],
+            dtype=bool,
+        )
+        self.stage_in_place = stage_in_place
         # Padding is zero in every buffer and stays zero under the update (g = m = v = 0).
-        self.param = aligned_zeros(self.total, dtype, device)
+        # When every parameter is addressed in place, `param` holds nothing: it is only the
+        # base their shifts count from (no second copy of an FSDP2 shard).
+        needs_param = stage_in_place or not (self.in_place & self.addressable).all()
+        self.param = aligned_zeros(self.total if needs_param else align, dtype, device)
+        self.param_shifts = np.zeros(len(params), dtype=np.int64)
+        self.param_shifts_on_device: torch.Tensor | None = None
+        self.staged_params: list = []  # (segment of `param`, the parameter's own tensor)
         self.master = aligned_zeros(self.total, torch.float32, device) if self.precision.master_weights else None
         self.exp_avg = aligned_zeros(self.total, self.state_dtype, device)
         self.exp_avg_sq = aligned_zeros(self.total, self.state_dtype, device)
@@ -209,11 +238,15 @@ class FlatBuffer:
         return flat.as_strided(shape, self.strides[segment], start)
 
     def real_views(self, name: str) -> list:
-        """Per-segment views of buffer ``name`` as torch's kernels take them (complex as real)."""
+        """Per-segment views of buffer ``name`` as torch's kernels take them (complex as real).
+        For ``"param"``, parameters left in place are their own tensors."""
         views = self._real_views.get(name)
         if views is None:
             flat = getattr(self, name)
-            views = [self.segment_view(flat, i) for i in range(len(self.params))]
+            if name == "param":
+                views = [self.model_values(i) for i in range(len(self.params))]
+            else:
+                views = [self.segment_view(flat, i) for i in range(len(self.params))]
             views = [torch.view_as_real(v) if v.is_complex() else v for v in views]
             self._real_views[name] = views
         return views
@@ -242,13 +275,44 @@ class FlatBuffer:
     # -- parameters -------------------------------------------------------------------------
     @torch.no_grad()
     def adopt_parameters(self) -> None:
-        """Copy each parameter into its segment and make its ``.data`` a view of it."""
+        """Copy each parameter into its segment and make its ``.data`` a view of it; leave
+        the parameters in place that are to stay where they are, and note where they are."""
+        shifts = np.zeros(len(self.params), dtype=np.int64)
+        self.staged_params = []
         for segment, param in enumerate(self.params):
-            view = self.segment_view(self.param, segment)
-            view.copy_(param.data)
-            param.data = view
-        self.param_ptrs = [p.data_ptr() for p in self.params]
+            if not self.in_place[segment]:
+                view = self.segment_view(self.param, segment)
+                view.copy_(param.data)
+                param.data = view
+            elif not self.addressable[segment] or self.stage_in_place:
+                self.staged_params.append((self.segment_view(self.param, segment), local(param)))
+            elif self.lengths[segment]:
+                address = local(param).data_ptr()
+                shifts[segment] = (address - self.param.data_ptr()) // self.dtype.itemsize - self.starts[segment]
+        self.param_shifts = shifts
+        self.param_shifts_on_device = None
+        # Whose version counter tells that a parameter was written: the Parameter's own
+        # (a `.data =` view does not share the buffer's), or a DTensor's local shard's.
+        self.version_sources = [local(p) if spec is not None else p for p, spec in zip(self.params, self.dtensor_specs)]
+        self.param_ptrs = self._current_pointers()
         self.sync_master_weights(force=True)
+
+    def model_values(self, segment: int) -> torch.Tensor:
+        """The model's own values of ``segment``: its view of ``param``, or the tensor it was
+        left in place as."""
+        if self.in_place[segment]:
+            return local(self.params[segment])
+        return self.segment_view(self.param, segment)
+
+    @torch.no_grad()
+    def stage_in(self) -> None:
+        for staging, values in self.staged_params:
+            staging.copy_(values)
+
+    @torch.no_grad()
+    def stage_out(self) -> None:
+        for staging, values in self.staged_params:
+            values.copy_(staging)
 
     @property
     def updated(self) -> torch.Tensor:
@@ -265,21 +329,31 @@ class FlatBuffer:
         the re-seeding touches only the parameters that changed."""
         if self.master is None:
             return
-        versions = list(map(_version_of, self.params))
+        versions = list(map(_version_of, self.version_sources))
         if force:
-            self.master.copy_(self.param)
+            for segment in range(len(self.params)):
+                self.master_views[segment].copy_(self.model_values(segment))
         elif versions != self.param_versions:
             changed = np.flatnonzero(np.array(versions) != np.array(self.param_versions))
             for segment in changed.tolist():
                 master = self.master_views[segment]
-                param = self.segment_view(self.param, segment)
+                param = self.model_values(segment)
                 torch.where(master.to(self.dtype) == param, master, param.to(torch.float32), out=master)
         self.param_versions = versions
 
+    def _current_pointers(self) -> list[int]:
+        if self.has_dtensor:  # a DTensor's own data_ptr() is 0: ask its local shard
+            return [local(p).data_ptr() for p in self.params]
+        return list(map(torch.Tensor.data_ptr, self.params))
+
     def parameters_moved(self) -> bool:
-        """True when some parameter's ``.data`` no longer lives in this buffer (e.g. after
-        ``model.to(device)``, ``model.half()`` or an ``.data =`` assignment)."""
-        return list(map(torch.Tensor.data_ptr, self.params)) != self.param_ptrs
+        """True when some parameter's values no longer live where this buffer put (or found)
+        them (e.g. after ``model.to(device)``, ``model.half()`` or an ``.data =`` assignment)."""
+        return self._current_pointers() != self.param_ptrs
+
+    def moved_segments(self) -> list[int]:
+        pointers = self._current_pointers()
+        return [i for i, (now, then) in enumerate(zip(pointers, self.param_ptrs)) if now != then]
 
     # -- step counters ----------------------------------------------------------------------
     @torch.no_grad()
@@ -290,26 +364,25 @@ class FlatBuffer:
             self.steps.copy_(self.steps[leader_of_chunk])
             self.steps_version = self.steps._version
 
-    @torch.no_grad()
-    def set_step(self, segment: int, value: float) -> None:
-        first = int(self.leaders[segment])
-        last = int(self.leaders[segment + 1]) if segment + 1 < len(self.params) else self.n_chunks
-        self.steps[first:last].fill_(value)
-        self.steps_version = self.steps._version
-
     def state_views(self, segment: int, amsgrad: bool) -> dict:
-        """``optimizer.state[p]`` for the parameter of ``segment``: views, as torch's keys."""
+        """``optimizer.state[p]`` for the parameter of ``segment``: views, under torch's keys
+        (as DTensors for a DTensor parameter, as torch's optimizer keeps them)."""
         state = {
             "step": self.step_views[segment],
-            "exp_avg": self.exp_avg_views[segment],
-            "exp_avg_sq": self.exp_avg_sq_views[segment],
+            "exp_avg": self.moment_view("exp_avg", segment),
+            "exp_avg_sq": self.moment_view("exp_avg_sq", segment),
         }
         if self.master_views is not None:
-            state["master_param"] = self.master_views[segment]
+            state["master_param"] = self.moment_view("master", segment)
         if amsgrad:
             self.ensure_max_exp_avg_sq()
-            state["max_exp_avg_sq"] = self.max_exp_avg_sq_views[segment]
+            state["max_exp_avg_sq"] = self.moment_view("max_exp_avg_sq", segment)
         return state
+
+    def moment_view(self, name: str, segment: int):
+        view = getattr(self, f"{name}_views")[segment]
+        spec = self.dtensor_specs[segment]
+        return view if spec is None else spec.wrap(view)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -110,5 +110,6 @@ def adam(
         maximize=maximize,
         decoupled_weight_decay=decoupled_weight_decay,
         bump_steps=False,
+        param_shifts=_zero_shift[param.device],
     )
     step += 1

@@ -22,6 +22,11 @@ Layout contract (built by the host):
   launch does the whole step. Without it every program reads ``steps[0]`` and nothing is
   written (the caller increments).
 * ``hyper[row]`` is ``float64[5]``: lr, beta1, beta2, eps, weight_decay.
+* ``param_shift[segment]`` says where the segment's model parameter lives, as
+  ``grad_shift`` does for its gradient: 0 for a segment in the flat buffer, another
+  tensor's offset for a parameter a wrapper keeps elsewhere (a DTensor's local shard, a
+  bucket). It moves the parameter pointer (the copy's, with master weights; the masters and
+  the moments are always in their flat buffers). Shifts are multiples of ``VEC``.
 """
 
 import triton
@@ -209,6 +214,7 @@ def _adam_chunk_kernel(
     exp_avg_sq_ptr,
     max_exp_avg_sq_ptr,
     grad_shift_ptr,
+    param_shift_ptr,
     chunk_ptr,
     step_ptr,
     hyper_ptr,
@@ -236,6 +242,11 @@ def _adam_chunk_kernel(
 
     grad_shift = tl.load(grad_shift_ptr + segment)
     update = grad_shift != NO_GRADIENT
+    param_shift = tl.multiple_of(tl.load(param_shift_ptr + segment), VEC)
+    if WRITE_PARAM_COPY:
+        param_copy_ptr = param_copy_ptr + param_shift
+    else:
+        param_ptr = param_ptr + param_shift
     if HAS_FOUND_INF:
         # GradScaler saw an inf or nan: the whole step is skipped, counters included.
         update = update & (tl.load(found_inf_ptr) == 0.0)

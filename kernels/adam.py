@@ -49,7 +49,7 @@ def _fail(message: str) -> None:
 
 
 def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper,
-           amsgrad, bump_steps, param_copy, grad_scale, found_inf, stochastic_rounding_seed):
+           amsgrad, bump_steps, param_copy, grad_scale, found_inf, stochastic_rounding_seed, param_shifts):
     if param.dtype not in _SUPPORTED:
         _fail(f"param dtype {param.dtype} is not one of {_SUPPORTED}")
     model_dtype = param.dtype if param_copy is None else param_copy.dtype
@@ -57,24 +57,30 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
         _fail(f"grad_base dtype {grad_base.dtype} differs from the parameters' dtype {model_dtype}")
     if grad_base.device != param.device:
         _fail(f"grad_base is on {grad_base.device}, param on {param.device}")
-    buffers = {"param": param, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
+    # With parameter shifts the model's parameters may live anywhere: their buffer is then
+    # only the base the shifts count from.
+    model_buffer = "param" if param_copy is None else "param_copy"
+    if param_shifts is None or model_buffer != "param":
+        buffers["param"] = param
     if amsgrad:
         if max_exp_avg_sq is None:
             _fail("amsgrad=True needs max_exp_avg_sq")
         buffers["max_exp_avg_sq"] = max_exp_avg_sq
-    if param_copy is not None:
+    if param_copy is not None and param_shifts is None:
         buffers["param_copy"] = param_copy
     for name, buffer in buffers.items():
         if buffer.device != param.device:
             _fail(f"{name} is on {buffer.device}, param on {param.device}")
-        if buffer.numel() != param.numel() or not buffer.is_contiguous():
-            _fail(f"{name} must be contiguous with {param.numel()} elements like param")
+        if buffer.numel() != exp_avg.numel() or not buffer.is_contiguous():
+            _fail(f"{name} must be contiguous with {exp_avg.numel()} elements like exp_avg")
         if buffer.dtype not in _SUPPORTED:
             _fail(f"{name} dtype {buffer.dtype} is not one of {_SUPPORTED}")
     if stochastic_rounding_seed is not None and (param.dtype != torch.bfloat16 or param_copy is not None):
         _fail("stochastic rounding writes bfloat16 parameters: param must be bfloat16 and param_copy None")
     tables = {
         "grad_shifts": (grad_shifts, torch.int64, 1),
+        "param_shifts": (grad_shifts if param_shifts is None else param_shifts, torch.int64, 1),
         "chunks": (chunks, torch.int64, 2),
         "steps": (steps, torch.float32, None),
         "hyper": (hyper, torch.float64, 2),
@@ -118,6 +124,7 @@ def adam_chunked_update(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     stochastic_rounding_seed: int | None = None,
+    param_shifts: torch.Tensor | None = None,
 ) -> None:
     """Apply one Adam (or AdamW) step, in place, to every chunk listed in ``chunks``.
 
@@ -161,9 +168,13 @@ def adam_chunked_update(
         found_inf: one float32 value; if it is not 0 nothing at all is updated or counted.
         stochastic_rounding_seed: round the bfloat16 ``param`` stochastically, with random
             bits from Philox keyed by this seed and each chunk's step count.
+        param_shifts: optional ``int64[segments]`` for model parameters that live outside
+            their flat buffer (``param``, or ``param_copy`` with master weights, is then only
+            the base): flat element ``i`` of segment ``s`` is element ``i + param_shifts[s]``
+            counted from it; 0 for a segment in the buffer. Multiples of ``16 // itemsize``.
     """
     _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper,
-           amsgrad, bump_steps, param_copy, grad_scale, found_inf, stochastic_rounding_seed)
+           amsgrad, bump_steps, param_copy, grad_scale, found_inf, stochastic_rounding_seed, param_shifts)
     n_chunks = chunks.shape[0]
     if n_chunks == 0:
         return
@@ -177,6 +188,7 @@ def adam_chunked_update(
         exp_avg_sq,
         max_exp_avg_sq if amsgrad else exp_avg_sq,
         grad_shifts,
+        torch.zeros_like(grad_shifts) if param_shifts is None else param_shifts,
         chunks,
         steps,
         hyper,

@@ -31,7 +31,7 @@ def compile_variant(dtype, amsgrad, maximize, decoupled, arch, master=False, sto
     signature = {
         "param_ptr": f"*{updated}", "param_copy_ptr": f"*{dtype}", "grad_base_ptr": f"*{dtype}",
         "exp_avg_ptr": f"*{updated}", "exp_avg_sq_ptr": f"*{updated}", "max_exp_avg_sq_ptr": f"*{updated}",
-        "grad_shift_ptr": "*i64", "chunk_ptr": "*i64", "step_ptr": "*fp32", "hyper_ptr": "*fp64",
+        "grad_shift_ptr": "*i64", "param_shift_ptr": "*i64", "chunk_ptr": "*i64", "step_ptr": "*fp32", "hyper_ptr": "*fp64",
         "grad_scale_ptr": "*fp32", "found_inf_ptr": "*fp32", "random_seed": "i64",
         "BLOCK": "constexpr", "VEC": "constexpr", "AMSGRAD": "constexpr", "MAXIMIZE": "constexpr",
         "DECOUPLED_WEIGHT_DECAY": "constexpr", "BUMP_STEPS": "constexpr", "COMPUTE_DTYPE": "constexpr",
@@ -45,7 +45,7 @@ def compile_variant(dtype, amsgrad, maximize, decoupled, arch, master=False, sto
         "STOCHASTIC_ROUNDING": stochastic_rounding,
     }
     # As the JIT does for 16-byte aligned pointers.
-    attrs = {(index,): [["tt.divisibility", 16]] for index in range(12)}
+    attrs = {(index,): [["tt.divisibility", 16]] for index in range(13)}
     source = ASTSource(fn=_adam_kernel._adam_chunk_kernel, signature=signature, constexprs=constants, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
     ptx = compiled.asm["ptx"]

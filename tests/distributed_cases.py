@@ -288,6 +288,68 @@ def fsdp2_checkpoint_round_trip(rank, world_size, device, backend, checkpoint_di
         assert_close_sharded(model, uninterrupted, rtol=0 if exact else RTOL, atol=0 if exact else ATOL)
 
 
+# -- mixed precision under each engine ---------------------------------------------------------
+def _local(tensor):
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def mixed_precision_under_each_engine(rank, world_size, device, backend, engine):
+    """A bfloat16 model with float32 master weights under DDP, ZeRO or FSDP2: on every rank,
+    for the parameters it steps, the masters follow torch's float32 AdamW fed with the very
+    (reduced) gradients the rank saw, the model's parameters are the masters rounded, and
+    replicated parameters agree across ranks. Then the 20-byte configuration (bfloat16
+    states) keeps those invariants too."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    for state_dtype in (None, torch.bfloat16):
+        options = dict(lr=2e-2, weight_decay=0.1, backend=backend, master_weights=True, state_dtype=state_dtype)
+        torch.manual_seed(0)
+        if engine == "fsdp2":
+            model = ShardedNet().to(device, torch.bfloat16)
+            fully_shard(model.inp)
+            fully_shard(model)
+            optimizer = adam_triton.AdamW(model.parameters(), **options)
+            stepped = list(model.parameters())
+        else:
+            model = DistributedDataParallel(
+                ShardedNet().to(device, torch.bfloat16), device_ids=[device.index] if device.type == "cuda" else None
+            )
+            if engine == "zero":
+                optimizer = ZeroRedundancyOptimizer(
+                    model.parameters(), optimizer_class=adam_triton.AdamW, parameters_as_bucket_view=True, **options
+                )
+                ours = optimizer.optim
+                stepped = [p for group in ours.param_groups for p in group["params"]]
+            else:
+                optimizer = adam_triton.AdamW(model.parameters(), **options)
+                stepped = list(model.parameters())
+        ours = getattr(optimizer, "optim", optimizer)
+        masters = [torch.nn.Parameter(_local(p).detach().float().clone()) for p in stepped]
+        reference = torch.optim.AdamW(masters, lr=2e-2, weight_decay=0.1)
+        for index in range(STEPS):
+            generator = rank_generator(rank, 50 + index)
+            x = torch.randn(8, 13, generator=generator).to(device, torch.bfloat16)
+            y = torch.randn(8, 3, generator=generator).to(device, torch.bfloat16)
+            optimizer.zero_grad()
+            torch.nn.functional.mse_loss(model(x).float(), y.float()).backward()
+            for p, master in zip(stepped, masters):
+                master.grad = _local(p.grad).detach().float().clone()
+            optimizer.step()
+            reference.step()
+        assert_runs_on(ours, backend)
+        for p, master in zip(stepped, masters):
+            state = ours.state[p]
+            assert _local(state["exp_avg"]).dtype == (state_dtype or torch.float32)
+            ours_master = _local(state["master_param"])
+            assert torch.equal(_local(p).detach(), ours_master.to(torch.bfloat16)), "parameter != master rounded"
+            tolerance = dict(rtol=RTOL, atol=ATOL) if state_dtype is None else dict(rtol=2e-2, atol=2e-3)
+            torch.testing.assert_close(ours_master, master.detach(), **tolerance)
+        if engine != "fsdp2":
+            assert_replicas_agree(model.module)
+
+
 # -- the harness itself ---------------------------------------------------------------------------
 def rank_one_never_arrives(rank, world_size, device):
     """Rank 0 waits in a collective for a rank that never comes."""

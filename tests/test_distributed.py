@@ -62,20 +62,12 @@ def test_ddp_trains_like_torch(transport, gradient_as_bucket_view, backend):
 
 
 # -- ZeroRedundancyOptimizer -------------------------------------------------------------------
-ZERO_BUCKET_VIEW_FAILS = (
-    "ZeroRedundancyOptimizer(parameters_as_bucket_view=True) points each parameter's .data at "
-    "its own bucket after adam-triton was built; adam-triton's next step sees the moved data "
-    "and re-homes it into its flat buffer, so ZeRO broadcasts its stale bucket and the ranks "
-    "diverge. Needs parameters updated where a wrapper put them (docs/distributed.md)."
-)
-
-
 @pytest.mark.parametrize(
     "parameters_as_bucket_view, backend",
     [
         _case(False, "torch", id="params-own-torch"),
-        _case(True, "torch", id="params-in-zero-buckets-torch", xfail=ZERO_BUCKET_VIEW_FAILS),
-        _case(True, "triton", id="params-in-zero-buckets-triton", xfail=ZERO_BUCKET_VIEW_FAILS),
+        _case(True, "torch", id="params-in-zero-buckets-torch"),
+        _case(True, "triton", id="params-in-zero-buckets-triton"),
     ],
 )
 def test_zero_redundancy_optimizer_trains_like_torch(transport, parameters_as_bucket_view, backend):
@@ -83,7 +75,6 @@ def test_zero_redundancy_optimizer_trains_like_torch(transport, parameters_as_bu
     run_on_ranks(cases.zero_trains_like_torch, backend, parameters_as_bucket_view, transport=transport)
 
 
-@pytest.mark.xfail(strict=True, reason=ZERO_BUCKET_VIEW_FAILS)
 def test_parameters_re_pointed_into_a_wrappers_bucket_are_updated_there(target):
     """What ZeRO's bucket views do, in one process: parameters pointed at a wrapper's packed
     bucket after the optimizer was built must be updated there, where the wrapper reads them."""
@@ -108,20 +99,12 @@ def test_parameters_re_pointed_into_a_wrappers_bucket_are_updated_there(target):
 
 
 # -- FSDP2 (fully_shard, DTensor parameters) ---------------------------------------------------
-FSDP2_FAILS = (
-    "FSDP2 parameters are DTensors: adam-triton copies each into its flat buffer with "
-    "view.copy_(param.data), which DTensor rejects ('got mixed torch.Tensor and DTensor'); and "
-    "FSDP2 all-gathers from its own padded local storage, so local shards must be updated "
-    "where they are, not re-homed (docs/distributed.md)."
-)
-
-
 @pytest.mark.parametrize(
     "name, backend",
     [
-        _case("AdamW", "torch", id="AdamW-torch", xfail=FSDP2_FAILS),
-        _case("Adam", "torch", id="Adam-amsgrad-torch", xfail=FSDP2_FAILS),
-        _case("AdamW", "triton", id="AdamW-triton", xfail=FSDP2_FAILS),
+        _case("AdamW", "torch", id="AdamW-torch"),
+        _case("Adam", "torch", id="Adam-amsgrad-torch"),
+        _case("AdamW", "triton", id="AdamW-triton"),
     ],
 )
 def test_fsdp2_trains_like_torch(transport, name, backend):
@@ -132,14 +115,29 @@ def test_fsdp2_trains_like_torch(transport, name, backend):
 @pytest.mark.parametrize(
     "full_state_dict, backend",
     [
-        _case(False, "torch", id="sharded-dcp-save-load-torch", xfail=FSDP2_FAILS),
-        _case(True, "torch", id="full-state-dict-torch", xfail=FSDP2_FAILS),
+        _case(False, "torch", id="sharded-dcp-save-load-torch"),
+        _case(True, "torch", id="full-state-dict-torch"),
     ],
 )
 def test_fsdp2_checkpoint_round_trip(transport, full_state_dict, backend, tmp_path):
     _skip_unrunnable(transport, backend)
     checkpoint_dir = str(tmp_path / "checkpoint")
     run_on_ranks(cases.fsdp2_checkpoint_round_trip, backend, checkpoint_dir, full_state_dict, transport=transport)
+
+
+# -- mixed precision (master weights, bfloat16 states) under every engine ---------------------
+@pytest.mark.parametrize(
+    "engine, backend",
+    [
+        _case("ddp", "torch", id="ddp-torch"),
+        _case("zero", "torch", id="zero-buckets-torch"),
+        _case("fsdp2", "torch", id="fsdp2-torch"),
+        _case("fsdp2", "triton", id="fsdp2-triton"),
+    ],
+)
+def test_master_weights_under_each_engine(transport, engine, backend):
+    _skip_unrunnable(transport, backend)
+    run_on_ranks(cases.mixed_precision_under_each_engine, backend, engine, transport=transport)
 
 
 # -- the harness: a broken case fails in bounded time, and its processes are reaped -------------

@@ -1,0 +1,71 @@
+"""Parameters that adam-triton updates where they are, instead of in its flat buffer.
+
+adam-triton normally moves every parameter into its flat buffer ("re-homes" it). Two kinds
+of parameters must stay where they are, because a wrapper reads them there:
+
+* DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism). This rank's values are
+  the local shard, and FSDP2 all-gathers from the padded storage it allocated when it
+  sharded the model (``FSDPParam._sharded_param_data``), not from ``param.data``: a shard
+  moved into our buffer would never be gathered again.
+* a parameter whose ``.data`` was re-pointed after the optimizer was built, to storage on
+  the same device and dtype: whoever did it reads it there (``ZeroRedundancyOptimizer``
+  with ``parameters_as_bucket_view=True`` broadcasts from its buckets). A parameter moved to
+  another device or dtype (``model.to``, ``model.double()``) is still re-homed.
+
+Their moments and step counters stay in the flat buffers and the whole buffer is still one
+update; only the parameter values are read and written in place. For DTensor parameters
+``optimizer.state[p]`` holds DTensors (views of the flat buffers wrapped with the
+parameter's mesh and placements), as torch's optimizer has, which is what
+``torch.distributed.checkpoint`` expects.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+
+def _dtensor_class():
+    # Importing torch.distributed.tensor costs ~0.8 s; until someone has, nothing is a DTensor.
+    module = sys.modules.get("torch.distributed.tensor")
+    return getattr(module, "DTensor", None)
+
+
+def is_dtensor(tensor) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """The plain tensor holding this rank's values of ``tensor`` (``tensor`` unless a DTensor).
+
+    ``_local_tensor`` rather than ``to_local()``: the latter records an autograd view when
+    grad mode is on, and this is the very tensor FSDP2 itself updates and reads.
+    """
+    return tensor._local_tensor if is_dtensor(tensor) else tensor
+
+
+def local_grad(param: torch.Tensor):
+    """``param.grad`` as a plain tensor laid out like ``local(param)``, or None."""
+    grad = param.grad
+    if grad is None or not is_dtensor(grad):
+        return grad
+    if grad.placements != param.placements:  # torch's optimizer would redistribute too
+        grad = grad.redistribute(param.device_mesh, param.placements)
+    return grad._local_tensor
+
+
+class DTensorSpec:
+    """What it takes to present a flat-buffer view as a DTensor like ``param``."""
+
+    def __init__(self, param):
+        self.mesh = param.device_mesh
+        self.placements = param.placements
+        self.shape = param.shape
+        self.stride = param.stride()
+
+    def wrap(self, view: torch.Tensor):
+        return _dtensor_class().from_local(
+            view, self.mesh, self.placements, run_check=False, shape=self.shape, stride=self.stride
+        )
