@@ -40,6 +40,7 @@ CHUNK_COLUMNS = 5  # start, end, segment, hyper row (param group), step counter
 
 
 _version_of = operator.attrgetter("_version")
+_local_tensor_of = operator.attrgetter("_local_tensor")
 
 
 def storage_dtype(tensor: torch.Tensor) -> torch.dtype:
@@ -342,9 +343,13 @@ class FlatBuffer:
         self.param_versions = versions
 
     def _current_pointers(self) -> list[int]:
-        if self.has_dtensor:  # a DTensor's own data_ptr() is 0: ask its local shard
-            return [local(p).data_ptr() for p in self.params]
-        return list(map(torch.Tensor.data_ptr, self.params))
+        if not self.has_dtensor:
+            return list(map(torch.Tensor.data_ptr, self.params))
+        # A DTensor's own data_ptr() is 0: ask its local shard (C-level getters when every
+        # parameter is a DTensor, as under FSDP2).
+        if all(spec is not None for spec in self.dtensor_specs):
+            return list(map(torch.Tensor.data_ptr, map(_local_tensor_of, self.params)))
+        return [local(p).data_ptr() for p in self.params]
 
     def parameters_moved(self) -> bool:
         """True when some parameter's values no longer live where this buffer put (or found)
