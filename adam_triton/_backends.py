@@ -169,10 +169,9 @@ def needs_composed_update(dtype: torch.dtype, precision) -> bool:
     return precision.master_weights or precision.stochastic_rounding or precision.state_dtype != dtype
 
 
-def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf) -> None:
-    on_cpu = buffer.device.type == "cpu"
-    counts = buffer.steps.numpy() if on_cpu else None
-    scaler = {"grad_scale": grad_scale, "found_inf": found_inf}
+def _groups_to_update(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]):
+    """(group, first segment, last segment, which have a gradient, amsgrad) for every param
+    group with something to update in this buffer."""
     for group_index, first, last in buffer.group_ranges:
         has_grad = plan.has_grad[first : last + 1]
         if not has_grad.any():
@@ -181,6 +180,14 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
         amsgrad = bool(group["amsgrad"])
         if amsgrad:
             buffer.ensure_max_exp_avg_sq()
+        yield group, first, last, has_grad, amsgrad
+
+
+def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf) -> None:
+    on_cpu = buffer.device.type == "cpu"
+    counts = buffer.steps.numpy() if on_cpu else None
+    scaler = {"grad_scale": grad_scale, "found_inf": found_inf}
+    for group, first, last, has_grad, amsgrad in _groups_to_update(buffer, plan, groups):
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
         lr, beta1, beta2, eps, weight_decay = _group_values(group, buffer.device)
         arguments = dict(
@@ -290,14 +297,7 @@ def _update_composed(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict],
     # float32 addition, as torch's `step_t += 1`; then float64 for the scalars.
     steps = (buffer.steps[torch.from_numpy(buffer.leaders).to(buffer.device)] + 1.0).to(torch.float64)
     padded = np.diff(np.append(buffer.starts, buffer.total))
-    for group_index, first, last in buffer.group_ranges:
-        has_grad = plan.has_grad[first : last + 1]
-        if not has_grad.any():
-            continue
-        group = groups[group_index]
-        amsgrad = bool(group["amsgrad"])
-        if amsgrad:
-            buffer.ensure_max_exp_avg_sq()
+    for group, first, last, has_grad, amsgrad in _groups_to_update(buffer, plan, groups):
         lr, beta1, beta2, eps, weight_decay = _group_values(group, buffer.device)
         lo = int(buffer.starts[first])
         hi = int(buffer.starts[last] + buffer.lengths[last])
