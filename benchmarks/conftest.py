@@ -29,6 +29,14 @@ def pytest_addoption(parser):
         help="time cases on this device only (default: all; CUDA cases skip without a GPU)",
     )
     group.addoption(
+        "--bench-threads",
+        type=int,
+        default=None,
+        help="torch CPU threads for the session (default: torch's, one per core). On a shared "
+        "machine 1 avoids waiting at every per-tensor parallel region for a thread that "
+        "another process has preempted, which otherwise dominates many-tensor timings",
+    )
+    group.addoption(
         "--full-matrix",
         action="store_true",
         help="time every dtype x Adam/AdamW x AMSGrad x gradient-mode combination on every "
@@ -52,6 +60,8 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_configure(config):
+    if config.getoption("--bench-threads", None):
+        torch.set_num_threads(config.getoption("--bench-threads"))
     config.stash[_REFERENCE_BANDWIDTHS] = {}
     config.stash[_LOAD_AT_START] = os.getloadavg() if hasattr(os, "getloadavg") else ()
 

@@ -84,11 +84,20 @@ def _header(summary: dict, device: str, name: str, source: str) -> list[str]:
 def _targets(summary: dict) -> list[str]:
     if not summary["targets"]:
         return []
-    lines = ["## Speed targets (issue 4)", "", "| target | gradients | ratio | limit | met |", "|---|---|---|---|---|"]
+    lines = [
+        "## Speed targets (issue 4)",
+        "",
+        "Ratio: medians. Fastest-round ratio: each side's fastest round, a check on how much "
+        "other processes moved the medians (not used to judge the target).",
+        "",
+        "| target | gradients | ratio | limit | met | fastest-round ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for t in summary["targets"]:
         ratio = "not measured" if t["ratio"] is None else f"{t['ratio']:.3f}"
         met = "n/a" if t["met"] is None else ("yes" if t["met"] else "**no**")
-        lines.append(f"| {t['target']} | {t['grads']} | {ratio} | {t['limit']:g} | {met} |")
+        fastest = "–" if t.get("ratio_of_fastest") is None else f"{t['ratio_of_fastest']:.3f}"
+        lines.append(f"| {t['target']} | {t['grads']} | {ratio} | {t['limit']:g} | {met} | {fastest} |")
     return lines + [""]
 
 

@@ -53,6 +53,7 @@ def evaluate(cases: list[dict]) -> list[dict]:
             if not target.matches(case):
                 continue
             ratio = case["ratios"].get(target.peer)
+            fastest = case.get("ratios_of_fastest", {}).get(target.peer)
             rows.append(
                 {
                     "target": target.name,
@@ -61,6 +62,7 @@ def evaluate(cases: list[dict]) -> list[dict]:
                     "peer": target.peer,
                     "limit": target.limit,
                     "ratio": ratio,
+                    "ratio_of_fastest": fastest,
                     "met": None if ratio is None else ratio <= target.limit,
                 }
             )

@@ -140,4 +140,4 @@ def test_report_writes_markdown_summary_and_plots(tmp_path):
                        ("report.md", "summary.json", "step-time.png", "bandwidth.png", "ratios.png")}
     report = (tmp_path / "out" / "cpu-test-report.md").read_text()
     assert "| small-2000x8000 | 16.0M | 2000 | 28 | 50.0 ms, 9.0 GB/s |" in report
-    assert "ours <= 0.4x torch-fused | fresh | 0.250 | 0.4 | yes |" in report
+    assert "ours <= 0.4x torch-fused | fresh | 0.250 | 0.4 | yes | 0.250 |" in report
