@@ -13,10 +13,11 @@ import torch
 
 from .cases import select_cases
 from .implementations import IMPLEMENTATIONS
-from .machine import describe
+from .machine import describe, git_commit
 from .timing import reference_bandwidths
 
 _LOAD_AT_START = pytest.StashKey[tuple]()
+_COMMIT_AT_START = pytest.StashKey[dict]()
 _REFERENCE_BANDWIDTHS = pytest.StashKey[dict]()
 
 
@@ -64,6 +65,8 @@ def pytest_configure(config):
         torch.set_num_threads(config.getoption("--bench-threads"))
     config.stash[_REFERENCE_BANDWIDTHS] = {}
     config.stash[_LOAD_AT_START] = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    # The code measured is the checkout as the session starts, whatever is committed meanwhile.
+    config.stash[_COMMIT_AT_START] = git_commit()
 
 
 class ReferenceBandwidths:
@@ -94,6 +97,7 @@ def cpu_selected(request) -> None:
 def pytest_benchmark_update_machine_info(config, machine_info):
     measured = [d for d in _devices(config) if d != "cuda" or torch.cuda.is_available()]
     machine_info.update(describe(measured))
+    machine_info["measured_commit"] = config.stash[_COMMIT_AT_START]
     machine_info["reference_bandwidth_gb_per_s"] = dict(config.stash[_REFERENCE_BANDWIDTHS])
     machine_info["load_average_at_start"] = list(config.stash[_LOAD_AT_START])
     machine_info["implementations_importable"] = {

@@ -2,7 +2,7 @@
 buffer and update each buffer as one flat tensor, instead of handing torch's fused kernel
 the list of per-tensor views (what adam_triton does today).
 
-    python -m benchmarks.experiments.flat_copy_cpu [SHAPES] [ROUNDS]
+    python -m benchmarks.experiments.flat_copy_cpu [SHAPES] [ROUNDS] [THREADS]
 
 Times, interleaved round by round in one process so that machine load hits all alike:
   list      torch._fused_adamw_ over the tensors as a list (today's fresh-gradient path)
@@ -69,4 +69,6 @@ def main(shapes_name: str = "small-2000x8000", rounds: int = 15) -> None:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) > 3:
+        torch.set_num_threads(int(sys.argv[3]))
     main(*(sys.argv[1:2]), *(int(a) for a in sys.argv[2:3]))
