@@ -1,0 +1,143 @@
+"""The benchmark suite's own logic (byte model, case matrix, summary, report), without
+timing anything: benchmark timings are never asserted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ is not installed
+
+import adam_triton  # noqa: E402
+from benchmarks.byte_model import bytes_per_parameter, bytes_per_step, working_set_bytes  # noqa: E402
+from benchmarks.cases import DEFAULT_CONFIGS, FULL_CONFIGS, select_cases, shape_sets  # noqa: E402
+from benchmarks.machine import machine_slug  # noqa: E402
+from benchmarks.summary import summarize  # noqa: E402
+from benchmarks.timing import RoundsPolicy  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    "sizes, expected",
+    [
+        ((4, 4, 4, 2), 28),  # fp32 Adam/AdamW
+        ((4, 4, 4, 3), 36),  # + AMSGrad
+        ((2, 2, 2, 2), 14),  # all bf16
+        ((2, 2, 2, 3), 18),  # all bf16 + AMSGrad
+        ((2, 2, 4, 2, 4), 28),  # bf16 p and g, fp32 master and moments
+        ((2, 2, 2, 2, 4), 20),  # bf16 p, g and moments, fp32 master
+    ],
+)
+def test_byte_model_table(sizes, expected):
+    assert bytes_per_parameter(*sizes) == expected
+
+
+@pytest.mark.parametrize("make", ["torch", "adam_triton"])
+@pytest.mark.parametrize("dtype, amsgrad, expected", [(torch.float32, False, 28), (torch.float32, True, 36),
+                                                      (torch.bfloat16, False, 14), (torch.bfloat16, True, 18)])
+def test_bytes_counted_from_the_optimizers_tensors(make, dtype, amsgrad, expected):
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=dtype)) for shape in [(33, 7), (5,), (1000,)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    cls = torch.optim.AdamW if make == "torch" else adam_triton.AdamW
+    optimizer = cls(params, amsgrad=amsgrad)
+    optimizer.step()
+    count = sum(p.numel() for p in params)
+    assert bytes_per_step(optimizer, params) == expected * count
+    # Each tensor once: parameter, gradient, and 2 or 3 moments.
+    assert working_set_bytes(optimizer, params) == (4 + amsgrad) * count * params[0].element_size()
+
+
+def test_bytes_skip_parameters_without_gradients():
+    params = [torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))]
+    params[0].grad = torch.randn(10)
+    optimizer = torch.optim.AdamW(params)
+    optimizer.step()
+    assert bytes_per_step(optimizer, params) == 28 * 10
+
+
+def test_case_matrix():
+    for device in ("cpu", "cuda"):
+        cases = select_cases((device,))
+        assert len(cases) == len(DEFAULT_CONFIGS) * len(shape_sets(device))
+        assert len({c.name for c in cases}) == len(cases)
+        assert len(select_cases((device,), full_matrix=True)) == len(FULL_CONFIGS) * len(shape_sets(device))
+    cpu, cuda = shape_sets("cpu"), shape_sets("cuda")
+    assert len(cuda["gpt2-small-148"]) == len(cpu["gpt2-narrow-148"]) == 148
+    assert sum(torch.Size(s).numel() for s in cuda["gpt2-small-148"]) == 124_439_808
+    assert len(cpu["resnet50-161"]) == 161
+    assert sum(torch.Size(s).numel() for s in cpu["resnet50-161"]) == 25_557_032
+    assert cuda["flat-256M"] == [(256 * 2**20,)] and cpu["flat-16M"] == [(16 * 2**20,)]
+    assert len(cpu["small-2000x8000"]) == 2000 and len(cpu["small-1000x8192"]) == 1000
+
+
+def test_rounds_policy_bounds():
+    policy = RoundsPolicy(budget_s=2.0, min_rounds=5, max_rounds=25, warmup_rounds=1)
+    assert policy.rounds(3.0) == 5  # slow peers: the minimum
+    assert policy.rounds(0.001) == 25  # fast steps: the maximum
+    assert policy.rounds(0.2) == 10
+
+
+def test_machine_slug():
+    assert machine_slug("cpu", "AMD EPYC") == "cpu-amd-epyc"
+    assert machine_slug("cuda", "NVIDIA H200") == "cuda-h200"
+    assert machine_slug("cpu", "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz") == "cpu-intel-xeon-platinum-8375c"
+
+
+def _bench(case, shapes, implementation, median_s, grads="fresh", parameters=16_000_000, tensors=2000):
+    bytes_per_step = 28 * parameters
+    return {
+        "stats": {"median": median_s, "iqr": 0.0, "min": median_s, "rounds": 5},
+        "extra_info": {
+            "kind": "step", "case": case, "device": "cpu", "shapes": shapes, "config": f"fp32-AdamW-{grads}",
+            "dtype": "float32", "optimizer": "AdamW", "amsgrad": False, "grads": grads,
+            "implementation": implementation, "parameters": parameters, "tensors": tensors,
+            "bytes_per_step": bytes_per_step, "bytes_per_parameter": 28.0,
+            "copy_gb_per_s": 10.0, "inplace_add_gb_per_s": 14.0,
+        },
+    }
+
+
+def _raw():
+    case = "cpu-small-2000x8000-fp32-AdamW-fresh"
+    return {
+        "machine_info": {"device_names": {"cpu": "Test CPU"}, "measured_commit": {"id": "abc", "dirty": False}},
+        "datetime": "2026-01-01T00:00:00",
+        "benchmarks": [
+            _bench(case, "small-2000x8000", "torch-foreach", 0.500),
+            _bench(case, "small-2000x8000", "adam_triton", 0.050),
+            _bench(case, "small-2000x8000", "torch-fused", 0.200),
+            {"stats": {"median": 0.001}, "extra_info": {"kind": "host-overhead", "what": "lookup",
+                                                        "case": "small-2000x8000", "tensors": 2000}},
+        ],
+    }
+
+
+def test_summary_ratios_and_targets():
+    summary = summarize(_raw(), source="raw.json")
+    (case,) = summary["cases"]
+    assert list(case["results"]) == ["adam_triton", "torch-fused", "torch-foreach"]  # ours first, then peers
+    assert case["ratios"] == pytest.approx({"torch-fused": 0.25, "torch-foreach": 0.1})
+    assert case["results"]["adam_triton"]["gb_per_s"] == pytest.approx(28 * 16e6 / 0.05 / 1e9)
+    targets = {t["peer"]: t for t in summary["targets"]}
+    assert targets["torch-fused"]["limit"] == 0.4 and targets["torch-fused"]["met"] is True
+    assert targets["torch-foreach"]["met"] is True
+    assert summary["commit"]["id"] == "abc"
+    assert summary["host_overheads"][0]["median_ms"] == pytest.approx(1.0)
+
+
+def test_report_writes_markdown_summary_and_plots(tmp_path):
+    pytest.importorskip("matplotlib")
+    from benchmarks.report import write
+
+    raw_path = tmp_path / "raw.json"
+    raw_path.write_text(json.dumps(_raw()))
+    written = {p.name for p in write(raw_path, tmp_path / "out")}
+    assert written == {f"cpu-test-{suffix}" for suffix in
+                       ("report.md", "summary.json", "step-time.png", "bandwidth.png", "ratios.png")}
+    report = (tmp_path / "out" / "cpu-test-report.md").read_text()
+    assert "| small-2000x8000 | 16.0M | 2000 | 28 | 50.0 ms, 9.0 GB/s |" in report
+    assert "ours <= 0.4x torch-fused | fresh | 0.250 | 0.4 | yes | 0.250 |" in report
