@@ -93,3 +93,34 @@ def test_step_does_not_synchronise_with_the_device():
         optimizer.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_many_small_fresh_gradients_are_gathered_into_one_flat_update(monkeypatch):
+    """CPU fallback, several threads: a group of many small tensors is updated as one flat
+    tensor after its fresh gradients are copied into the flat gradient buffer (torch's CPU
+    kernel would open a parallel region per tensor). Same numbers as torch."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1 + 37 * i % 300,) for i in range(80)]
+    ours_params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = adam_triton.AdamW(ours_params, lr=1e-2, backend="torch")
+    reference = torch.optim.AdamW(reference_params, lr=1e-2)
+    calls = []
+    real = torch._fused_adamw_
+
+    def recording(params, *args, **kwargs):
+        calls.append(len(params))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", recording)
+    for _ in range(3):
+        for p, q in zip(ours_params, reference_params):
+            grad = torch.randn(p.shape, generator=generator)
+            p.grad, q.grad = grad, grad.clone()
+        ours.step()
+        reference.step()
+    assert calls == [1, 1, 1]
+    for p, q in zip(ours_params, reference_params):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+        assert p.grad.data_ptr() != ours._engine.buffers[0].grad.data_ptr()  # the user's gradients stay theirs
