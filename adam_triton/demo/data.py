@@ -1,12 +1,11 @@
 """A synthetic language the demo generates itself, so that it needs no download.
 
-Each token is drawn from a distribution that depends on the two tokens before it (a
-second-order Markov chain with a fixed random transition table). Half of each distribution
-depends on the previous token only, which a model learns within a few dozen steps; the
-other half depends on the pair, which takes attention to the token two back and longer to
-learn, as real text has easy and hard parts. The best loss any model can reach is known
-exactly, the average surprise of the tokens actually drawn; the demo plots it as the floor
-of the loss curves.
+Each token is drawn from a distribution that depends on the two tokens before it:
+P(next = c | a, b) is proportional to exp(two_back[a, c] + one_back[b, c]), with fixed
+random score tables. The previous token's part is strong and a model learns it within a
+few dozen steps; the part of the token two back takes attention and longer, as real text
+has easy and hard parts. The best loss any model can reach is known exactly, the average
+surprise of the tokens actually drawn; the demo plots it as the floor of the loss curves.
 """
 
 from __future__ import annotations
@@ -16,9 +15,9 @@ from dataclasses import dataclass
 
 import torch
 
-# Each context's next-token weights are uniform noise raised to this power: most of the
-# probability then falls on a few tokens, so there is something to learn.
-SHARPNESS = 10.0
+# Spreads of the random scores: the larger, the more predictable the next token.
+ONE_BACK_SCALE = 2.0
+TWO_BACK_SCALE = 1.5
 
 
 @dataclass(frozen=True)
@@ -40,16 +39,11 @@ class TokenBatches:
         return batch[:, :-1], batch[:, 1:]
 
 
-def _peaked_distributions(shape: tuple, generator: torch.Generator) -> torch.Tensor:
-    weights = torch.rand(shape, generator=generator, dtype=torch.float64).pow(SHARPNESS)
-    return weights / weights.sum(dim=-1, keepdim=True)
-
-
 def transition_table(vocab: int, generator: torch.Generator) -> torch.Tensor:
     """probabilities[a, b, c] = P(next = c | previous two = a, b)."""
-    given_previous = _peaked_distributions((1, vocab, vocab), generator)
-    given_pair = _peaked_distributions((vocab, vocab, vocab), generator)
-    return 0.5 * given_previous + 0.5 * given_pair
+    one_back = ONE_BACK_SCALE * torch.randn((vocab, vocab), generator=generator, dtype=torch.float64)
+    two_back = TWO_BACK_SCALE * torch.randn((vocab, vocab), generator=generator, dtype=torch.float64)
+    return (two_back[:, None, :] + one_back[None, :, :]).softmax(dim=-1)
 
 
 def generate(vocab: int, steps: int, batch: int, seq_len: int, seed: int) -> TokenBatches:

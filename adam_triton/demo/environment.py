@@ -60,7 +60,8 @@ def describe_device(device: torch.device) -> str:
         return f"{device} ({torch.cuda.get_device_name(device)})"
     if device.type == "cpu":
         processor = platform.processor() or platform.machine()
-        return f"cpu ({processor}, {torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        return f"cpu ({processor}, {threads} thread{'' if threads == 1 else 's'})"
     return str(device)
 
 

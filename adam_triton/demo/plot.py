@@ -27,7 +27,9 @@ def save_comparison_plot(result: Comparison, path: Path) -> None:
     losses.plot(steps, result.ours.losses, color=OURS_COLOR, linewidth=1, linestyle="--",
                 label=f"{result.ours.label} ({result.our_implementation})")
     losses.axhline(result.loss_floor, color="gray", linestyle=":", label="best possible loss on this data")
-    losses.set(xlabel="step", ylabel="training loss", title="Loss: the same curve from both optimizers")
+    losses.set(xlabel="step", ylabel="training loss",
+               title=f"Loss: the same curve from both optimizers\nlargest parameter difference at the end: "
+                     f"{result.largest_parameter_difference:.2g}")
     losses.legend()
 
     reference_ms = [s * 1e3 for s in result.reference.timed_step_seconds]

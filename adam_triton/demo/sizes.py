@@ -27,7 +27,7 @@ class ModelSize:
 
 SIZES = {
     # For tests: a few seconds, even through Triton's interpreter.
-    "tiny": ModelSize("tiny", vocab=16, width=16, layers=1, heads=2, seq_len=8, batch=4, steps=20),
+    "tiny": ModelSize("tiny", vocab=16, width=32, layers=1, heads=2, seq_len=16, batch=8, steps=20),
     # The CPU default: about 0.42M parameters in 30 tensors.
     "small": ModelSize("small", vocab=64, width=128, layers=2, heads=4, seq_len=64, batch=16, steps=300),
     # The GPU default: about 152M parameters in 150 tensors, so an fp32 AdamW step moves
