@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,9 +19,14 @@ import torch
 
 import adam_triton
 
+from .comparison import compare
+from .environment import resolve_device
 from .errors import DemoError
+from .plot import save_comparison_plot
+from .report import comparison_table, sweep_table
 from .settings import DTYPES, TORCH_IMPLEMENTATIONS, Hyperparameters, Settings
 from .sizes import SIZES, default_size_for
+from .sweep import grid, sweep
 from .training import SCHEDULES
 
 PROG = "python -m adam_triton"
@@ -55,7 +61,7 @@ def _number(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
 
@@ -85,27 +91,50 @@ def beta(text: str) -> float:
 def _common_options() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("what to train, and where")
-    group.add_argument("--device", default="auto",
-                       help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps (default: auto)")
-    group.add_argument("--dtype", choices=list(DTYPES), default="float32",
-                       help="the parameters' dtype; optimizer states take the same dtype, as in torch (default: float32)")
-    group.add_argument("--size", choices=["auto", *SIZES], default="auto",
-                       help="the model: small (0.4M parameters) on CPU and large (152M) on CUDA by default; "
-                            "tiny is for quick checks (default: auto)")
-    group.add_argument("--steps", type=positive_int, default=None,
-                       help="training steps (default: 300 for small, 200 for large, 20 for tiny)")
-    group.add_argument("--batch-size", type=positive_int, default=None,
-                       help="sequences per batch (default: 16)")
-    group.add_argument("--seed", type=seed, default=0,
-                       help="seed of the data and the initial model: the same seed gives the same run (default: 0)")
-    group.add_argument("--schedule", choices=SCHEDULES, default="cosine",
-                       help="learning-rate schedule: cosine (5 %% linear warm-up, then cosine decay to 10 %% of "
-                            "--lr) or constant (default: cosine)")
-    group.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto",
-                       help="adam_triton's backend: auto is the Triton kernel on CUDA and torch's fused kernel over "
-                            "the flat buffers elsewhere (default: auto)")
-    group.add_argument("--no-progress", dest="progress", action="store_false",
-                       help="do not draw progress bars")
+    group.add_argument(
+        "--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:N or mps (default: auto)"
+    )
+    group.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="the parameters' dtype; optimizer states take the same dtype, as in torch (default: float32)",
+    )
+    group.add_argument(
+        "--size",
+        choices=["auto", *SIZES],
+        default="auto",
+        help="the model: small (0.4M parameters) on CPU and large (152M) on CUDA by default; "
+        "tiny is for quick checks (default: auto)",
+    )
+    group.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="training steps (default: 300 for small, 200 for large, 20 for tiny)",
+    )
+    group.add_argument("--batch-size", type=positive_int, default=None, help="sequences per batch (default: 16)")
+    group.add_argument(
+        "--seed",
+        type=seed,
+        default=0,
+        help="seed of the data and the initial model: the same seed gives the same run (default: 0)",
+    )
+    group.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default="cosine",
+        help="learning-rate schedule: cosine (5 %% linear warm-up, then cosine decay to 10 %% of "
+        "--lr) or constant (default: cosine)",
+    )
+    group.add_argument(
+        "--backend",
+        choices=["auto", "triton", "torch"],
+        default="auto",
+        help="adam_triton's backend: auto is the Triton kernel on CUDA and torch's fused kernel over "
+        "the flat buffers elsewhere (default: auto)",
+    )
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="do not draw progress bars")
     return common
 
 
@@ -119,7 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common_options()
 
     demo = commands.add_parser(
-        "demo", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "demo",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train a small transformer with torch.optim.AdamW and adam_triton.AdamW and compare them",
         description=(
             "Train a small GPT-style transformer twice from the same initialisation on the same batches\n"
@@ -136,23 +167,38 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     hyper = demo.add_argument_group("optimizer (both runs)")
-    hyper.add_argument("--lr", type=positive_number, default=HYPER.lr, help=f"peak learning rate (default: {HYPER.lr:g})")
+    hyper.add_argument(
+        "--lr", type=positive_number, default=HYPER.lr, help=f"peak learning rate (default: {HYPER.lr:g})"
+    )
     hyper.add_argument("--beta1", type=beta, default=HYPER.beta1, help=f"default: {HYPER.beta1:g}")
     hyper.add_argument("--beta2", type=beta, default=HYPER.beta2, help=f"default: {HYPER.beta2:g}")
     hyper.add_argument("--eps", type=non_negative_number, default=HYPER.eps, help=f"default: {HYPER.eps:g}")
-    hyper.add_argument("--weight-decay", type=non_negative_number, default=HYPER.weight_decay,
-                       help=f"decoupled weight decay (default: {HYPER.weight_decay:g})")
+    hyper.add_argument(
+        "--weight-decay",
+        type=non_negative_number,
+        default=HYPER.weight_decay,
+        help=f"decoupled weight decay (default: {HYPER.weight_decay:g})",
+    )
     hyper.add_argument("--amsgrad", action="store_true", help="use the AMSGrad variant")
     output = demo.add_argument_group("comparison and output")
-    output.add_argument("--torch-impl", choices=list(TORCH_IMPLEMENTATIONS), default="default",
-                        help="how torch.optim.AdamW runs: default lets torch choose (foreach on CUDA, for-loop on "
-                             "CPU), as in your own code (default: default)")
-    output.add_argument("--out", default=DEFAULT_PLOT,
-                        help=f"where to write the PNG; a directory gets {DEFAULT_PLOT} inside (default: {DEFAULT_PLOT})")
+    output.add_argument(
+        "--torch-impl",
+        choices=list(TORCH_IMPLEMENTATIONS),
+        default="default",
+        help="how torch.optim.AdamW runs: default lets torch choose (foreach on CUDA, for-loop on "
+        "CPU), as in your own code (default: default)",
+    )
+    output.add_argument(
+        "--out",
+        default=DEFAULT_PLOT,
+        help=f"where to write the PNG; a directory gets {DEFAULT_PLOT} inside (default: {DEFAULT_PLOT})",
+    )
     demo.set_defaults(run=run_demo)
 
     sweep = commands.add_parser(
-        "sweep", parents=[common], formatter_class=argparse.RawDescriptionHelpFormatter,
+        "sweep",
+        parents=[common],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="train the demo's model with adam_triton.AdamW once per hyperparameter setting",
         description=(
             "Train the demo's model with adam_triton.AdamW once for every combination of the values\n"
@@ -165,13 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     grid = sweep.add_argument_group("values to sweep (every combination is trained)")
-    grid.add_argument("--lr", type=positive_number, nargs="+", default=DEFAULT_SWEEP_LRS,
-                      help="peak learning rates (default: %(default)s)")
+    grid.add_argument(
+        "--lr",
+        type=positive_number,
+        nargs="+",
+        default=DEFAULT_SWEEP_LRS,
+        help="peak learning rates (default: %(default)s)",
+    )
     grid.add_argument("--beta1", type=beta, nargs="+", default=[HYPER.beta1], help="default: %(default)s")
     grid.add_argument("--beta2", type=beta, nargs="+", default=[HYPER.beta2], help="default: %(default)s")
     grid.add_argument("--eps", type=non_negative_number, nargs="+", default=[HYPER.eps], help="default: %(default)s")
-    grid.add_argument("--weight-decay", type=non_negative_number, nargs="+", default=[HYPER.weight_decay],
-                      help="default: %(default)s")
+    grid.add_argument(
+        "--weight-decay", type=non_negative_number, nargs="+", default=[HYPER.weight_decay], help="default: %(default)s"
+    )
     grid.add_argument("--amsgrad", choices=["off", "on", "both"], default="off", help="default: off")
     sweep.set_defaults(run=run_sweep)
     return parser
@@ -179,8 +231,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- from options to settings ----------------------------------------------------------------
 def settings_from(args: argparse.Namespace) -> Settings:
-    from .environment import resolve_device
-
     device = resolve_device(args.device)
     size = default_size_for(device) if args.size == "auto" else SIZES[args.size]
     if args.batch_size is not None:
@@ -226,34 +276,36 @@ def require(*modules: str) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from .comparison import compare
-    from .plot import save_comparison_plot
-    from .report import comparison_table
-
     settings = settings_from(args)
     plot_path = plot_path_from(args.out)
     require("tqdm", "matplotlib")
-    hyper = Hyperparameters(lr=args.lr, beta1=args.beta1, beta2=args.beta2, eps=args.eps,
-                            weight_decay=args.weight_decay, amsgrad=args.amsgrad)
+    hyper = Hyperparameters(
+        lr=args.lr,
+        beta1=args.beta1,
+        beta2=args.beta2,
+        eps=args.eps,
+        weight_decay=args.weight_decay,
+        amsgrad=args.amsgrad,
+    )
     result = compare(settings, hyper)
     try:
         save_comparison_plot(result, plot_path)
     except OSError as error:
         print(comparison_table(result))
-        raise DemoError(f"could not write the plot to {str(plot_path)!r}: {error.strerror or error}", exit_code=1) from None
+        raise DemoError(
+            f"could not write the plot to {str(plot_path)!r}: {error.strerror or error}", exit_code=1
+        ) from None
     print(comparison_table(result, str(plot_path)))
     return 0
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .report import sweep_table
-    from .sweep import grid, sweep
-
     settings = settings_from(args)
     require("tqdm")
     amsgrad = {"off": [False], "on": [True], "both": [False, True]}[args.amsgrad]
-    points = grid(lr=args.lr, beta1=args.beta1, beta2=args.beta2, eps=args.eps,
-                  weight_decay=args.weight_decay, amsgrad=amsgrad)
+    points = grid(
+        lr=args.lr, beta1=args.beta1, beta2=args.beta2, eps=args.eps, weight_decay=args.weight_decay, amsgrad=amsgrad
+    )
     print(sweep_table(sweep(settings, points), settings))
     return 0
 
@@ -267,8 +319,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG} {args.command}: error: {error}", file=sys.stderr)
         return error.exit_code
     except torch.cuda.OutOfMemoryError:
-        print(f"{PROG} {args.command}: error: out of GPU memory; try --size small or a smaller --batch-size",
-              file=sys.stderr)
+        print(
+            f"{PROG} {args.command}: error: out of GPU memory; try --size small or a smaller --batch-size",
+            file=sys.stderr,
+        )
         return 1
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.optim.optimizer import _default_to_fused_or_foreach
 
 import adam_triton
 
@@ -65,7 +64,10 @@ def reference_optimizer(model: nn.Module, settings: Settings, hyper: Hyperparame
 def describe_torch_implementation(optimizer: torch.optim.AdamW, requested: str) -> str:
     if requested != "default":
         return requested
-    # What torch picks when neither foreach nor fused is given (torch/optim/optimizer.py).
+    try:  # what torch picks when neither foreach nor fused is given: a private helper
+        from torch.optim.optimizer import _default_to_fused_or_foreach
+    except ImportError:
+        return "torch's default"
     params = [p for group in optimizer.param_groups for p in group["params"]]
     fused, foreach = _default_to_fused_or_foreach(params, differentiable=False, use_fused=False)
     return "fused" if fused else "foreach" if foreach else "for-loop"
@@ -96,14 +98,22 @@ def largest_magnitude(model: nn.Module) -> float:
     return float(torch.stack([p.abs().max().double() for p in model.parameters()]).max())
 
 
-def compare(settings: Settings, hyper: Hyperparameters = Hyperparameters()) -> Comparison:
-    batches = data.generate(settings.size.vocab, settings.steps, settings.size.batch, settings.size.seq_len, settings.seed)
+def compare(settings: Settings, hyper: Hyperparameters | None = None) -> Comparison:
+    hyper = hyper or Hyperparameters()
+    batches = data.generate(
+        settings.size.vocab, settings.steps, settings.size.batch, settings.size.seq_len, settings.seed
+    )
     reference_model = initial_model(settings)
     our_model = copy.deepcopy(reference_model)
     reference_opt, reference_implementation = reference_optimizer(reference_model, settings, hyper)
     our_opt, our_implementation = our_optimizer(our_model, settings, hyper)
     runs = [
-        Run(REFERENCE_LABEL, reference_model, reference_opt, make_scheduler(reference_opt, settings.schedule, settings.steps)),
+        Run(
+            REFERENCE_LABEL,
+            reference_model,
+            reference_opt,
+            make_scheduler(reference_opt, settings.schedule, settings.steps),
+        ),
         Run(OURS_LABEL, our_model, our_opt, make_scheduler(our_opt, settings.schedule, settings.steps)),
     ]
     train_in_lockstep(runs, batches, settings.device, progress=settings.progress)

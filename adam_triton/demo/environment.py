@@ -61,7 +61,7 @@ def describe_device(device: torch.device) -> str:
     if device.type == "cpu":
         processor = platform.processor() or platform.machine()
         threads = torch.get_num_threads()
-        return f"cpu ({processor}, {threads} thread{'' if threads == 1 else 's'})"
+        return f"cpu ({processor}, {threads} thread{'' if threads == 1 else 's'} for torch)"
     return str(device)
 
 

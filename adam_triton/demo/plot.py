@@ -22,14 +22,29 @@ def save_comparison_plot(result: Comparison, path: Path) -> None:
     settings = result.settings
 
     steps = range(1, len(result.reference.losses) + 1)
-    losses.plot(steps, result.reference.losses, color=REFERENCE_COLOR, linewidth=2.5, alpha=0.6,
-                label=f"{result.reference.label} ({result.reference_implementation})")
-    losses.plot(steps, result.ours.losses, color=OURS_COLOR, linewidth=1, linestyle="--",
-                label=f"{result.ours.label} ({result.our_implementation})")
+    losses.plot(
+        steps,
+        result.reference.losses,
+        color=REFERENCE_COLOR,
+        linewidth=2.5,
+        alpha=0.6,
+        label=f"{result.reference.label} ({result.reference_implementation})",
+    )
+    losses.plot(
+        steps,
+        result.ours.losses,
+        color=OURS_COLOR,
+        linewidth=1,
+        linestyle="--",
+        label=f"{result.ours.label} ({result.our_implementation})",
+    )
     losses.axhline(result.loss_floor, color="gray", linestyle=":", label="best possible loss on this data")
-    losses.set(xlabel="step", ylabel="training loss",
-               title=f"Loss: the same curve from both optimizers\nlargest parameter difference at the end: "
-                     f"{result.largest_parameter_difference:.2g}")
+    losses.set(
+        xlabel="step",
+        ylabel="training loss",
+        title=f"Loss: the same curve from both optimizers\nlargest parameter difference at the end: "
+        f"{result.largest_parameter_difference:.2g}",
+    )
     losses.legend()
 
     reference_ms = [s * 1e3 for s in result.reference.timed_step_seconds]
@@ -43,11 +58,16 @@ def save_comparison_plot(result: Comparison, path: Path) -> None:
     for run, color in ((result.reference, REFERENCE_COLOR), (result.ours, OURS_COLOR)):
         median = run.median_step_seconds
         times.axvline(median * 1e3, color=color, linestyle="--", label=f"median {format_seconds(median)}")
-    times.set(xlabel="optimizer step time (ms)", ylabel="steps",
-              title=f"Optimizer step: {result.speedup:.2f}x faster (median)")
+    times.set(
+        xlabel="optimizer step time (ms)",
+        ylabel="steps",
+        title=f"Optimizer step: {result.speedup:.2f}x faster (median)",
+    )
     times.legend()
 
-    figure.suptitle(f"adam-triton demo: {result.parameter_count:,} parameters, {dtype_name(settings.dtype)} on {settings.device}")
+    figure.suptitle(
+        f"adam-triton demo: {result.parameter_count:,} parameters, {dtype_name(settings.dtype)} on {settings.device}"
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
 

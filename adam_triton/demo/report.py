@@ -17,6 +17,10 @@ def format_seconds(seconds: float) -> str:
     return f"{seconds * 1e6:.1f} µs"
 
 
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" + ("" if count == 1 else "s")
+
+
 def dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -30,23 +34,32 @@ def comparison_table(result: Comparison, plot_path: str | None = None) -> str:
         ("", REFERENCE_LABEL, OURS_LABEL),
         ("implementation", result.reference_implementation, result.our_implementation),
         ("final loss", f"{reference.final_loss:.4f}", f"{ours.final_loss:.4f}"),
-        ("median optimizer step", format_seconds(reference.median_step_seconds), format_seconds(ours.median_step_seconds)),
+        (
+            "median optimizer step",
+            format_seconds(reference.median_step_seconds),
+            format_seconds(ours.median_step_seconds),
+        ),
         ("speedup", "", f"{result.speedup:.2f}x"),
     ]
     lines = [
-        f"adam-triton demo: {result.parameter_count:,}-parameter transformer ({size.layers} layers, width "
-        f"{size.width}), {settings.steps} steps of {size.batch} x {size.seq_len} tokens, "
-        f"{dtype_name(settings.dtype)} on {settings.device}",
+        (
+            f"adam-triton demo: {result.parameter_count:,}-parameter transformer ({plural(size.layers, 'layer')}, "
+            f"width {size.width}), {settings.steps} steps of {size.batch} x {size.seq_len} tokens, "
+            f"{dtype_name(settings.dtype)} on {settings.device}"
+        ),
         "",
     ]
     lines += [f"  {name:<{left}}{first:<{column}}{second}".rstrip() for name, first, second in rows]
     lines += [
-        f"  {'largest parameter difference':<{left}}{result.largest_parameter_difference:.3g}"
-        f"   (largest parameter magnitude {result.largest_parameter:.3g})",
+        (
+            f"  {'largest parameter difference':<{left}}{result.largest_parameter_difference:.3g}"
+            f"   (largest parameter magnitude {result.largest_parameter:.3g})"
+        ),
         "",
         f"  final loss: mean over the last 10 % of steps; best possible on this data {result.loss_floor:.4f}",
         f"  step time: the optimizer step alone, device synchronised before and after, median of steps "
-        f"{warmup + 1}-{settings.steps}" + (f" (the first {warmup} allocate state and compile kernels)" if warmup else ""),
+        f"{warmup + 1}-{settings.steps}"
+        + (f" (the first {warmup} allocate state and compile kernels)" if warmup else ""),
         f"  device: {describe_device(settings.device)}",
         "  versions: " + ", ".join(f"{name} {version}" for name, version in versions().items()),
     ]
@@ -61,8 +74,10 @@ def sweep_table(points: list[SweepPoint], settings: Settings) -> str:
     best = min(finite, key=lambda point: point.final_loss) if finite else None
     size = settings.size
     lines = [
-        f"adam_triton.AdamW sweep: {size.layers}-layer transformer (width {size.width}), {settings.steps} steps, "
-        f"{settings.schedule} schedule, {dtype_name(settings.dtype)} on {settings.device}",
+        (
+            f"adam_triton.AdamW sweep: {size.layers}-layer transformer (width {size.width}), {settings.steps} steps, "
+            f"{settings.schedule} schedule, {dtype_name(settings.dtype)} on {settings.device}"
+        ),
         "",
         "  " + "".join(f"{name:<14}" for name in names) + "final loss",
     ]
@@ -70,7 +85,10 @@ def sweep_table(points: list[SweepPoint], settings: Settings) -> str:
         values = "".join(f"{_format_value(getattr(point.hyperparameters, name)):<14}" for name in names)
         loss = "diverged" if point.diverged else f"{point.final_loss:.4f}"
         lines.append(f"  {values}{loss}" + ("   <- best" if point is best else ""))
-    lines += ["", "  final loss: mean over the last 10 % of steps; every setting saw the same batches from the same start"]
+    lines += [
+        "",
+        "  final loss: mean over the last 10 % of steps; every setting saw the same batches from the same start",
+    ]
     return "\n".join(lines)
 
 

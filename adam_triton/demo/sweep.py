@@ -37,7 +37,10 @@ def grid(**values: list) -> list[Hyperparameters]:
     if unknown:
         raise ValueError(f"cannot sweep {sorted(unknown)}; choose from {SWEPT}")
     names = [name for name in SWEPT if name in values]
-    return [Hyperparameters(**dict(zip(names, combination))) for combination in itertools.product(*(values[n] for n in names))]
+    return [
+        Hyperparameters(**dict(zip(names, combination)))
+        for combination in itertools.product(*(values[n] for n in names))
+    ]
 
 
 def varying(points: list[Hyperparameters]) -> list[str]:
@@ -46,12 +49,18 @@ def varying(points: list[Hyperparameters]) -> list[str]:
 
 
 def label(hyper: Hyperparameters, names: list[str]) -> str:
-    return " ".join(f"{name}={getattr(hyper, name):g}" if not isinstance(getattr(hyper, name), bool)
-                    else f"{name}={getattr(hyper, name)}" for name in names)
+    return " ".join(
+        f"{name}={getattr(hyper, name):g}"
+        if not isinstance(getattr(hyper, name), bool)
+        else f"{name}={getattr(hyper, name)}"
+        for name in names
+    )
 
 
 def sweep(settings: Settings, points: list[Hyperparameters]) -> list[SweepPoint]:
-    batches = data.generate(settings.size.vocab, settings.steps, settings.size.batch, settings.size.seq_len, settings.seed)
+    batches = data.generate(
+        settings.size.vocab, settings.steps, settings.size.batch, settings.size.seq_len, settings.seed
+    )
     initial = initial_model(settings)
     names = varying(points)
     results = []

@@ -101,12 +101,19 @@ def train_in_lockstep(runs: list[Run], batches: TokenBatches, device: torch.devi
     Taking turns means anything else the machine is doing slows every run alike, so their
     step times stay comparable.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm  # imported here: the library itself does not need it
 
     tokens = batches.tokens.to(device)
     bars = [
-        tqdm(total=batches.steps, desc=run.label, unit="step", position=index, leave=True, disable=not progress,
-             dynamic_ncols=True)
+        tqdm(
+            total=batches.steps,
+            desc=run.label,
+            unit="step",
+            position=index,
+            leave=True,
+            disable=not progress,
+            dynamic_ncols=True,
+        )
         for index, run in enumerate(runs)
     ]
     losses: list[list[torch.Tensor]] = [[] for _ in runs]
