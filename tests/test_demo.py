@@ -21,6 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """The command line sets torch's thread count for its process; give the rest of the suite its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny(dtype=torch.float32, steps=12, **options) -> Settings:
     return Settings(CPU, dtype, SIZES["tiny"], steps=steps, progress=False, **options)
 
@@ -122,7 +130,9 @@ def test_grid_is_every_combination():
 
 
 def test_sweep_trains_each_point_from_the_same_start():
-    points = sweep(tiny(steps=8), grid(lr=[1e-3, 1e-3, 1e-2]))
+    result = sweep(tiny(steps=8), grid(lr=[1e-3, 1e-3, 1e-2]))
+    points = result.points
+    assert 0 < result.loss_floor < points[0].final_loss
     assert points[0].losses == points[1].losses  # same start, same batches, same settings
     assert points[0].losses[0] == points[2].losses[0]
     assert points[0].losses != points[2].losses
@@ -152,6 +162,12 @@ def test_demo_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
     assert width > 1000 and height > 400
 
 
+@pytest.mark.parametrize("options, expected", [([], "1 thread for torch"), (["--threads", "2"], "2 threads for torch")])
+def test_cpu_threads_default_to_one(options, expected, tmp_path, capsys):
+    assert main(["demo", "--size", "tiny", "--steps", "3", "--no-progress", "--out", str(tmp_path), *options]) == 0
+    assert expected in capsys.readouterr().out
+
+
 def test_sweep_command_prints_one_row_per_point(capsys):
     assert (
         main(["sweep", "--size", "tiny", "--steps", "6", "--no-progress", "--lr", "1e-3", "1e-2", "--amsgrad", "both"])
@@ -161,6 +177,7 @@ def test_sweep_command_prints_one_row_per_point(capsys):
     rows = [line for line in out.splitlines() if line.strip().startswith(("0.001", "0.01"))]
     assert len(rows) == 4
     assert out.count("<- best") == 1
+    assert "best possible on this data" in out
 
 
 BAD_OPTIONS = [
@@ -175,6 +192,7 @@ BAD_OPTIONS = [
     (["demo", "--beta2", "1"], "argument --beta2: must be in [0, 1)"),
     (["demo", "--weight-decay", "-0.1"], "argument --weight-decay: must be 0 or more"),
     (["demo", "--seed", "-3"], "argument --seed: must be between 0"),
+    (["demo", "--threads", "0"], "argument --threads: must be at least 1"),
     (["demo", "--out", "plot.jpg"], "must end in .png"),
     (["demo", "--torch-impl", "apex"], "argument --torch-impl: invalid choice"),
     (["sweep", "--lr"], "argument --lr: expected at least one argument"),

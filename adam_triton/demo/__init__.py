@@ -16,6 +16,6 @@ One module per job:
 from .comparison import Comparison, compare
 from .errors import DemoError
 from .settings import Hyperparameters, Settings
-from .sweep import SweepPoint, grid, sweep
+from .sweep import SweepPoint, SweepResult, grid, sweep
 
-__all__ = ["Comparison", "DemoError", "Hyperparameters", "Settings", "SweepPoint", "compare", "grid", "sweep"]
+__all__ = ["Comparison", "DemoError", "Hyperparameters", "Settings", "SweepPoint", "SweepResult", "compare", "grid", "sweep"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from .comparison import OURS_LABEL, REFERENCE_LABEL, Comparison
 from .environment import describe_device, versions
 from .settings import Settings
-from .sweep import SweepPoint, varying
+from .sweep import SweepResult, varying
 from .training import timing_warmup
 
 
@@ -68,7 +68,8 @@ def comparison_table(result: Comparison, plot_path: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def sweep_table(points: list[SweepPoint], settings: Settings) -> str:
+def sweep_table(result: SweepResult, settings: Settings) -> str:
+    points = result.points
     names = varying([point.hyperparameters for point in points])
     finite = [point for point in points if not point.diverged]
     best = min(finite, key=lambda point: point.final_loss) if finite else None
@@ -87,7 +88,8 @@ def sweep_table(points: list[SweepPoint], settings: Settings) -> str:
         lines.append(f"  {values}{loss}" + ("   <- best" if point is best else ""))
     lines += [
         "",
-        "  final loss: mean over the last 10 % of steps; every setting saw the same batches from the same start",
+        f"  final loss: mean over the last 10 % of steps; best possible on this data {result.loss_floor:.4f}",
+        "  every setting started from the same initialisation and saw the same batches",
     ]
     return "\n".join(lines)
 

@@ -31,6 +31,12 @@ class SweepPoint:
         return not math.isfinite(self.final_loss)
 
 
+@dataclass(frozen=True)
+class SweepResult:
+    points: list[SweepPoint]
+    loss_floor: float  # the best loss any model can reach on the sweep's data
+
+
 def grid(**values: list) -> list[Hyperparameters]:
     """Every combination of the given values, e.g. ``grid(lr=[1e-3, 3e-3], amsgrad=[False, True])``."""
     unknown = set(values) - set(SWEPT)
@@ -57,7 +63,7 @@ def label(hyper: Hyperparameters, names: list[str]) -> str:
     )
 
 
-def sweep(settings: Settings, points: list[Hyperparameters]) -> list[SweepPoint]:
+def sweep(settings: Settings, points: list[Hyperparameters]) -> SweepResult:
     batches = data.generate(
         settings.size.vocab, settings.steps, settings.size.batch, settings.size.seq_len, settings.seed
     )
@@ -70,4 +76,4 @@ def sweep(settings: Settings, points: list[Hyperparameters]) -> list[SweepPoint]
         run = Run(label(hyper, names), model, optimizer, make_scheduler(optimizer, settings.schedule, settings.steps))
         train_in_lockstep([run], batches, settings.device, progress=settings.progress)
         results.append(SweepPoint(hyper, run.final_loss, run.losses))
-    return results
+    return SweepResult(results, batches.loss_floor)
