@@ -22,8 +22,18 @@ setup(
     extras_require={
         # python -m adam_triton demo: progress bars and the plot.
         "demo": ["matplotlib", "tqdm"],
-        # The tests run the demo, so they need what it needs.
-        "test": ["pytest>=7", "pytest-benchmark>=4", "expecttest", "matplotlib", "tqdm"],
+        # The tests run the demo, so they need what it needs, and every README example,
+        # including those for Hugging Face's Trainer and PyTorch Lightning.
+        "test": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "expecttest",
+            "matplotlib",
+            "tqdm",
+            "transformers",
+            "accelerate",
+            "lightning",
+        ],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
 )
