@@ -141,7 +141,23 @@ def test_sweep_trains_each_point_from_the_same_start():
 
 # -- the command line, in process ---------------------------------------------------------------
 def test_demo_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
-    assert main(["demo", "--size", "tiny", "--steps", "6", "--no-progress", "--out", f"{tmp_path}/plots/"]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--device",
+                "cpu",
+                "--size",
+                "tiny",
+                "--steps",
+                "6",
+                "--no-progress",
+                "--out",
+                f"{tmp_path}/plots/",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     for row in (
         "torch.optim.AdamW",
@@ -164,13 +180,46 @@ def test_demo_command_prints_the_table_and_writes_the_plot(tmp_path, capsys):
 
 @pytest.mark.parametrize("options, expected", [([], "1 thread for torch"), (["--threads", "2"], "2 threads for torch")])
 def test_cpu_threads_default_to_one(options, expected, tmp_path, capsys):
-    assert main(["demo", "--size", "tiny", "--steps", "3", "--no-progress", "--out", str(tmp_path), *options]) == 0
+    assert (
+        main(
+            [
+                "demo",
+                "--device",
+                "cpu",
+                "--size",
+                "tiny",
+                "--steps",
+                "3",
+                "--no-progress",
+                "--out",
+                str(tmp_path),
+                *options,
+            ]
+        )
+        == 0
+    )
     assert expected in capsys.readouterr().out
 
 
 def test_sweep_command_prints_one_row_per_point(capsys):
     assert (
-        main(["sweep", "--size", "tiny", "--steps", "6", "--no-progress", "--lr", "1e-3", "1e-2", "--amsgrad", "both"])
+        main(
+            [
+                "sweep",
+                "--device",
+                "cpu",
+                "--size",
+                "tiny",
+                "--steps",
+                "6",
+                "--no-progress",
+                "--lr",
+                "1e-3",
+                "1e-2",
+                "--amsgrad",
+                "both",
+            ]
+        )
         == 0
     )
     out = capsys.readouterr().out
