@@ -34,10 +34,6 @@ class TokenBatches:
     def steps(self) -> int:
         return self.tokens.shape[0]
 
-    def inputs_and_targets(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = self.tokens[step]
-        return batch[:, :-1], batch[:, 1:]
-
 
 def transition_table(vocab: int, generator: torch.Generator) -> torch.Tensor:
     """probabilities[a, b, c] = P(next = c | previous two = a, b)."""
