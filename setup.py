@@ -12,7 +12,7 @@ setup(
     python_requires=">=3.10",
     # The Triton code lives in kernels/ and installs as adam_triton.kernels: a different
     # PyPI package is already called "kernels", so nothing may land in site-packages/kernels.
-    packages=["adam_triton", "adam_triton.kernels"],
+    packages=["adam_triton", "adam_triton.demo", "adam_triton.kernels"],
     package_dir={"adam_triton.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
@@ -20,7 +20,20 @@ setup(
         "triton>=3.6; platform_system == 'Linux'",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "expecttest"],
+        # python -m adam_triton demo: progress bars and the plot.
+        "demo": ["matplotlib", "tqdm"],
+        # The tests run the demo, so they need what it needs, and every README example,
+        # including those for Hugging Face's Trainer and PyTorch Lightning.
+        "test": [
+            "pytest>=7",
+            "pytest-benchmark>=4",
+            "expecttest",
+            "matplotlib",
+            "tqdm",
+            "transformers",
+            "accelerate",
+            "lightning",
+        ],
         "bench": ["pytest-benchmark>=4", "matplotlib"],
     },
 )
