@@ -55,8 +55,12 @@ def bytes_per_step(optimizer: torch.optim.Optimizer, params: list[torch.Tensor])
     for param in params:
         if param.grad is None:
             continue
-        total += 2 * state_bytes(param) + state_bytes(param.grad)
-        total += 2 * sum(state_bytes(s) for s in elementwise_states(optimizer, param))
+        states = elementwise_states(optimizer, param)
+        # With a master copy among the states the update reads the master, and the
+        # parameter is only written.
+        has_master = "master_param" in optimizer.state.get(param, {})
+        total += (1 if has_master else 2) * state_bytes(param) + state_bytes(param.grad)
+        total += 2 * sum(state_bytes(s) for s in states)
     return total
 
 

@@ -53,18 +53,30 @@ def shape_sets(device_type: str) -> dict[str, list[tuple[int, ...]]]:
     }
 
 
+# adam_triton's precision options (issue 3), timed for adam_triton alone: no peer has them.
+PRECISIONS = {
+    "": {},
+    "master": {"master_weights": True},  # fp32 masters and states: 28 B/param for bf16
+    "master-bf16states": {"master_weights": True, "state_dtype": torch.bfloat16},  # 20 B/param
+    "stochastic-rounding": {"stochastic_rounding": True},  # bf16 everything: 14 B/param
+}
+
+
 @dataclass(frozen=True)
 class Config:
     dtype: torch.dtype
     optimizer: str  # "Adam" or "AdamW"
     amsgrad: bool
     grads: str  # one of GRADIENT_MODES
+    precision: str = ""  # a key of PRECISIONS
 
     @property
     def name(self) -> str:
         parts = [DTYPE_NAMES[self.dtype], self.optimizer]
         if self.amsgrad:
             parts.append("amsgrad")
+        if self.precision:
+            parts.append(self.precision)
         parts.append(self.grads)
         return "-".join(parts)
 
@@ -77,6 +89,9 @@ DEFAULT_CONFIGS = (
     Config(torch.bfloat16, "AdamW", False, "fresh"),
     Config(torch.float32, "AdamW", True, "fresh"),
     Config(torch.float32, "Adam", False, "fresh"),
+    Config(torch.bfloat16, "AdamW", False, "fresh", "master"),
+    Config(torch.bfloat16, "AdamW", False, "fresh", "master-bf16states"),
+    Config(torch.bfloat16, "AdamW", False, "fresh", "stochastic-rounding"),
 )
 
 FULL_CONFIGS = tuple(

@@ -32,7 +32,10 @@ def hyperparameters(case: Case) -> dict:
 def _ours(params, case):
     import adam_triton
 
-    return getattr(adam_triton, case.config.optimizer)(params, amsgrad=case.config.amsgrad, **hyperparameters(case))
+    from .cases import PRECISIONS
+
+    options = PRECISIONS[case.config.precision]
+    return getattr(adam_triton, case.config.optimizer)(params, amsgrad=case.config.amsgrad, **hyperparameters(case), **options)
 
 
 def _torch(flags: dict):
@@ -89,6 +92,8 @@ class Implementation:
             return self.not_on_cpu
         if case.config.amsgrad and not self.amsgrad:
             return f"{self.name} has no AMSGrad"
+        if case.config.precision and self.name != OURS:
+            return f"{case.config.precision} is an adam_triton option"
         return None
 
 

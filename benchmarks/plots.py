@@ -116,7 +116,10 @@ def bandwidth(summary: dict, out: Path) -> Path:
 def ratios(summary: dict, out: Path) -> Path:
     """Bars of ours/peer time per case and peer; below the line at 1, adam_triton is faster."""
     plt = _pyplot()
-    configs = _configs(summary)
+    # Configurations with no peer (adam_triton's own precision options) have no ratio.
+    configs = [c for c in _configs(summary) if any(case["ratios"] for case in summary["cases"] if case["config"] == c)]
+    if not configs:
+        configs = _configs(summary)[:1]
     figure, axes = _grid(plt, len(configs), f"{OURS} step time / peer step time (below 1: {OURS} faster)")
     peers = [n for n in IMPLEMENTATIONS if n != OURS and any(n in c["ratios"] for c in summary["cases"])]
     width = 0.8 / max(1, len(peers))
@@ -135,7 +138,8 @@ def ratios(summary: dict, out: Path) -> Path:
         ax.set_title(config, fontsize=10)
         ax.grid(True, axis="y", which="both", alpha=0.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS.get(p, "black"), label=p) for p in peers]
-    figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    if handles:
+        figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     figure.tight_layout(rect=(0, 0.06, 1, 0.96))
     figure.savefig(out, dpi=110)
     plt.close(figure)

@@ -82,6 +82,7 @@ def _time_and_describe(benchmark, case, impl, workload, reference):
         "optimizer": case.config.optimizer,
         "amsgrad": case.config.amsgrad,
         "grads": case.config.grads,
+        "precision": case.config.precision,
         "implementation": impl.name,
         "parameters": case.parameters,
         "tensors": len(case.shapes),

@@ -51,6 +51,23 @@ def test_bytes_counted_from_the_optimizers_tensors(make, dtype, amsgrad, expecte
     assert working_set_bytes(optimizer, params) == (4 + amsgrad) * count * params[0].element_size()
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (dict(master_weights=True), 28),  # read g 2 + master 4 + m 4 + v 4; write master, m, v, p 2
+        (dict(master_weights=True, state_dtype=torch.bfloat16), 20),
+        (dict(stochastic_rounding=True), 14),
+    ],
+)
+def test_bytes_of_adam_tritons_bfloat16_options(options, expected):
+    params = [torch.nn.Parameter(torch.randn(shape, dtype=torch.bfloat16)) for shape in [(33, 7), (1000,)]]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    optimizer = adam_triton.AdamW(params, **options)
+    optimizer.step()
+    assert bytes_per_step(optimizer, params) == expected * sum(p.numel() for p in params)
+
+
 def test_bytes_skip_parameters_without_gradients():
     params = [torch.nn.Parameter(torch.randn(10)), torch.nn.Parameter(torch.randn(10))]
     params[0].grad = torch.randn(10)
