@@ -156,17 +156,82 @@ def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gra
         if float(found_inf) != 0.0:
             return  # GradScaler skipped this step: nothing is updated or counted
         found_inf = None
-    if needs_composed_update(buffer.dtype, buffer.precision):
+    if needs_working_copies(buffer.dtype, buffer.precision):
         buffer.stage_in()
-        _update_composed(buffer, plan, groups, grad_scale, found_inf)
+        working = _WorkingCopies(buffer, plan)
+        _update_fused(buffer, plan, groups, grad_scale, found_inf, working)
+        working.write_back(grad_scale is not None)
         buffer.stage_out()
     else:
-        _update_fused(buffer, plan, groups, grad_scale, found_inf)
+        _update_fused(buffer, plan, groups, grad_scale, found_inf, _Direct(buffer, plan))
 
 
-def needs_composed_update(dtype: torch.dtype, precision) -> bool:
-    """Precisions torch's fused kernel cannot do (it wants one dtype for everything)."""
+def needs_working_copies(dtype: torch.dtype, precision) -> bool:
+    """Precisions torch's fused kernel cannot do alone: it wants one dtype for everything."""
     return precision.master_weights or precision.stochastic_rounding or precision.state_dtype != dtype
+
+
+class _Direct:
+    """The buffer's own tensors, for torch's fused kernel."""
+
+    def __init__(self, buffer: FlatBuffer, plan: GradientPlan):
+        self.buffer, self.plan = buffer, plan
+
+    def __getattr__(self, name: str):
+        # param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq: the buffer's, as they are now
+        # (the gradient and AMSGrad buffers are created on demand).
+        return getattr(self.buffer, name)
+
+    def segments(self, name: str, segments: np.ndarray) -> list:
+        if name == "grad":
+            grads = _pick(self.plan.grads, segments)
+            return [torch.view_as_real(g) if g.is_complex() else g for g in grads] if self.buffer.has_complex else grads
+        return _pick(self.buffer.real_views(name), segments)
+
+
+class _WorkingCopies:
+    """Working copies in the compute dtype, for precisions torch's fused kernel cannot do
+    itself (master weights, another state dtype, stochastic rounding): the kernel runs on
+    them, and ``write_back`` rounds the results into the buffers (to nearest, or at random
+    for stochastic rounding). Float32 masters and float32 states are used in place."""
+
+    def __init__(self, buffer: FlatBuffer, plan: GradientPlan):
+        self.buffer, self.plan = buffer, plan
+        compute = torch.float64 if buffer.dtype == torch.float64 else torch.float32
+
+        def working(tensor):
+            return tensor if tensor is None or tensor.dtype == compute else tensor.to(compute)
+
+        self.param = buffer.master if buffer.master is not None else working(buffer.param)
+        self.exp_avg, self.exp_avg_sq = working(buffer.exp_avg), working(buffer.exp_avg_sq)
+        self.max_exp_avg_sq = working(buffer.max_exp_avg_sq)
+        self.grad = _flat_gradients(buffer, plan, compute)
+        self._views: dict[str, list] = {}
+
+    def segments(self, name: str, segments: np.ndarray) -> list:
+        views = self._views.get(name)
+        if views is None:
+            flat = getattr(self, name)
+            views = [_storage_view(self.buffer, flat, i) for i in range(len(self.buffer.params))]
+            self._views[name] = views
+        return _pick(views, segments)
+
+    def write_back(self, unscaled: bool) -> None:
+        buffer = self.buffer
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            target, result = getattr(buffer, name), getattr(self, name)
+            if target is not None and result is not target:
+                target.copy_(result)
+        if buffer.precision.stochastic_rounding:
+            # Elements that were not updated are exact in bfloat16: random bits below the
+            # last place leave them as they are.
+            buffer.param.copy_(_round_stochastically(self.param, _random_bits(buffer, buffer.total)))
+        elif self.param is not buffer.param:
+            buffer.param.copy_(self.param)
+        if unscaled:  # as torch's fused kernel: the gradients are left unscaled
+            segments = np.flatnonzero(self.plan.has_grad)
+            grads = [torch.view_as_real(g) if g.is_complex() else g for g in _pick(self.plan.grads, segments)]
+            torch._foreach_copy_(grads, [_storage_view(buffer, self.grad, int(s)) for s in segments])
 
 
 def _groups_to_update(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]):
@@ -183,11 +248,17 @@ def _groups_to_update(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]
         yield group, first, last, has_grad, amsgrad
 
 
-def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf) -> None:
+def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf, tensors) -> None:
+    """torch's fused kernel over ``tensors`` (the buffer's own, or working copies): one call
+    per parameter group, on flat spans where the gradients are flat too, else on the list
+    of segment views."""
     on_cpu = buffer.device.type == "cpu"
     counts = buffer.steps.numpy() if on_cpu else None
     scaler = {"grad_scale": grad_scale, "found_inf": found_inf}
+    working = isinstance(tensors, _WorkingCopies)
     for group, first, last, has_grad, amsgrad in _groups_to_update(buffer, plan, groups):
+        if amsgrad and working and tensors.max_exp_avg_sq is None:  # AMSGrad switched on this step
+            tensors.max_exp_avg_sq = buffer.max_exp_avg_sq.to(tensors.exp_avg.dtype)
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
         lr, beta1, beta2, eps, weight_decay = _group_values(group, buffer.device)
         arguments = dict(
@@ -199,38 +270,24 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
         # (and taken back where GradScaler found an inf, as torch does).
         flat = (
             on_cpu
-            and not buffer.in_place[first : last + 1].any()
+            and (working or not buffer.in_place[first : last + 1].any())
             and has_grad.all()
             and (counts[leaders] == counts[leaders[0]]).all()
         )
-        if flat and not plan.in_grad_buffer[first : last + 1].all():
+        if flat and not working and not plan.in_grad_buffer[first : last + 1].all():
             flat = grad_scale is None and _gather_small_gradients(buffer, plan, first, last)
         segments = np.arange(first, last + 1) if flat else first + np.flatnonzero(has_grad)
         _count_segments(buffer, segments)
+        names = ("param", "grad", "exp_avg", "exp_avg_sq")
         if flat:
-            step = buffer.steps[int(leaders[0]) : int(leaders[0]) + 1].view(())
-            fused(
-                [buffer.segment_slice(buffer.param, first, last)],
-                [buffer.segment_slice(buffer.grad, first, last)],
-                [buffer.segment_slice(buffer.exp_avg, first, last)],
-                [buffer.segment_slice(buffer.exp_avg_sq, first, last)],
-                [buffer.segment_slice(buffer.max_exp_avg_sq, first, last)] if amsgrad else [],
-                [step],
-                **arguments,
-            )
+            spans = [[buffer.segment_slice(getattr(tensors, name), first, last)] for name in names]
+            maxima = [buffer.segment_slice(tensors.max_exp_avg_sq, first, last)] if amsgrad else []
+            steps = [buffer.steps[int(leaders[0]) : int(leaders[0]) + 1].view(())]
         else:
-            grads = _pick(plan.grads, segments)
-            if buffer.has_complex:
-                grads = [torch.view_as_real(g) if g.is_complex() else g for g in grads]
-            fused(
-                _pick(buffer.real_views("param"), segments),
-                grads,
-                _pick(buffer.real_views("exp_avg"), segments),
-                _pick(buffer.real_views("exp_avg_sq"), segments),
-                _pick(buffer.real_views("max_exp_avg_sq"), segments) if amsgrad else [],
-                _pick(buffer.step_views, segments),
-                **arguments,
-            )
+            spans = [tensors.segments(name, segments) for name in names]
+            maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
+            steps = _pick(buffer.step_views, segments)
+        fused(*spans, maxima, steps, **arguments)
         if found_inf is not None:
             views = _pick(buffer.chunk_step_views, np.flatnonzero(np.isin(buffer.chunk_segment, segments)))
             torch._foreach_sub_(views, found_inf.reshape(()))
@@ -279,11 +336,12 @@ def _flat_gradients(buffer: FlatBuffer, plan: GradientPlan, dtype: torch.dtype) 
     return gradients
 
 
-def _random_bits(buffer: FlatBuffer, numel: int, step: torch.Tensor) -> torch.Tensor:
+def _random_bits(buffer: FlatBuffer, numel: int) -> torch.Tensor:
     """16 random bits per element for stochastic rounding, reproducible from the seed and
     the step count where the count can be read without waiting (CPU)."""
     if buffer.device.type == "cpu":
-        generator = torch.Generator().manual_seed((buffer.precision.seed + int(step) * _GOLDEN) % (1 << 63))
+        step = int(buffer.steps.numpy().max(initial=0))
+        generator = torch.Generator().manual_seed((buffer.precision.seed + step * _GOLDEN) % (1 << 63))
     else:
         # Reading the device's step count would wait for it: one stream per buffer instead.
         generator = getattr(buffer, "rounding_generator", None)
@@ -297,78 +355,3 @@ def _round_stochastically(values: torch.Tensor, random_bits: torch.Tensor) -> to
     bits = (values.view(torch.int32) + random_bits) & -65536  # clear the 16 bits below bfloat16
     rounded = bits.view(torch.float32)
     return torch.where(torch.isnan(values), values, rounded).to(torch.bfloat16)
-
-
-def _per_element(per_segment: torch.Tensor, lengths: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """Spread one value per segment over the segment's elements (padding included)."""
-    return torch.repeat_interleave(per_segment.to(dtype), lengths, output_size=numel)
-
-
-def _store(target: torch.Tensor, value: torch.Tensor, keep: torch.Tensor | None) -> None:
-    """Write ``value`` into ``target`` in its dtype, except where ``keep`` says not to."""
-    value = value.to(target.dtype)
-    target.copy_(value if keep is None else torch.where(keep, target, value))
-
-
-def _update_composed(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf) -> None:
-    """The kernel's math in torch operations, for precisions torch's fused kernel lacks."""
-    compute = torch.float64 if buffer.dtype == torch.float64 else torch.float32
-    gradients = _flat_gradients(buffer, plan, compute)
-    if grad_scale is not None:
-        gradients.div_(grad_scale.to(compute))
-        # As GradScaler.unscale_ and torch's fused kernel: the gradients are left unscaled.
-        segments = np.flatnonzero(plan.has_grad)
-        torch._foreach_copy_(
-            [torch.view_as_real(g) if g.is_complex() else g for g in _pick(plan.grads, segments)],
-            [_storage_view(buffer, gradients, int(s)) for s in segments],
-        )
-    # float32 addition, as torch's `step_t += 1`; then float64 for the scalars.
-    steps = (buffer.steps[torch.from_numpy(buffer.leaders).to(buffer.device)] + 1.0).to(torch.float64)
-    padded = np.diff(np.append(buffer.starts, buffer.total))
-    for group, first, last, has_grad, amsgrad in _groups_to_update(buffer, plan, groups):
-        lr, beta1, beta2, eps, weight_decay = _group_values(group, buffer.device)
-        lo = int(buffer.starts[first])
-        hi = int(buffer.starts[last] + buffer.lengths[last])
-        lengths = torch.from_numpy(padded[first : last + 1].copy()).to(buffer.device)
-        lengths[-1] = int(buffer.lengths[last])
-
-        t = steps[first : last + 1]
-        step_size = _per_element(lr / (1 - beta1**t), lengths, hi - lo, compute)
-        bias_correction2_sqrt = _per_element(torch.sqrt(1 - beta2**t), lengths, hi - lo, compute)
-
-        grad = gradients[lo:hi]
-        if group["maximize"]:
-            grad = -grad
-        param = buffer.updated[lo:hi].to(compute)
-        if group["decoupled_weight_decay"]:
-            param = param * (1 - lr * weight_decay)
-        elif isinstance(weight_decay, torch.Tensor) or weight_decay != 0:
-            grad = grad + weight_decay * param
-        # Copies: the buffers keep their old values until the masked store below.
-        exp_avg = buffer.exp_avg[lo:hi].to(compute, copy=True).lerp_(grad, 1 - beta1)
-        exp_avg_sq = buffer.exp_avg_sq[lo:hi].to(compute) * beta2 + (1 - beta2) * grad * grad
-        second_moment = exp_avg_sq
-        if amsgrad:
-            max_exp_avg_sq = torch.maximum(buffer.max_exp_avg_sq[lo:hi].to(compute), exp_avg_sq)
-            second_moment = max_exp_avg_sq
-        denom = (second_moment.sqrt() / bias_correction2_sqrt).add_(eps)
-        param = param - step_size * (exp_avg / denom)
-
-        keep = None  # elements to leave as they were: no gradient, or a skipped step
-        if not has_grad.all():
-            keep = ~_per_element(torch.from_numpy(has_grad).to(buffer.device), lengths, hi - lo, torch.bool)
-        if found_inf is not None:
-            keep = (found_inf != 0) if keep is None else keep | (found_inf != 0)
-
-        _store(buffer.exp_avg[lo:hi], exp_avg, keep)
-        _store(buffer.exp_avg_sq[lo:hi], exp_avg_sq, keep)
-        if amsgrad:
-            _store(buffer.max_exp_avg_sq[lo:hi], max_exp_avg_sq, keep)
-        if buffer.precision.master_weights:
-            _store(buffer.master[lo:hi], param, keep)
-            _store(buffer.param[lo:hi], param, keep)
-        elif buffer.precision.stochastic_rounding:
-            _store(buffer.param[lo:hi], _round_stochastically(param, _random_bits(buffer, hi - lo, t[0])), keep)
-        else:
-            _store(buffer.param[lo:hi], param, keep)
-    _count_segments(buffer, np.flatnonzero(plan.has_grad), found_inf)

@@ -114,9 +114,9 @@ class Engine:
         buffers = []
         for key, (members, member_groups) in keyed.items():
             in_place = [is_dtensor(p) or id(p) in self._left_in_place for p in members]
-            composed = backends[key] == "torch" and _backends.needs_composed_update(key[1], key[2])
+            working = backends[key] == "torch" and _backends.needs_working_copies(key[1], key[2])
             buffer = FlatBuffer(
-                key[0], key[1], members, member_groups, precision=key[2], in_place=in_place, stage_in_place=composed
+                key[0], key[1], members, member_groups, precision=key[2], in_place=in_place, stage_in_place=working
             )
             buffer.adopt_parameters()
             buffers.append(buffer)

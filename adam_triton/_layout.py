@@ -124,8 +124,7 @@ class FlatBuffer:
     ):
         """``in_place`` marks parameters updated where they live (see ``_in_place``) rather
         than re-homed; ``stage_in_place`` gives them room in ``param`` anyway, for an
-        implementation that can only work on the flat buffer (the torch backend's
-        composed path)."""
+        implementation that works on the flat buffer (the torch backend's working copies)."""
         self.device = device
         self.dtype = dtype
         self.precision = precision or Precision(dtype)
