@@ -114,7 +114,7 @@ def _precision(summary: dict) -> list[str]:
         "",
         "Target (GPU): bf16 parameters with fp32 masters and bf16 states (20 B/param) at least 1.3x "
         "faster than the fp32 step (28 B/param), i.e. a ratio of at most 0.77. On the CPU these "
-        "options run the pure-PyTorch composed path (more passes over memory), so CPU ratios say "
+        "options run torch's fused kernel on float32 working copies (more passes over memory), so CPU ratios say "
         "nothing about the kernel.",
         "",
         "| parameter list | precision | B/param | median | fp32 median | ratio to fp32 |",

@@ -110,7 +110,7 @@ def reference_bandwidths(device: torch.device, nbytes: int | None = None, repeat
     b = torch.ones_like(a)
     copy_s = _median_seconds(lambda: b.copy_(a), device, repeats)
     add_s = _median_seconds(lambda: a.add_(b), device, repeats)
-    del a, b
+    a = b = None  # free both before giving the cache back
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return {"copy": 2 * nbytes / copy_s / 1e9, "inplace_add": 3 * nbytes / add_s / 1e9}

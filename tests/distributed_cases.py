@@ -53,7 +53,7 @@ def assert_replicas_agree(model: nn.Module) -> None:
     everyone = [torch.empty_like(flat) for _ in range(dist.get_world_size())]
     dist.all_gather(everyone, flat)
     for rank, other in enumerate(everyone):
-        torch.testing.assert_close(flat, other, rtol=0, atol=0, msg=lambda m: f"rank {rank} differs: {m}")
+        torch.testing.assert_close(flat, other, rtol=0, atol=0, msg=lambda m, rank=rank: f"rank {rank} differs: {m}")
 
 
 # -- DistributedDataParallel and ZeroRedundancyOptimizer -------------------------------------
@@ -174,9 +174,9 @@ def _train_sharded(model, optimizer, rank, device, steps=STEPS, seed=1, start=0)
 def assert_close_sharded(ours: nn.Module, reference: nn.Module, rtol=RTOL, atol=ATOL) -> None:
     for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
         assert isinstance(a, DTensor) and a.placements == b.placements, name
-        torch.testing.assert_close(a.to_local(), b.to_local(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.to_local(), b.to_local(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
         # The local shards are what FSDP2 all-gathers: the full parameters agree too.
-        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def fsdp2_trains_like_torch(rank, world_size, device, backend, name):
