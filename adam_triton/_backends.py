@@ -77,9 +77,12 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 
 # -- triton -----------------------------------------------------------------------------------
 def update_triton(buffer: FlatBuffer, plan: GradientPlan, hyper: HyperTable, grad_scale=None, found_inf=None) -> None:
-    if plan.shifts_changed or buffer.shifts_on_device is None:
+    # Fresh gradients often land where the last step's were (the caching allocator): the
+    # table is uploaded only when some gradient moved.
+    if buffer.shifts_on_device is None or not np.array_equal(plan.shifts, buffer.uploaded_shifts):
         refuse_upload_while_capturing(buffer.device, "the gradient tensors")
         buffer.shifts_on_device = upload(plan.shifts, buffer.device)
+        buffer.uploaded_shifts = plan.shifts
     if buffer.param_shifts_on_device is None:
         refuse_upload_while_capturing(buffer.device, "the parameters' places")
         buffer.param_shifts_on_device = upload(buffer.param_shifts, buffer.device)
@@ -317,7 +320,7 @@ def _gather_small_gradients(buffer: FlatBuffer, plan: GradientPlan, first: int, 
     buffer.ensure_grad()
     outside = first + np.flatnonzero(~plan.in_grad_buffer[first : last + 1])
     grads = [torch.view_as_real(g) if g.is_complex() else g for g in _pick(plan.grads, outside)]
-    torch._foreach_copy_([_storage_view(buffer, buffer.grad, int(s)) for s in outside], grads)
+    torch._foreach_copy_(_pick(buffer.real_views("grad"), outside), grads)
     return True
 
 

@@ -7,6 +7,7 @@ makes ``optimizer.state[p]`` views of them.
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 
 import numpy as np
@@ -71,8 +72,10 @@ class Engine:
     # -- structure --------------------------------------------------------------------------
     @staticmethod
     def _group_fingerprint(groups: list[dict]) -> tuple:
+        # The parameters themselves, not their list: a parameter swapped into a group's list
+        # in place must be noticed. (Ids cannot be reused while the buffers hold the old one.)
         return tuple(
-            (id(g["params"]), len(g["params"])) + tuple(g.get(key) for key in PRECISION_KEYS) for g in groups
+            (tuple(map(id, g["params"])),) + tuple(g.get(key) for key in PRECISION_KEYS) for g in groups
         )
 
     def _options(self, group: dict) -> dict:
@@ -156,12 +159,12 @@ class Engine:
 
     # -- state ------------------------------------------------------------------------------
     @torch.no_grad()
-    def import_state(self, groups: list[dict], state: defaultdict) -> None:
+    def import_state(self, groups: list[dict], state: defaultdict, buffers: list[FlatBuffer] | None = None) -> None:
         """Copy each parameter's state (views of old buffers, or loaded tensors) into the
-        buffers, cast to the buffer's precision, and make ``state[p]`` views of them.
-        Parameters without state start fresh; masters missing from the state are taken from
-        the parameters."""
-        for buffer in self.buffers:
+        buffers (all, or ``buffers``), cast to the buffer's precision, and make ``state[p]``
+        views of them. Parameters without state start fresh; masters missing from the state
+        are taken from the parameters."""
+        for buffer in self.buffers if buffers is None else buffers:
             step_values = np.zeros(len(buffer.params), dtype=np.float64)
             loaded_steps = []
             for segment, param in enumerate(buffer.params):
@@ -176,6 +179,7 @@ class Engine:
                     if buffer.max_exp_avg_sq is not None:
                         buffer.max_exp_avg_sq_views[segment].zero_()
                     buffer.initialized[segment] = False
+                    buffer.state_entries[segment] = None
                     continue
                 # DTensor states (ours, or loaded) are copied through their local shards.
                 buffer.exp_avg_views[segment].copy_(local(entry["exp_avg"]))
@@ -190,7 +194,7 @@ class Engine:
                 group = groups[int(buffer.group_of_segment[segment])]
                 views = buffer.state_views(segment, amsgrad=has_max or bool(group["amsgrad"]))
                 extra = {k: v for k, v in entry.items() if k not in ENGINE_STATE_KEYS}
-                state[param] = {**views, **extra}
+                state[param] = buffer.state_entries[segment] = {**views, **extra}
                 buffer.initialized[segment] = True
             if loaded_steps:
                 tensors = [torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for _, v in loaded_steps]
@@ -201,6 +205,7 @@ class Engine:
             buffer.param_versions = [v._version for v in buffer.version_sources]
             buffer.last_plan = None
             buffer.variant_key = None
+            buffer.amsgrad_exposed = None
         # Drop the empty entries a defaultdict lookup may have left behind, as torch has none.
         ours = {id(p) for p in self._params}
         for key in [k for k, v in state.items() if id(k) in ours and not v]:
@@ -212,10 +217,30 @@ class Engine:
             return
         for segment in np.flatnonzero(new).tolist():
             group = groups[int(buffer.group_of_segment[segment])]
-            state[buffer.params[segment]] = buffer.state_views(segment, amsgrad=bool(group["amsgrad"]))
+            entry = buffer.state_views(segment, amsgrad=bool(group["amsgrad"]))
+            state[buffer.params[segment]] = buffer.state_entries[segment] = entry
         buffer.initialized |= new
 
-    def _order_chunks(self, buffer: FlatBuffer, variants: list[tuple], state) -> None:
+    def _notice_replaced_state(self, groups: list[dict], state) -> None:
+        """Re-import the state of buffers where someone reset or replaced a parameter's
+        entry in ``optimizer.state`` (``state.clear()``, a new ``state`` dict, ``state[p] =
+        {}``): those parameters start afresh, or from the tensors put there, as in torch."""
+        for buffer in self.buffers:
+            entries = list(map(state.get, buffer.params))
+            if all(map(operator.is_, entries, buffer.state_entries)):
+                continue
+            # Empty entries of parameters that have no state yet (a defaultdict lookup
+            # leaves them behind) change nothing.
+            replaced = any(
+                entry is not ours and (initialized or bool(entry))
+                for entry, ours, initialized in zip(entries, buffer.state_entries, buffer.initialized)
+            )
+            if replaced:
+                self.import_state(groups, state, [buffer])
+            else:
+                buffer.state_entries = entries
+
+    def _order_chunks(self, buffer: FlatBuffer, variants: list[tuple]) -> None:
         key = tuple(variants[g] for g, _, _ in buffer.group_ranges)
         if key == buffer.variant_key:
             return
@@ -224,16 +249,21 @@ class Engine:
         buffer.chunks_on_device = upload(rows, buffer.device)
         buffer.chunk_ranges = ranges
         buffer.variant_key = key
-        if any(v[0] for v in key):
+
+    @staticmethod
+    def _expose_amsgrad_state(buffer: FlatBuffer, groups: list[dict], state) -> None:
+        """A group switched AMSGrad on after its state was created: its parameters' state
+        gains ``max_exp_avg_sq`` (so that checkpoints carry it)."""
+        amsgrad = tuple(bool(groups[g]["amsgrad"]) for g, _, _ in buffer.group_ranges)
+        if amsgrad == buffer.amsgrad_exposed:
+            return
+        buffer.amsgrad_exposed = amsgrad
+        for on, (_, first, last) in zip(amsgrad, buffer.group_ranges):
+            if not on:
+                continue
             buffer.ensure_max_exp_avg_sq()
-            # A group switched to amsgrad after its state was created: expose the new state.
-            for group_index, first, last in buffer.group_ranges:
-                if variants[group_index][0]:
-                    for segment in range(first, last + 1):
-                        if buffer.initialized[segment]:
-                            state[buffer.params[segment]].setdefault(
-                                "max_exp_avg_sq", buffer.moment_view("max_exp_avg_sq", segment)
-                            )
+            for segment in np.flatnonzero(buffer.initialized[first : last + 1]) + first:
+                state[buffer.params[segment]].setdefault("max_exp_avg_sq", buffer.moment_view("max_exp_avg_sq", segment))
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, groups: list[dict], state: defaultdict, grad_scale=None, found_inf=None) -> None:
@@ -241,6 +271,7 @@ class Engine:
         gradients are divided by the scale, and nothing is updated or counted where
         ``found_inf`` is not zero, without the host ever reading it."""
         self.ensure_current(groups, state)
+        self._notice_replaced_state(groups, state)
         # Find every gradient first: a bad one raises before anything is updated.
         plans = [plan_gradients(b, b.last_plan, self.name) for b in self.buffers]
         variants = [variant_of(group) for group in groups]
@@ -261,11 +292,12 @@ class Engine:
             if not plan.has_grad.any():
                 continue
             self._initialize_new_state(buffer, plan.has_grad, groups, state)
+            self._expose_amsgrad_state(buffer, groups, state)
             buffer.sync_step_counters()
             buffer.sync_master_weights()
             scale, inf = scaler_value(grad_scale, buffer.device), scaler_value(found_inf, buffer.device)
             if self.backend_of[id(buffer)] == "triton":
-                self._order_chunks(buffer, variants, state)
+                self._order_chunks(buffer, variants)
                 _backends.update_triton(buffer, plan, self.hyper, scale, inf)
             else:
                 _backends.update_torch(buffer, plan, groups, scale, inf)
@@ -282,5 +314,10 @@ class Engine:
     def zero_grad_into_buffers(self) -> None:
         for buffer in self.buffers:
             zero_into_grad_buffer(buffer)
+            buffer.last_plan = None
+
+    def forget_gradients(self) -> None:
+        """After ``zero_grad(set_to_none=True)``: hold no gradient, so that it can be freed."""
+        for buffer in self.buffers:
             buffer.last_plan = None
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ._in_place import local_grad
-from ._layout import FlatBuffer
+from ._layout import FlatBuffer, is_gradient_buffer
 
 NO_GRADIENT = -1  # must equal adam_triton.kernels.NO_GRADIENT (checked by the tests)
 _ACCESS_BYTES = 16
@@ -44,7 +44,6 @@ class GradientPlan:
         self.shifts = shifts  # element shift from the flat parameter buffer, or NO_GRADIENT
         self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
         self.staged = staged  # segments whose gradient is copied into buffer.grad each step
-        self.shifts_changed = True
 
 
 def _sparse_error(name: str) -> RuntimeError:
@@ -58,7 +57,6 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     raw = list(map(local_grad if buffer.has_dtensor else _grad_of, buffer.params))
     if previous is not None and all(map(operator.is_, raw, previous.raw)):
         _restage(buffer, previous)
-        previous.shifts_changed = False
         return previous
 
     count = len(raw)
@@ -129,9 +127,11 @@ def _restage(buffer: FlatBuffer, plan: GradientPlan) -> None:
 def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
     """``zero_grad(set_to_none=False)``: existing gradients become zeroed views of the buffer.
 
-    Gradients that are views of someone else's storage (DistributedDataParallel's buckets
-    with ``gradient_as_bucket_view=True``, for one) and sparse gradients are zeroed in place,
-    as torch does, so their owners keep seeing them.
+    Gradients the buffer cannot hold are zeroed where they are, as torch does, so that
+    their owners keep seeing them: views of someone else's storage (DistributedDataParallel's
+    buckets with ``gradient_as_bucket_view=True``, for one), sparse gradients, and gradients
+    of another dtype than their parameter (``grad_dtype``). Views of an earlier gradient
+    buffer of ours (before ``add_param_group`` re-homed the parameters) move to the new one.
     """
     raw = list(map(_grad_of, buffer.params))
     if not any(map(operator.is_not, raw, repeat(None, len(raw)))):
@@ -141,14 +141,19 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
         foreign = [grad for grad in raw if grad is not None]
     else:
         buffer.ensure_grad()
-        foreign = []
-        for segment, grad in enumerate(raw):
-            if grad is None or grad is buffer.grad_views[segment]:
-                continue
-            if grad._base is not None or grad.layout != torch.strided:
-                foreign.append(grad)
-            else:
-                buffer.params[segment].grad = buffer.grad_views[segment]
+        foreign, adopted = [], []
+        if not all(map(operator.is_, raw, buffer.grad_views)):
+            for segment, (grad, view) in enumerate(zip(raw, buffer.grad_views)):
+                if grad is None or grad is view:
+                    continue
+                ours = grad.layout == torch.strided and (grad._base is None or is_gradient_buffer(grad._base))
+                if ours and grad.dtype == view.dtype and grad.device == view.device:
+                    adopted.append(segment)
+                else:
+                    foreign.append(grad)
+        # Decided for every gradient first: nothing below can fail half-way.
+        for segment in adopted:
+            buffer.params[segment].grad = buffer.grad_views[segment]
         buffer.grad.zero_()
     for grad in foreign:
         if grad.grad_fn is not None:

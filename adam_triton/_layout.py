@@ -70,6 +70,12 @@ def aligned_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch
     return raw[offset : offset + numel]
 
 
+def is_gradient_buffer(tensor: torch.Tensor) -> bool:
+    """Is ``tensor`` the allocation behind a flat gradient buffer of this library (the
+    ``._base`` of its gradient views), of this optimizer or an earlier layout of it?"""
+    return getattr(tensor, "_adam_triton_gradients", False)
+
+
 def _preserved_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     # The strides torch gives state created with memory_format=preserve_format: the
     # parameter's own when it is dense (channels_last, transposed), contiguous otherwise.
@@ -192,6 +198,9 @@ class FlatBuffer:
         self.grad_views: list | None = None
         self.step_views = [self.steps[int(chunk)] for chunk in self.leaders]
         self.initialized = np.zeros(len(params), dtype=bool)
+        # The dict the engine put in ``optimizer.state`` for each segment (None before its
+        # first step): another object there means someone reset or replaced that state.
+        self.state_entries: list = [None] * len(params)
         # (group, first segment, last segment): segments are laid out in group order.
         boundaries = np.flatnonzero(np.diff(self.group_of_segment)) + 1
         firsts = np.concatenate(([0], boundaries)) if len(params) else np.zeros(0, dtype=np.int64)
@@ -205,10 +214,12 @@ class FlatBuffer:
         # Filled in by the engine: the chunk table in launch order, its kernel-variant
         # ranges, and the last step's gradient plan and shift table.
         self.variant_key = None
+        self.amsgrad_exposed = None  # per group range, the amsgrad flags state was last shaped for
         self.chunk_ranges: list = []
         self.chunks_on_device: torch.Tensor | None = None
         self.last_plan = None
         self.shifts_on_device: torch.Tensor | None = None
+        self.uploaded_shifts: np.ndarray | None = None  # what shifts_on_device holds
 
     # -- geometry ---------------------------------------------------------------------------
     def _build_chunks(self) -> None:
@@ -270,6 +281,8 @@ class FlatBuffer:
     def ensure_grad(self) -> None:
         if self.grad is None:
             self.grad = aligned_zeros(self.total, self.dtype, self.device)
+            storage = self.grad if self.grad._base is None else self.grad._base
+            storage._adam_triton_gradients = True  # what its views' ._base is: see is_gradient_buffer
             self.grad_views = [self.segment_view(self.grad, i) for i in range(len(self.params))]
 
     # -- parameters -------------------------------------------------------------------------

@@ -96,13 +96,15 @@ def adam(
         )
         return
     hyper = upload(np.array([[lr, beta1, beta2, eps, weight_decay]], dtype=np.float64), param.device)
+    if param.device not in _zero_shift:
+        _zero_shift[param.device] = upload(np.zeros(1, dtype=np.int64), param.device)
     _backends.kernels().adam_chunked_update(
         param.view(-1),
         grad.view(-1),
         exp_avg.view(-1),
         exp_avg_sq.view(-1),
         max_exp_avg_sq.view(-1) if amsgrad else None,
-        _zero_shift.setdefault(param.device, upload(np.zeros(1, dtype=np.int64), param.device)),
+        _zero_shift[param.device],
         _single_segment_chunks(param.numel(), param.device),
         step.view(1),
         hyper,

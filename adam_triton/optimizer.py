@@ -149,6 +149,7 @@ class _FlatAdam(Optimizer):
         """
         if set_to_none:
             super().zero_grad(set_to_none=True)
+            self._engine.forget_gradients()
             return
         if not hasattr(self, "_zero_grad_profile_name"):
             self._patch_step_function()

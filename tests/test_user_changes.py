@@ -1,0 +1,150 @@
+"""Things users do to an optimizer between steps, checked against torch's optimizer doing
+the same: resetting its state, swapping a parameter in a group, switching AMSGrad on,
+zeroing or dropping gradients, adding a group."""
+
+import copy
+import gc
+import weakref
+from collections import defaultdict
+
+import pytest
+import torch
+from helpers import OddModel, assert_close_params, assert_close_state, optimizers, paired, train
+
+import adam_triton
+
+
+@pytest.mark.parametrize(
+    "reset",
+    [
+        pytest.param(lambda opt, model: opt.state.clear(), id="state.clear()"),
+        pytest.param(lambda opt, model: setattr(opt, "state", defaultdict(dict)), id="new state dict"),
+        pytest.param(lambda opt, model: opt.state.__setitem__(list(model.parameters())[2], {}), id="one entry emptied"),
+        pytest.param(lambda opt, model: opt.state.pop(list(model.parameters())[0]), id="one entry removed"),
+    ],
+)
+def test_resetting_the_state_restarts_adam_as_in_torch(target, reset):
+    """A reset state means a fresh start (zero moments, step 1 next) for what was reset,
+    and nothing else changes."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=4)
+        reset(optimizer, model)
+        train(model, optimizer, steps=2, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_a_parameter_swapped_into_a_group_is_the_one_updated(target):
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        replacement = torch.nn.Parameter(model.weights[3].detach() * 2)
+        optimizer.param_groups[0]["params"][3] = replacement  # in place: the list stays the same object
+        model.weights[3] = replacement
+        train(model, optimizer, steps=2, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_amsgrad_switched_on_mid_training_is_in_the_state_and_the_checkpoint(target):
+    """torch's own optimizer fails on its next step (KeyError) when a group switches AMSGrad
+    on after its state exists; ours goes on, and its checkpoint must then hold the maxima
+    so that torch's optimizer can resume from it and agree with ours."""
+    ours_model = OddModel().to(target.device)
+    ours = adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend)
+    train(ours_model, ours, steps=2)
+    ours.param_groups[0]["amsgrad"] = True
+    train(ours_model, ours, steps=2, seed=2)
+    assert all("max_exp_avg_sq" in ours.state[p] for p in ours_model.parameters())
+    reference_model = copy.deepcopy(ours_model)
+    reference = torch.optim.AdamW(reference_model.parameters())
+    reference.load_state_dict(copy.deepcopy(ours.state_dict()))  # step tensors would be shared
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, seed=3)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_zero_grad_lets_the_gradients_go(target):
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), backend=target.backend)
+    train(model, optimizer, steps=1)
+    gradients = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.zero_grad()
+    gc.collect()
+    assert [ref() for ref in gradients] == [None] * len(gradients)
+
+
+def test_zero_grad_without_set_to_none_leaves_a_gradient_of_another_dtype_alone():
+    """A parameter whose gradient has its own dtype (``grad_dtype``) keeps it: it is zeroed
+    where it is, as torch does, and every other gradient still becomes a zeroed view.
+    (torch's Adam cannot step a float32 gradient on a bfloat16 parameter; ours rounds it,
+    which is what autograd does without ``grad_dtype``: the reference.)"""
+    results = {}
+    for name in ("ours", "torch"):
+        params = [torch.nn.Parameter(torch.full((5,), float(i + 1), dtype=torch.bfloat16)) for i in range(3)]
+        if name == "ours":
+            params[1].grad_dtype = torch.float32
+            optimizer = adam_triton.AdamW(params, lr=1e-2)
+        else:
+            optimizer = torch.optim.AdamW(params, lr=1e-2, fused=True)
+        for step in range(3):
+            optimizer.zero_grad(set_to_none=False)
+            assert all(not p.grad.any() for p in params if p.grad is not None)
+            sum(((p.float() - step / 3) ** 2).sum() for p in params).backward()
+            optimizer.step()
+        results[name] = [p.detach() for p in params] + [p.grad.to(torch.bfloat16) for p in params]
+        if name == "ours":
+            assert params[1].grad.dtype == torch.float32
+            (buffer,) = optimizer._engine.buffers
+            assert params[0].grad is buffer.grad_views[0] and params[2].grad is buffer.grad_views[2]
+    for ours, reference in zip(results["ours"], results["torch"]):
+        torch.testing.assert_close(ours, reference, rtol=0, atol=0)
+
+
+def test_gradients_rejoin_the_flat_buffer_after_a_group_is_added():
+    """add_param_group re-homes the parameters; the next zero_grad(set_to_none=False) must
+    make every gradient a view of the new gradient buffer, not keep the old buffer alive."""
+    ours_model, reference_model = paired(OddModel, "cpu")
+    ours = adam_triton.AdamW(list(ours_model.parameters())[:4], lr=1e-2, backend="torch")
+    reference = torch.optim.AdamW(list(reference_model.parameters())[:4], lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, set_to_none=False)
+        optimizer.add_param_group({"params": list(model.parameters())[4:], "lr": 3e-3})
+        train(model, optimizer, steps=2, seed=2, set_to_none=False)
+    assert_close_params(ours_model, reference_model)
+    (buffer,) = ours._engine.buffers
+    assert all(p.grad is view for p, view in zip(buffer.params, buffer.grad_views))
+    assert buffer.last_plan.in_grad_buffer.all()
+
+
+
+def test_the_gradient_table_is_uploaded_only_when_a_gradient_moved(monkeypatch):
+    """Gradients set to None and handed back at the same addresses (as the caching
+    allocator often does) need no new shift table; gradients elsewhere do."""
+    from adam_triton import _backends
+
+    if not _backends.triton_importable() or not _backends.kernels().is_interpreted():
+        pytest.skip("needs the Triton interpreter")
+    model = OddModel()
+    optimizer = adam_triton.AdamW(model.parameters(), backend="triton")
+    uploads = []
+    real_upload = _backends.upload
+    monkeypatch.setattr(_backends, "upload", lambda array, device: uploads.append(array) or real_upload(array, device))
+    gradients = [torch.randn_like(p) for p in model.parameters()]
+    counts = []
+    for _ in range(3):
+        optimizer.zero_grad()
+        for p, g in zip(model.parameters(), gradients):
+            p.grad = g
+        optimizer.step()
+        counts.append(len(uploads))
+    optimizer.zero_grad()
+    for p, g in zip(model.parameters(), gradients):
+        p.grad = g.clone()
+    optimizer.step()
+    counts.append(len(uploads))
+    assert counts[0] == counts[1] == counts[2] == counts[3] - 1, counts
