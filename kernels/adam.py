@@ -50,8 +50,23 @@ def _fail(message: str) -> None:
 
 def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper,
            amsgrad, bump_steps, param_copy, grad_scale, found_inf, stochastic_rounding_seed, param_shifts):
+    named = {"param": param, "grad_base": grad_base, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq,
+             "grad_shifts": grad_shifts, "chunks": chunks, "steps": steps, "hyper": hyper}
+    optional = {"max_exp_avg_sq": max_exp_avg_sq, "param_copy": param_copy, "param_shifts": param_shifts,
+                "grad_scale": grad_scale, "found_inf": found_inf}
+    named.update((name, value) for name, value in optional.items() if value is not None)
+    for name, value in named.items():
+        if not isinstance(value, torch.Tensor):
+            _fail(f"{name} must be a tensor, got {type(value).__name__}")
     if param.dtype not in _SUPPORTED:
         _fail(f"param dtype {param.dtype} is not one of {_SUPPORTED}")
+    if param_copy is not None:
+        if param.dtype != torch.float32:
+            _fail(f"with param_copy, param holds the float32 master weights; got {param.dtype}")
+        if param_copy.device != param.device:
+            _fail(f"param_copy is on {param_copy.device}, param on {param.device}")
+        if param_copy.dtype not in _SUPPORTED:
+            _fail(f"param_copy dtype {param_copy.dtype} is not one of {_SUPPORTED}")
     model_dtype = param.dtype if param_copy is None else param_copy.dtype
     if grad_base.dtype != model_dtype:
         _fail(f"grad_base dtype {grad_base.dtype} differs from the parameters' dtype {model_dtype}")
@@ -76,8 +91,11 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
             _fail(f"{name} must be contiguous with {exp_avg.numel()} elements like exp_avg")
         if buffer.dtype not in _SUPPORTED:
             _fail(f"{name} dtype {buffer.dtype} is not one of {_SUPPORTED}")
-    if stochastic_rounding_seed is not None and (param.dtype != torch.bfloat16 or param_copy is not None):
-        _fail("stochastic rounding writes bfloat16 parameters: param must be bfloat16 and param_copy None")
+    if stochastic_rounding_seed is not None:
+        if param.dtype != torch.bfloat16 or param_copy is not None:
+            _fail("stochastic rounding writes bfloat16 parameters: param must be bfloat16 and param_copy None")
+        if not isinstance(stochastic_rounding_seed, int) or not 0 <= stochastic_rounding_seed < 2**63:
+            _fail(f"stochastic_rounding_seed must be an int in [0, 2**63), got {stochastic_rounding_seed!r}")
     tables = {
         "grad_shifts": (grad_shifts, torch.int64, 1),
         "param_shifts": (grad_shifts if param_shifts is None else param_shifts, torch.int64, 1),

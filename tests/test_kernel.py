@@ -197,10 +197,30 @@ def test_launcher_rejects_bad_inputs(kernel_device):
         "hyper": torch.zeros(1, 5, dtype=torch.float32, device=device),
         "steps": torch.zeros(1, dtype=torch.float64, device=device),
         "param": torch.zeros(n, dtype=torch.int32, device=device),
+        "grad_scale": 2.0,
     }
     for name, bad in bad_cases.items():
         with pytest.raises(ValueError, match="adam_chunked_update"):
             kernels.adam_chunked_update(**{**good, name: bad}, **flags)
+    # With master weights the model's buffer may be elsewhere (shifts), but its kind is checked.
+    shifted = dict(good, param_shifts=good["grad_shifts"])
+    bad_copies = {
+        "int16 model": dict(param_copy=torch.zeros(n, dtype=torch.int16, device=device),
+                            grad_base=torch.zeros(n, dtype=torch.int16, device=device)),
+        "meta model": dict(param_copy=torch.zeros(n, dtype=torch.bfloat16, device="meta"),
+                           grad_base=torch.zeros(n, dtype=torch.bfloat16, device=device)),
+        "float64 masters": dict(param=torch.zeros(n, dtype=torch.float64, device=device),
+                                param_copy=torch.zeros(n, dtype=torch.bfloat16, device=device),
+                                grad_base=torch.zeros(n, dtype=torch.bfloat16, device=device)),
+    }
+    for name, changes in bad_copies.items():
+        with pytest.raises(ValueError, match="adam_chunked_update"):
+            kernels.adam_chunked_update(**{**shifted, **changes}, **flags)
+    bf16 = dict(good, param=torch.zeros(n, dtype=torch.bfloat16, device=device),
+                grad_base=torch.zeros(n, dtype=torch.bfloat16, device=device))
+    for seed in (2**63, -1, 1.5):
+        with pytest.raises(ValueError, match="stochastic_rounding_seed"):
+            kernels.adam_chunked_update(**bf16, stochastic_rounding_seed=seed, **flags)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         kernels.adam_chunked_update(**good, amsgrad=True, maximize=False, decoupled_weight_decay=False)
 
@@ -210,7 +230,8 @@ def test_constants_shared_with_the_host_agree():
 
     assert _gradients.NO_GRADIENT == kernels.NO_GRADIENT
     assert _layout.SEGMENT_ALIGNMENT_BYTES == kernels.SEGMENT_ALIGNMENT_BYTES
-    assert _layout.CHUNK_QUANTUM % 16 == 0
+    for dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        assert _layout.CHUNK_QUANTUM % kernels.block_size(dtype) == 0, dtype
 
 
 def test_one_launch_per_buffer_whatever_the_tensors_and_groups(kernel_device, monkeypatch):
