@@ -28,8 +28,10 @@ from ._in_place import DTensorSpec, is_dtensor, local
 #: Must equal ``adam_triton.kernels.SEGMENT_ALIGNMENT_BYTES`` (checked by the tests); kept
 #: here so that building a layout does not import triton.
 SEGMENT_ALIGNMENT_BYTES = 128
-#: Chunk lengths are multiples of this many elements (the kernel needs multiples of 16).
-CHUNK_QUANTUM = 1024
+#: Chunk lengths are multiples of this many elements: of the kernel's tile for every dtype
+#: (2048 elements for 16-bit types), so that only a segment's last tile is masked; masked
+#: tiles lose the 16-byte vector accesses (checked by the tests).
+CHUNK_QUANTUM = 2048
 #: The most elements one kernel program updates.
 MAX_CHUNK_ELEMENTS = 65536
 #: Programs per streaming multiprocessor the chunking aims for on GPUs, so that small
