@@ -51,6 +51,20 @@ def test_grad_scaler_matches_torch_fused_and_skips_infs(target, clip):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_grad_scaler_leaves_unscaled_gradients_with_compact_states_too(target):
+    """bfloat16 states take another path on the CPU backend (float32 working copies); the
+    gradients must still come back unscaled, as torch's fused kernel leaves them."""
+    ours_model = OddModel().to(target.device)
+    reference_model = copy.deepcopy(ours_model)
+    ours = adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend, state_dtype=torch.bfloat16)
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, fused=True)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        _scaled_training(model, optimizer, torch.amp.GradScaler(target.device, init_scale=2.0**12), 2)
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    assert_close_params(ours_model, reference_model, rtol=2e-2, atol=2e-3)
+
+
 def test_a_skipped_step_changes_nothing(target):
     model = OddModel().to(target.device)
     optimizer = adam_triton.Adam(model.parameters(), lr=1e-2, backend=target.backend, amsgrad=True)

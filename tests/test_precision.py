@@ -68,15 +68,16 @@ def test_bfloat16_parameters_agree_with_torch_fused_to_one_ulp(target, amsgrad):
             assert (difference <= _bf16_ulp(q.detach())).all(), difference.max()
 
 
+@pytest.mark.parametrize("amsgrad", [False, True], ids=["adamw", "amsgrad"])
 @pytest.mark.parametrize("state_dtype", [None, BF16])
-def test_master_weights_make_a_bfloat16_model_follow_float32_adam(target, state_dtype):
-    """The masters follow torch's float32 AdamW fed with the model's own gradients, and the
-    model's parameters are exactly the masters rounded to nearest."""
+def test_master_weights_make_a_bfloat16_model_follow_float32_adam(target, state_dtype, amsgrad):
+    """The masters (and the moments) follow torch's float32 AdamW fed with the model's own
+    gradients, and the model's parameters are exactly the masters rounded to nearest."""
     model = OddModel().to(target.device, BF16)
     masters = [torch.nn.Parameter(p.detach().float().cpu()) for p in model.parameters()]
     ours = adam_triton.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1, backend=target.backend,
-                             master_weights=True, state_dtype=state_dtype)
-    reference = torch.optim.AdamW(masters, lr=1e-2, weight_decay=0.1)
+                             master_weights=True, state_dtype=state_dtype, amsgrad=amsgrad)
+    reference = torch.optim.AdamW(masters, lr=1e-2, weight_decay=0.1, amsgrad=amsgrad)
     generator = torch.Generator().manual_seed(1)
     for _ in range(6):
         x = torch.randn(8, generator=generator).to(target.device, BF16)
@@ -93,6 +94,12 @@ def test_master_weights_make_a_bfloat16_model_follow_float32_adam(target, state_
         assert torch.equal(p.detach(), state["master_param"].to(BF16)), "parameter != master rounded"
         tolerance = dict(rtol=1e-5, atol=1e-6) if state_dtype is None else dict(rtol=2e-2, atol=2e-3)
         torch.testing.assert_close(state["master_param"].cpu(), master.detach(), **tolerance)
+        moments = ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if amsgrad else ())
+        assert set(state) == set(reference.state[master]) | {"master_param"}
+        for key in moments:
+            expected = reference.state[master][key]
+            scale = float(expected.abs().max()) * (1e-5 if state_dtype is None else 1e-2)
+            torch.testing.assert_close(state[key].cpu().float(), expected, rtol=tolerance["rtol"], atol=scale)
 
 
 def test_masters_and_bfloat16_states_survive_save_and_load_bit_exactly(target):
@@ -219,11 +226,23 @@ def test_stochastic_rounding_is_reproducible_from_its_seed(target):
         (dict(master_weights=True, stochastic_rounding=True), "exclude each other"),
         (dict(state_dtype=torch.int8), "state_dtype"),
         (dict(stochastic_rounding_seed=-1), "stochastic_rounding_seed"),
+        (dict(stochastic_rounding_seed=2**62), "stochastic_rounding_seed"),
+        (dict(stochastic_rounding_seed=1.5), "stochastic_rounding_seed"),
     ],
 )
 def test_bad_precision_options_raise(kwargs, message):
     with pytest.raises(ValueError, match=message):
         adam_triton.AdamW([torch.nn.Parameter(torch.zeros(2, dtype=BF16))], **kwargs)
+
+
+def test_master_weights_leave_float32_parameters_without_a_copy(target):
+    """Masters exist for 16-bit parameters only: float32 ones are their own master."""
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), backend=target.backend, master_weights=True)
+    train(model, optimizer, steps=1)
+    (buffer,) = optimizer._engine.buffers
+    assert buffer.master is None
+    assert all("master_param" not in optimizer.state[p] for p in model.parameters())
 
 
 def test_stochastic_rounding_of_float16_is_refused():

@@ -114,9 +114,21 @@ def _corruptions():
     def no_state(sd):
         del sd["state"]
 
+    def infinite_step(sd):
+        sd["state"][1]["step"] = torch.tensor(float("inf"))
+
+    def maximum_shape(sd):  # parameter 0 is in the AMSGrad group
+        sd["state"][0]["max_exp_avg_sq"] = sd["state"][0]["max_exp_avg_sq"].flatten()[:-1]
+
+    def complex_state(sd):
+        sd["state"][3]["exp_avg"] = torch.zeros(sd["state"][3]["exp_avg"].shape, dtype=torch.complex64)
+
     return [
         pytest.param(fn, id=fn.__name__)
-        for fn in (shape, missing_key, not_a_tensor, negative_step, step_vector, integer_state, group_count, group_size, group_lacks_lr, no_state)
+        for fn in (
+            shape, missing_key, not_a_tensor, negative_step, step_vector, integer_state, group_count, group_size,
+            group_lacks_lr, no_state, infinite_step, maximum_shape, complex_state,
+        )
     ]
 
 
@@ -177,3 +189,40 @@ def test_deepcopy_and_pickle_give_working_optimizers(target):
         p.grad = torch.ones_like(p)
     clone.step()
     assert float(clone.state[cloned_params[0]]["step"]) == 3
+
+
+def test_loading_copies_the_groups_and_keeps_unknown_state_as_torch_does(target):
+    """The checkpoint's groups are copied (changing the dict afterwards changes nothing), and
+    state keys the optimizer does not know travel on, in state and in the next checkpoint."""
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    checkpoint["state"][1]["ema_of_norm"] = torch.tensor(3.5)
+    checkpoint["state"][1]["note"] = "kept"
+    optimizer.load_state_dict(checkpoint)
+    checkpoint["param_groups"][0]["lr"] = 123.0
+    checkpoint["param_groups"][0]["betas"] = (0.0, 0.0)
+    assert optimizer.param_groups[0]["lr"] == 1e-2 and optimizer.param_groups[0]["betas"] == (0.9, 0.999)
+    state = optimizer.state[list(model.parameters())[1]]
+    assert float(state["ema_of_norm"]) == 3.5 and state["note"] == "kept"
+    train(model, optimizer, steps=1, seed=2)
+    saved = optimizer.state_dict()["state"][1]
+    assert float(saved["ema_of_norm"]) == 3.5 and saved["note"] == "kept"
+
+
+def test_adamw_loading_an_adam_checkpoint_stays_adamw_as_in_torch(target):
+    """torch's AdamW forces decoupled weight decay on whatever groups it loads."""
+    source_model = OddModel().to(target.device)
+    source = torch.optim.Adam(source_model.parameters(), lr=1e-2, weight_decay=0.5)
+    train(source_model, source, steps=2)
+    checkpoint = source.state_dict()
+    assert checkpoint["param_groups"][0]["decoupled_weight_decay"] is False
+    ours_model, reference_model = copy.deepcopy(source_model), copy.deepcopy(source_model)
+    ours = adam_triton.AdamW(ours_model.parameters(), backend=target.backend)
+    reference = torch.optim.AdamW(reference_model.parameters())
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        optimizer.load_state_dict(copy.deepcopy(checkpoint))
+        assert optimizer.param_groups[0]["decoupled_weight_decay"] is True
+        train(model, optimizer, steps=2, seed=2)
+    assert_close_params(ours_model, reference_model)

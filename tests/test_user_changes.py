@@ -148,3 +148,36 @@ def test_the_gradient_table_is_uploaded_only_when_a_gradient_moved(monkeypatch):
     optimizer.step()
     counts.append(len(uploads))
     assert counts[0] == counts[1] == counts[2] == counts[3] - 1, counts
+
+
+def test_a_step_count_edited_in_place_counts_for_the_whole_parameter(target):
+    """A parameter larger than a chunk has a step counter per chunk; a count written into
+    ``state[p]["step"]`` must reach all of them (torch: the bias corrections restart)."""
+    make = lambda: OddModel(shapes=[(37,), (5, 3001), (129,)])  # noqa: E731
+    ours_model, reference_model = paired(make, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    assert len(ours._engine.buffers[0].chunk_rows) > 3  # the middle parameter spans chunks
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+        optimizer.state[model.weights[1]]["step"].fill_(1.0)
+        train(model, optimizer, steps=2, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_a_gradient_off_the_vector_alignment_is_copied_and_still_correct(target):
+    """The kernel reads gradients with 16-byte accesses: one 8 bytes off goes through the
+    gradient buffer, and the result is unchanged."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for step in range(2):
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            optimizer.zero_grad()
+            generator = torch.Generator().manual_seed(step)
+            for p in model.parameters():
+                storage = torch.randn(p.numel() + 2, generator=generator).to(target.device)
+                p.grad = storage[2:].view_as(p)  # 8 bytes past a 16-byte boundary
+            optimizer.step()
+    assert_close_params(ours_model, reference_model)
+    (buffer,) = ours._engine.buffers
+    assert sorted(buffer.last_plan.staged) == list(range(len(buffer.params)))
