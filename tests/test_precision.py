@@ -163,6 +163,28 @@ def test_parameters_written_outside_the_optimizer_reseed_their_masters(target):
     assert not torch.equal(first, first.to(BF16).float())
 
 
+def test_one_element_written_outside_the_optimizer_reseeds_only_its_master(target):
+    """Writing one element of a bfloat16 parameter re-seeds that element's master; the
+    rest of the parameter keeps its float32 masters, exactly as an untouched twin does."""
+    model = OddModel().to(target.device, BF16)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
+    train(model, optimizer, steps=3)
+    twin_model, twin = copy.deepcopy((model, optimizer))
+    with torch.no_grad():
+        model.weights[6][0, 0] = 0.75
+    for m, o in ((model, optimizer), (twin_model, twin)):
+        for p in m.parameters():  # the same (zero) gradients for both: only the write differs
+            p.grad = torch.zeros_like(p)
+        o.step()
+    masters = optimizer.state[model.weights[6]]["master_param"]
+    twin_masters = twin.state[twin_model.weights[6]]["master_param"]
+    assert abs(float(masters[0, 0]) - 0.75) < 0.05 and abs(float(twin_masters[0, 0]) - 0.75) > 0.05
+    rest = torch.ones_like(masters, dtype=torch.bool)
+    rest[0, 0] = False
+    assert torch.equal(masters[rest], twin_masters[rest])
+    assert not torch.equal(masters[rest], masters[rest].to(BF16).float())  # more than bfloat16 holds
+
+
 @pytest.mark.parametrize("master_weights", [False, True])
 def test_float16_with_default_eps_and_tiny_gradients_stays_finite_and_moves(target, master_weights):
     params = [torch.nn.Parameter(torch.ones(64, dtype=torch.float16, device=target.device))]
