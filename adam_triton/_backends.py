@@ -20,7 +20,7 @@ import torch
 
 from ._gradients import GradientPlan
 from ._layout import FlatBuffer
-from ._tables import HyperTable, refuse_upload_while_capturing, upload
+from ._tables import HyperTable, group_values, refuse_upload_while_capturing, upload
 from ._validation import BACKENDS
 
 __all__ = ["kernels", "refuse_upload_while_capturing", "resolve_backend", "update_torch", "update_triton"]
@@ -127,12 +127,11 @@ def _pick(items: list, indices: np.ndarray) -> list:
     return list(operator.itemgetter(*indices.tolist())(items))
 
 
-def _group_values(group: dict, device: torch.device) -> tuple:
+def _values_for_fused_kernel(group: dict, device: torch.device) -> tuple:
     """lr, beta1, beta2, eps, weight_decay as numbers, or as tensors on ``device`` when the
     group holds them in device tensors (reading those would wait for the device)."""
-    beta1, beta2 = group["betas"]
     values = []
-    for value in (group["lr"], beta1, beta2, group["eps"], group["weight_decay"]):
+    for value in group_values(group):
         if isinstance(value, torch.Tensor):
             value = float(value) if value.device.type == "cpu" else value.to(device=device, dtype=torch.float64)
         values.append(value)
@@ -263,7 +262,7 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
         if amsgrad and working and tensors.max_exp_avg_sq is None:  # AMSGrad switched on this step
             tensors.max_exp_avg_sq = buffer.max_exp_avg_sq.to(tensors.exp_avg.dtype)
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        lr, beta1, beta2, eps, weight_decay = _group_values(group, buffer.device)
+        lr, beta1, beta2, eps, weight_decay = _values_for_fused_kernel(group, buffer.device)
         arguments = dict(
             lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
             amsgrad=amsgrad, maximize=bool(group["maximize"]), **scaler,

@@ -18,9 +18,9 @@ from ._gradients import plan_gradients, zero_into_grad_buffer
 from ._in_place import is_dtensor, local
 from ._layout import PRECISION_KEYS, FlatBuffer, precision_of, storage_dtype
 from ._tables import HyperTable, order_chunks, upload, variant_of
+from ._validation import check_precision_options
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
-STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 #: Per-parameter state keys the engine owns; any other key in a loaded state is kept as is.
 ENGINE_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 
@@ -28,6 +28,13 @@ ENGINE_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_
 def check_parameters(groups: list[dict], params: list, group_of: list[int], optimizer_name: str) -> None:
     """Raise for parameters or precision options the buffers cannot hold, before anything
     is changed."""
+    for options in groups:  # groups may override the optimizer's precision options
+        check_precision_options(
+            options.get("master_weights"),
+            options.get("state_dtype"),
+            options.get("stochastic_rounding"),
+            options.get("stochastic_rounding_seed") or 0,  # as precision_of reads it
+        )
     for param, index in zip(params, group_of):
         group = groups[index]
         if param.dtype not in SUPPORTED_DTYPES:
@@ -40,16 +47,8 @@ def check_parameters(groups: list[dict], params: list, group_of: list[int], opti
         if param.device.type == "meta":
             raise ValueError(f"{optimizer_name} cannot hold parameters on the meta device: materialize them first")
         state_dtype = group.get("state_dtype")
-        if state_dtype is not None:
-            if state_dtype not in STATE_DTYPES:
-                raise ValueError(f"state_dtype must be one of {STATE_DTYPES} or None, got {state_dtype!r}")
-            if param.is_complex() and state_dtype != storage_dtype(param):
-                raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
-        if group.get("stochastic_rounding") and group.get("master_weights"):
-            raise ValueError(
-                "stochastic_rounding and master_weights exclude each other: with master weights the "
-                "parameters are float32 masters rounded to nearest; choose one"
-            )
+        if state_dtype is not None and param.is_complex() and state_dtype != storage_dtype(param):
+            raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
         if group.get("stochastic_rounding") and param.dtype == torch.float16:
             raise ValueError("stochastic_rounding supports bfloat16 parameters; use master_weights=True for float16")
 
@@ -178,7 +177,6 @@ class Engine:
                     buffer.exp_avg_sq_views[segment].zero_()
                     if buffer.max_exp_avg_sq is not None:
                         buffer.max_exp_avg_sq_views[segment].zero_()
-                    buffer.initialized[segment] = False
                     buffer.state_entries[segment] = None
                     continue
                 # DTensor states (ours, or loaded) are copied through their local shards.
@@ -195,7 +193,6 @@ class Engine:
                 views = buffer.state_views(segment, amsgrad=has_max or bool(group["amsgrad"]))
                 extra = {k: v for k, v in entry.items() if k not in ENGINE_STATE_KEYS}
                 state[param] = buffer.state_entries[segment] = {**views, **extra}
-                buffer.initialized[segment] = True
             if loaded_steps:
                 tensors = [torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for _, v in loaded_steps]
                 step_values[[s for s, _ in loaded_steps]] = torch.stack(tensors).numpy()
@@ -205,7 +202,6 @@ class Engine:
             buffer.param_versions = [v._version for v in buffer.version_sources]
             buffer.last_plan = None
             buffer.variant_key = None
-            buffer.amsgrad_exposed = None
         # Drop the empty entries a defaultdict lookup may have left behind, as torch has none.
         ours = {id(p) for p in self._params}
         for key in [k for k, v in state.items() if id(k) in ours and not v]:
@@ -219,7 +215,6 @@ class Engine:
             group = groups[int(buffer.group_of_segment[segment])]
             entry = buffer.state_views(segment, amsgrad=bool(group["amsgrad"]))
             state[buffer.params[segment]] = buffer.state_entries[segment] = entry
-        buffer.initialized |= new
 
     def _notice_replaced_state(self, groups: list[dict], state) -> None:
         """Re-import the state of buffers where someone reset or replaced a parameter's
@@ -232,38 +227,35 @@ class Engine:
             # Empty entries of parameters that have no state yet (a defaultdict lookup
             # leaves them behind) change nothing.
             replaced = any(
-                entry is not ours and (initialized or bool(entry))
-                for entry, ours, initialized in zip(entries, buffer.state_entries, buffer.initialized)
+                entry is not ours and (ours is not None or bool(entry))
+                for entry, ours in zip(entries, buffer.state_entries)
             )
             if replaced:
                 self.import_state(groups, state, [buffer])
             else:
                 buffer.state_entries = entries
 
-    def _order_chunks(self, buffer: FlatBuffer, variants: list[tuple]) -> None:
+    def _prepare_variants(self, buffer: FlatBuffer, variants: list[tuple], state) -> None:
+        """When a group's kernel variant changed (or on the first step): a group that
+        switched AMSGrad on after its state was created gains ``max_exp_avg_sq`` in its
+        parameters' state (so that checkpoints carry it), and the Triton backend re-orders
+        its chunk table by variant."""
         key = tuple(variants[g] for g, _, _ in buffer.group_ranges)
         if key == buffer.variant_key:
             return
-        _backends.refuse_upload_while_capturing(buffer.device, "the kernel variants of the parameter groups")
-        rows, ranges = order_chunks(buffer.chunk_rows, variants)
-        buffer.chunks_on_device = upload(rows, buffer.device)
-        buffer.chunk_ranges = ranges
+        initialized = buffer.initialized
+        for (amsgrad, _, _), (_, first, last) in zip(key, buffer.group_ranges):
+            if amsgrad:
+                buffer.ensure_max_exp_avg_sq()
+                for segment in np.flatnonzero(initialized[first : last + 1]) + first:
+                    entry = state[buffer.params[segment]]
+                    entry.setdefault("max_exp_avg_sq", buffer.moment_view("max_exp_avg_sq", segment))
+        if self.backend_of[id(buffer)] == "triton":
+            _backends.refuse_upload_while_capturing(buffer.device, "the kernel variants of the parameter groups")
+            rows, ranges = order_chunks(buffer.chunk_rows, variants)
+            buffer.chunks_on_device = upload(rows, buffer.device)
+            buffer.chunk_ranges = ranges
         buffer.variant_key = key
-
-    @staticmethod
-    def _expose_amsgrad_state(buffer: FlatBuffer, groups: list[dict], state) -> None:
-        """A group switched AMSGrad on after its state was created: its parameters' state
-        gains ``max_exp_avg_sq`` (so that checkpoints carry it)."""
-        amsgrad = tuple(bool(groups[g]["amsgrad"]) for g, _, _ in buffer.group_ranges)
-        if amsgrad == buffer.amsgrad_exposed:
-            return
-        buffer.amsgrad_exposed = amsgrad
-        for on, (_, first, last) in zip(amsgrad, buffer.group_ranges):
-            if not on:
-                continue
-            buffer.ensure_max_exp_avg_sq()
-            for segment in np.flatnonzero(buffer.initialized[first : last + 1]) + first:
-                state[buffer.params[segment]].setdefault("max_exp_avg_sq", buffer.moment_view("max_exp_avg_sq", segment))
 
     # -- the step ---------------------------------------------------------------------------
     def step(self, groups: list[dict], state: defaultdict, grad_scale=None, found_inf=None) -> None:
@@ -292,12 +284,11 @@ class Engine:
             if not plan.has_grad.any():
                 continue
             self._initialize_new_state(buffer, plan.has_grad, groups, state)
-            self._expose_amsgrad_state(buffer, groups, state)
+            self._prepare_variants(buffer, variants, state)
             buffer.sync_step_counters()
             buffer.sync_master_weights()
             scale, inf = scaler_value(grad_scale, buffer.device), scaler_value(found_inf, buffer.device)
             if self.backend_of[id(buffer)] == "triton":
-                self._order_chunks(buffer, variants)
                 _backends.update_triton(buffer, plan, self.hyper, scale, inf)
             else:
                 _backends.update_torch(buffer, plan, groups, scale, inf)

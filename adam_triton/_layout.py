@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -199,7 +200,6 @@ class FlatBuffer:
         self.max_exp_avg_sq_views: list | None = None
         self.grad_views: list | None = None
         self.step_views = [self.steps[int(chunk)] for chunk in self.leaders]
-        self.initialized = np.zeros(len(params), dtype=bool)
         # The dict the engine put in ``optimizer.state`` for each segment (None before its
         # first step): another object there means someone reset or replaced that state.
         self.state_entries: list = [None] * len(params)
@@ -215,13 +215,17 @@ class FlatBuffer:
 
         # Filled in by the engine: the chunk table in launch order, its kernel-variant
         # ranges, and the last step's gradient plan and shift table.
-        self.variant_key = None
-        self.amsgrad_exposed = None  # per group range, the amsgrad flags state was last shaped for
+        self.variant_key = None  # the kernel variant of each group range, as last prepared for
         self.chunk_ranges: list = []
         self.chunks_on_device: torch.Tensor | None = None
         self.last_plan = None
         self.shifts_on_device: torch.Tensor | None = None
         self.uploaded_shifts: np.ndarray | None = None  # what shifts_on_device holds
+
+    @property
+    def initialized(self) -> np.ndarray:
+        """Which segments have state (in ``optimizer.state``, as views of this buffer)."""
+        return np.fromiter(map(operator.is_not, self.state_entries, repeat(None)), dtype=bool, count=len(self.params))
 
     # -- geometry ---------------------------------------------------------------------------
     def _build_chunks(self) -> None:

@@ -23,7 +23,8 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return staging.to(device, non_blocking=True)
 
 
-def _group_values(group: dict) -> tuple:
+def group_values(group: dict) -> tuple:
+    """A group's (lr, beta1, beta2, eps, weight_decay), as the group holds them."""
     beta1, beta2 = group["betas"]
     return (group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
 
@@ -50,7 +51,7 @@ class HyperTable:
         device_values = []  # (row, column, tensor) read on the device itself
         for row, group in enumerate(groups):
             values = []
-            for column, value in enumerate(_group_values(group)):
+            for column, value in enumerate(group_values(group)):
                 if isinstance(value, torch.Tensor):
                     if value.device.type != "cpu":
                         device_values.append((row, column, value))
