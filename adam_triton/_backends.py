@@ -138,9 +138,16 @@ def _values_for_fused_kernel(group: dict, device: torch.device) -> tuple:
     return tuple(values)
 
 
+def _chunks_of(buffer: FlatBuffer, segments: np.ndarray) -> np.ndarray:
+    """The chunks (rows of the step table) that belong to ``segments``."""
+    wanted = np.zeros(len(buffer.params), dtype=bool)
+    wanted[segments] = True
+    return np.flatnonzero(wanted[buffer.chunk_segment])
+
+
 def _count_segments(buffer: FlatBuffer, segments: np.ndarray, found_inf=None) -> None:
     """Add one to the counters of every chunk of ``segments`` (none where found_inf)."""
-    chunks = np.flatnonzero(np.isin(buffer.chunk_segment, segments))
+    chunks = _chunks_of(buffer, segments)
     if buffer.device.type == "cpu" and found_inf is None:
         buffer.steps.numpy()[chunks] += 1.0
     else:
@@ -291,7 +298,7 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
             steps = _pick(buffer.step_views, segments)
         fused(*spans, maxima, steps, **arguments)
         if found_inf is not None:
-            views = _pick(buffer.chunk_step_views, np.flatnonzero(np.isin(buffer.chunk_segment, segments)))
+            views = _pick(buffer.chunk_step_views, _chunks_of(buffer, segments))
             torch._foreach_sub_(views, found_inf.reshape(()))
             buffer.steps_version = buffer.steps._version
 

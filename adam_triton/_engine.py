@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 from collections import defaultdict
+from itertools import repeat
 
 import numpy as np
 import torch
@@ -62,19 +63,31 @@ class Engine:
         self.backend_of: dict[int, str] = {}
         self.hyper = HyperTable()
         self.found_inf = None  # GradScaler's verdict on the last step, if it gave one
-        self._fingerprint = None
+        self._fingerprint: list[tuple] = []
         self._params: list = []
+        # ``optimizer.state`` and its entries as the last step left them: when both are the
+        # same objects, nobody reset or replaced an entry (one C-level pass, not a lookup
+        # per parameter).
+        self._state_seen = None
+        self._state_entries_seen: list = []
         # ids of parameters whose .data someone re-pointed at storage of the same kind after
         # they were re-homed (ZeroRedundancyOptimizer's buckets): updated there from now on.
         self._left_in_place: set[int] = set()
 
     # -- structure --------------------------------------------------------------------------
     @staticmethod
-    def _group_fingerprint(groups: list[dict]) -> tuple:
+    def _group_fingerprint(groups: list[dict]) -> list[tuple]:
+        return [(list(g["params"]), tuple(g.get(key) for key in PRECISION_KEYS)) for g in groups]
+
+    def _groups_unchanged(self, groups: list[dict]) -> bool:
         # The parameters themselves, not their list: a parameter swapped into a group's list
-        # in place must be noticed. (Ids cannot be reused while the buffers hold the old one.)
-        return tuple(
-            (tuple(map(id, g["params"])),) + tuple(g.get(key) for key in PRECISION_KEYS) for g in groups
+        # in place must be noticed. (Compared by identity: == on tensors compares values.)
+        seen = self._fingerprint
+        return len(groups) == len(seen) and all(
+            len(g["params"]) == len(params)
+            and all(map(operator.is_, g["params"], params))
+            and tuple(g.get(key) for key in PRECISION_KEYS) == options
+            for g, (params, options) in zip(groups, seen)
         )
 
     def _options(self, group: dict) -> dict:
@@ -131,7 +144,7 @@ class Engine:
     def ensure_current(self, groups: list[dict], state: defaultdict) -> None:
         """Re-home if the groups' parameters or precision changed, or a parameter's data moved
         away (``model.to(device)``, ``model.half()``, a ``.data`` assignment)."""
-        if self._group_fingerprint(groups) != self._fingerprint:
+        if not self._groups_unchanged(groups):
             params, group_of = self._ordered_parameters(groups)
             current = {id(p): (b.device, b.dtype, b.precision) for b in self.buffers for p in b.params}
             wanted = {id(p): key for key, (members, _) in self._keys(groups, params, group_of).items() for p in members}
@@ -163,6 +176,7 @@ class Engine:
         buffers (all, or ``buffers``), cast to the buffer's precision, and make ``state[p]``
         views of them. Parameters without state start fresh; masters missing from the state
         are taken from the parameters."""
+        self._forget_state_seen()  # it holds the entries being replaced, and their buffers
         for buffer in self.buffers if buffers is None else buffers:
             step_values = np.zeros(len(buffer.params), dtype=np.float64)
             loaded_steps = []
@@ -208,6 +222,8 @@ class Engine:
             del state[key]
 
     def _initialize_new_state(self, buffer: FlatBuffer, has_grad: np.ndarray, groups: list[dict], state) -> None:
+        if not any(map(operator.is_, buffer.state_entries, repeat(None))):
+            return  # every parameter has its state already
         new = has_grad & ~buffer.initialized
         if not new.any():
             return
@@ -220,6 +236,8 @@ class Engine:
         """Re-import the state of buffers where someone reset or replaced a parameter's
         entry in ``optimizer.state`` (``state.clear()``, a new ``state`` dict, ``state[p] =
         {}``): those parameters start afresh, or from the tensors put there, as in torch."""
+        if self._state_unchanged(state):
+            return
         for buffer in self.buffers:
             entries = list(map(state.get, buffer.params))
             if all(map(operator.is_, entries, buffer.state_entries)):
@@ -234,6 +252,20 @@ class Engine:
                 self.import_state(groups, state, [buffer])
             else:
                 buffer.state_entries = entries
+
+    def _state_unchanged(self, state) -> bool:
+        seen = self._state_entries_seen
+        return (
+            state is self._state_seen
+            and len(state) == len(seen)
+            and all(map(operator.is_, state.values(), seen))
+        )
+
+    def _remember_state(self, state) -> None:
+        self._state_seen, self._state_entries_seen = state, list(state.values())
+
+    def _forget_state_seen(self) -> None:
+        self._state_seen, self._state_entries_seen = None, []
 
     def _prepare_variants(self, buffer: FlatBuffer, variants: list[tuple], state) -> None:
         """When a group's kernel variant changed (or on the first step): a group that
@@ -294,6 +326,7 @@ class Engine:
                 _backends.update_torch(buffer, plan, groups, scale, inf)
             if scale is not None and plan.staged:
                 _backends.return_unscaled_gradients(buffer, plan)
+        self._remember_state(state)
 
     def last_step_skipped(self) -> torch.Tensor:
         """A boolean tensor: did GradScaler skip the last step? (On the scaler's device; a

@@ -120,6 +120,18 @@ def test_gradients_rejoin_the_flat_buffer_after_a_group_is_added():
     assert all(p.grad is view for p, view in zip(buffer.params, buffer.grad_views))
     assert buffer.last_plan.in_grad_buffer.all()
 
+def test_adding_a_group_lets_the_old_buffers_go(target):
+    """After add_param_group the old state (views of the old flat buffers) must be freed at
+    once, not held by anything the optimizer remembers from its last step: on a GPU it
+    would double the optimizer's memory until the next step."""
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.AdamW(list(model.parameters())[:4], lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    # The state's tensors are views that keep their flat buffer alive.
+    old = [weakref.ref(tensor) for entry in optimizer.state.values() for tensor in entry.values()]
+    optimizer.add_param_group({"params": list(model.parameters())[4:]})
+    gc.collect()
+    assert [ref() for ref in old] == [None] * len(old)
 
 
 def test_the_gradient_table_is_uploaded_only_when_a_gradient_moved(monkeypatch):
