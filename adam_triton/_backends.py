@@ -145,17 +145,22 @@ def _chunks_of(buffer: FlatBuffer, segments: np.ndarray) -> np.ndarray:
     return np.flatnonzero(wanted[buffer.chunk_segment])
 
 
-def _count_segments(buffer: FlatBuffer, segments: np.ndarray, found_inf=None) -> None:
-    """Add one to the counters of every chunk of ``segments`` (none where found_inf)."""
-    chunks = _chunks_of(buffer, segments)
-    if buffer.device.type == "cpu" and found_inf is None:
+def _chunk_step_views(buffer: FlatBuffer, chunks: np.ndarray | slice) -> list:
+    return buffer.chunk_step_views[chunks] if isinstance(chunks, slice) else _pick(buffer.chunk_step_views, chunks)
+
+
+def _chunk_span(buffer: FlatBuffer, first: int, last: int) -> slice:
+    """The chunks of segments ``first`` to ``last``: consecutive rows of the step table."""
+    end = int(buffer.leaders[last + 1]) if last + 1 < len(buffer.leaders) else buffer.n_chunks
+    return slice(int(buffer.leaders[first]), end)
+
+
+def _count(buffer: FlatBuffer, chunks: np.ndarray | slice) -> None:
+    """Add one to the step counters of ``chunks``."""
+    if buffer.device.type == "cpu":
         buffer.steps.numpy()[chunks] += 1.0
     else:
-        views = _pick(buffer.chunk_step_views, chunks)
-        if found_inf is None:
-            torch._foreach_add_(views, 1.0)
-        else:
-            torch._foreach_add_(views, (1.0 - found_inf).reshape(()))
+        torch._foreach_add_(_chunk_step_views(buffer, chunks), 1.0)
     buffer.steps_version = buffer.steps._version
 
 
@@ -197,6 +202,15 @@ class _Direct:
             return [torch.view_as_real(g) if g.is_complex() else g for g in grads] if self.buffer.has_complex else grads
         return _pick(self.buffer.real_views(name), segments)
 
+    def span(self, name: str, first: int, last: int) -> torch.Tensor:
+        # A buffer's tensors are made once (the gradient and AMSGrad ones on first use), so
+        # their spans are made once too.
+        key = (name, first, last)
+        span = self.buffer.span_cache.get(key)
+        if span is None:
+            span = self.buffer.span_cache[key] = self.buffer.segment_slice(getattr(self.buffer, name), first, last)
+        return span
+
 
 class _WorkingCopies:
     """Working copies in the compute dtype, for precisions torch's fused kernel cannot do
@@ -216,6 +230,9 @@ class _WorkingCopies:
         self.max_exp_avg_sq = working(buffer.max_exp_avg_sq)
         self.grad = _flat_gradients(buffer, plan, compute)
         self._views: dict[str, list] = {}
+
+    def span(self, name: str, first: int, last: int) -> torch.Tensor:
+        return self.buffer.segment_slice(getattr(self, name), first, last)
 
     def segments(self, name: str, segments: np.ndarray) -> list:
         views = self._views.get(name)
@@ -285,21 +302,24 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
         )
         if flat and not working and not plan.in_grad_buffer[first : last + 1].all():
             flat = grad_scale is None and _gather_small_gradients(buffer, plan, first, last)
-        segments = np.arange(first, last + 1) if flat else first + np.flatnonzero(has_grad)
-        _count_segments(buffer, segments)
+        if flat:
+            chunks = _chunk_span(buffer, first, last)
+        else:
+            segments = first + np.flatnonzero(has_grad)
+            chunks = _chunks_of(buffer, segments)
+        _count(buffer, chunks)
         names = ("param", "grad", "exp_avg", "exp_avg_sq")
         if flat:
-            spans = [[buffer.segment_slice(getattr(tensors, name), first, last)] for name in names]
-            maxima = [buffer.segment_slice(tensors.max_exp_avg_sq, first, last)] if amsgrad else []
-            steps = [buffer.steps[int(leaders[0]) : int(leaders[0]) + 1].view(())]
+            spans = [[tensors.span(name, first, last)] for name in names]
+            maxima = [tensors.span("max_exp_avg_sq", first, last)] if amsgrad else []
+            steps = [buffer.step_views[first]]
         else:
             spans = [tensors.segments(name, segments) for name in names]
             maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
             steps = _pick(buffer.step_views, segments)
         fused(*spans, maxima, steps, **arguments)
         if found_inf is not None:
-            views = _pick(buffer.chunk_step_views, _chunks_of(buffer, segments))
-            torch._foreach_sub_(views, found_inf.reshape(()))
+            torch._foreach_sub_(_chunk_step_views(buffer, chunks), found_inf.reshape(()))
             buffer.steps_version = buffer.steps._version
 
 

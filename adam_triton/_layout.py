@@ -212,6 +212,7 @@ class FlatBuffer:
         ]
         self._real_views: dict[str, list] = {}
         self._chunk_step_views: list | None = None
+        self.span_cache: dict = {}  # (name, first segment, last segment) -> that span of the tensor
 
         # Filled in by the engine: the chunk table in launch order, its kernel-variant
         # ranges, and the last step's gradient plan and shift table.
