@@ -72,7 +72,9 @@ def pilot_time(step: Callable[[], None], repeats: int = 2) -> float:
 REFERENCE_BYTES = {"cpu": 256 * 1024 * 1024, "cuda": 2 * 1024 * 1024 * 1024}
 
 
-def _median_seconds(operation: Callable[[], object], device: torch.device, repeats: int) -> float:
+def median_seconds(operation: Callable[[], object], device: torch.device, repeats: int) -> float:
+    """Median time of ``operation`` over ``repeats`` calls, after two untimed ones (CUDA
+    events on a GPU, wall time on the CPU)."""
     for _ in range(2):  # warm-up: first touch of the pages, allocator, clocks
         operation()
     synchronize(device)
@@ -108,8 +110,8 @@ def reference_bandwidths(device: torch.device, nbytes: int | None = None, repeat
     nbytes = nbytes or REFERENCE_BYTES[device.type]
     a = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     b = torch.ones_like(a)
-    copy_s = _median_seconds(lambda: b.copy_(a), device, repeats)
-    add_s = _median_seconds(lambda: a.add_(b), device, repeats)
+    copy_s = median_seconds(lambda: b.copy_(a), device, repeats)
+    add_s = median_seconds(lambda: a.add_(b), device, repeats)
     a = b = None  # free both before giving the cache back
     if device.type == "cuda":
         torch.cuda.empty_cache()

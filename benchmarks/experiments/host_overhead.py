@@ -17,7 +17,6 @@ tensors are tiny, and the median of many steps is printed per parameter count:
 
 import os
 import sys
-import time
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
@@ -25,7 +24,9 @@ import torch
 
 import adam_triton
 from adam_triton import _backends
+from benchmarks.timing import median_seconds
 
+_CPU = torch.device("cpu")
 COUNTS = (148, 500, 2000)
 ELEMENTS = 64
 
@@ -35,13 +36,7 @@ def _no_op(*args, **kwargs):
 
 
 def median_us(step, rounds):
-    step()
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[rounds // 2] * 1e6
+    return median_seconds(step, _CPU, rounds) * 1e6
 
 
 def host_us(backend: str, count: int, gradients: str, rounds: int) -> float:
