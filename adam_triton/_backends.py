@@ -138,29 +138,19 @@ def _values_for_fused_kernel(group: dict, device: torch.device) -> tuple:
     return tuple(values)
 
 
-def _chunks_of(buffer: FlatBuffer, segments: np.ndarray) -> np.ndarray:
-    """The chunks (rows of the step table) that belong to ``segments``."""
-    wanted = np.zeros(len(buffer.params), dtype=bool)
-    wanted[segments] = True
-    return np.flatnonzero(wanted[buffer.chunk_segment])
+def _step_views(buffer: FlatBuffer, segments: np.ndarray | slice) -> list:
+    return buffer.step_views[segments] if isinstance(segments, slice) else _pick(buffer.step_views, segments)
 
 
-def _chunk_step_views(buffer: FlatBuffer, chunks: np.ndarray | slice) -> list:
-    return buffer.chunk_step_views[chunks] if isinstance(chunks, slice) else _pick(buffer.chunk_step_views, chunks)
-
-
-def _chunk_span(buffer: FlatBuffer, first: int, last: int) -> slice:
-    """The chunks of segments ``first`` to ``last``: consecutive rows of the step table."""
-    end = int(buffer.leaders[last + 1]) if last + 1 < len(buffer.leaders) else buffer.n_chunks
-    return slice(int(buffer.leaders[first]), end)
-
-
-def _count(buffer: FlatBuffer, chunks: np.ndarray | slice) -> None:
-    """Add one to the step counters of ``chunks``."""
+def _count(buffer: FlatBuffer, segments: np.ndarray | slice) -> None:
+    """Add one to the step counters of ``segments``. This backend reads only each
+    parameter's own counter (its first chunk's row, which ``optimizer.state[p]["step"]``
+    views); the rows of further chunks are the Triton kernel's, and a buffer changes
+    backend only through a rebuild, which sets every row from the parameter's count."""
     if buffer.device.type == "cpu":
-        buffer.steps.numpy()[chunks] += 1.0
+        buffer.steps.numpy()[buffer.leaders[segments]] += 1.0
     else:
-        torch._foreach_add_(_chunk_step_views(buffer, chunks), 1.0)
+        torch._foreach_add_(_step_views(buffer, segments), 1.0)
     buffer.steps_version = buffer.steps._version
 
 
@@ -302,12 +292,8 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
         )
         if flat and not working and not plan.in_grad_buffer[first : last + 1].all():
             flat = grad_scale is None and _gather_small_gradients(buffer, plan, first, last)
-        if flat:
-            chunks = _chunk_span(buffer, first, last)
-        else:
-            segments = first + np.flatnonzero(has_grad)
-            chunks = _chunks_of(buffer, segments)
-        _count(buffer, chunks)
+        segments = slice(first, last + 1) if flat else first + np.flatnonzero(has_grad)
+        _count(buffer, segments)
         names = ("param", "grad", "exp_avg", "exp_avg_sq")
         if flat:
             spans = [[tensors.span(name, first, last)] for name in names]
@@ -319,7 +305,7 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
             steps = _pick(buffer.step_views, segments)
         fused(*spans, maxima, steps, **arguments)
         if found_inf is not None:
-            torch._foreach_sub_(_chunk_step_views(buffer, chunks), found_inf.reshape(()))
+            torch._foreach_sub_(_step_views(buffer, segments), found_inf.reshape(()))
             buffer.steps_version = buffer.steps._version
 
 

@@ -211,7 +211,6 @@ class FlatBuffer:
             (int(self.group_of_segment[first]), int(first), int(last)) for first, last in zip(firsts, lasts)
         ]
         self._real_views: dict[str, list] = {}
-        self._chunk_step_views: list | None = None
         self.span_cache: dict = {}  # (name, first segment, last segment) -> that span of the tensor
 
         # Filled in by the engine: the chunk table in launch order, its kernel-variant
@@ -268,12 +267,6 @@ class FlatBuffer:
             views = [torch.view_as_real(v) if v.is_complex() else v for v in views]
             self._real_views[name] = views
         return views
-
-    @property
-    def chunk_step_views(self) -> list:
-        if self._chunk_step_views is None:
-            self._chunk_step_views = [self.steps[i] for i in range(self.n_chunks)]
-        return self._chunk_step_views
 
     def segment_slice(self, flat: torch.Tensor, first: int, last: int) -> torch.Tensor:
         """The flat span from the start of segment ``first`` to the end of ``last``."""
