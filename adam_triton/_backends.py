@@ -302,7 +302,7 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
         else:
             spans = [tensors.segments(name, segments) for name in names]
             maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
-            steps = _pick(buffer.step_views, segments)
+            steps = _step_views(buffer, segments)
         fused(*spans, maxima, steps, **arguments)
         if found_inf is not None:
             torch._foreach_sub_(_step_views(buffer, segments), found_inf.reshape(()))
