@@ -79,7 +79,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 def update_triton(buffer: FlatBuffer, plan: GradientPlan, hyper: HyperTable, grad_scale=None, found_inf=None) -> None:
     # Fresh gradients often land where the last step's were (the caching allocator): the
     # table is uploaded only when some gradient moved.
-    if buffer.shifts_on_device is None or not np.array_equal(plan.shifts, buffer.uploaded_shifts):
+    shifts_moved = plan.shifts is not buffer.uploaded_shifts and not np.array_equal(plan.shifts, buffer.uploaded_shifts)
+    if buffer.shifts_on_device is None or shifts_moved:
         refuse_upload_while_capturing(buffer.device, "the gradient tensors")
         buffer.shifts_on_device = upload(plan.shifts, buffer.device)
         buffer.uploaded_shifts = plan.shifts
@@ -188,8 +189,7 @@ class _Direct:
 
     def segments(self, name: str, segments: np.ndarray) -> list:
         if name == "grad":
-            grads = _pick(self.plan.grads, segments)
-            return [torch.view_as_real(g) if g.is_complex() else g for g in grads] if self.buffer.has_complex else grads
+            return _real_gradients(self.buffer, self.plan, segments)
         return _pick(self.buffer.real_views(name), segments)
 
     def span(self, name: str, first: int, last: int) -> torch.Tensor:
@@ -246,7 +246,7 @@ class _WorkingCopies:
             buffer.param.copy_(self.param)
         if unscaled:  # as torch's fused kernel: the gradients are left unscaled
             segments = np.flatnonzero(self.plan.has_grad)
-            grads = [torch.view_as_real(g) if g.is_complex() else g for g in _pick(self.plan.grads, segments)]
+            grads = _real_gradients(buffer, self.plan, segments)
             torch._foreach_copy_(grads, [_storage_view(buffer, self.grad, int(s)) for s in segments])
 
 
@@ -331,9 +331,15 @@ def _gather_small_gradients(buffer: FlatBuffer, plan: GradientPlan, first: int, 
         return False
     buffer.ensure_grad()
     outside = first + np.flatnonzero(~plan.in_grad_buffer[first : last + 1])
-    grads = [torch.view_as_real(g) if g.is_complex() else g for g in _pick(plan.grads, outside)]
-    torch._foreach_copy_(_pick(buffer.real_views("grad"), outside), grads)
+    torch._foreach_copy_(_pick(buffer.real_views("grad"), outside), _real_gradients(buffer, plan, outside))
     return True
+
+
+def _real_gradients(buffer: FlatBuffer, plan: GradientPlan, segments: np.ndarray) -> list:
+    """The gradients of ``segments``, complex ones as real views (as torch's kernels and the
+    buffers' real views take them; only a buffer with complex parameters has any)."""
+    grads = _pick(plan.grads, segments)
+    return [torch.view_as_real(g) if g.is_complex() else g for g in grads] if buffer.has_complex else grads
 
 
 def _storage_view(buffer: FlatBuffer, flat: torch.Tensor, segment: int) -> torch.Tensor:
@@ -345,8 +351,7 @@ def _flat_gradients(buffer: FlatBuffer, plan: GradientPlan, dtype: torch.dtype) 
     """Every segment's gradient in one flat tensor of ``dtype`` (zero where there is none)."""
     gradients = torch.zeros(buffer.total, dtype=dtype, device=buffer.device)
     segments = np.flatnonzero(plan.has_grad)
-    present = _pick(plan.grads, segments)
-    present = [torch.view_as_real(g) if g.is_complex() else g for g in present]
+    present = _real_gradients(buffer, plan, segments)
     torch._foreach_copy_([_storage_view(buffer, gradients, int(s)) for s in segments], present)
     return gradients
 
@@ -355,7 +360,7 @@ def _random_bits(buffer: FlatBuffer, numel: int) -> torch.Tensor:
     """16 random bits per element for stochastic rounding, reproducible from the seed and
     the step count where the count can be read without waiting (CPU)."""
     if buffer.device.type == "cpu":
-        step = int(buffer.steps.numpy().max(initial=0))
+        step = int(buffer.steps.numpy()[buffer.leaders].max(initial=0))  # the parameters' own counts
         generator = torch.Generator().manual_seed((buffer.precision.seed + step * _GOLDEN) % (1 << 63))
     else:
         # Reading the device's step count would wait for it: one stream per buffer instead.
