@@ -173,3 +173,31 @@ def test_the_host_overhead_experiment_runs():
     rows = [line for line in result.stdout.splitlines() if "tensors:" in line]
     assert [row.split()[0] for row in rows] == ["148", "500", "2000"]
     assert all("triton backend kept" in row and "fresh" in row for row in rows)
+
+
+@pytest.mark.parametrize("sizes, count", [
+    ([16_000_000], 2),  # one tensor, cut in two
+    ([8000] * 2000, 2),
+    ([5, 17, 1000, 3], 3),  # fewer elements than the alignment in some tensors
+    ([1, 4099, 70_000, 33, 65_537, 2], 4),
+])
+def test_split_list_experiment_shares_cover_every_element_once(sizes, count):
+    """The shares of benchmarks/experiments/split_list_cpu.py (idea 14 of benchmarks/NOTES.md):
+    every element of every tensor in exactly one share, the shares equal within the alignment,
+    and cuts inside a tensor on aligned elements of that tensor."""
+    from benchmarks.experiments.split_list_cpu import ALIGNMENT, shares
+
+    runs = shares(sizes, count)
+    assert len(runs) == count
+    covered = {index: [] for index in range(len(sizes))}
+    for run in runs:
+        for index, first, end in run:
+            assert 0 <= first < end <= sizes[index]
+            covered[index].append((first, end))
+    for index, pieces in covered.items():
+        pieces.sort()
+        assert pieces[0][0] == 0 and pieces[-1][1] == sizes[index]
+        assert all(a_end == b_first for (_, a_end), (b_first, _) in zip(pieces, pieces[1:]))
+        assert all(first % ALIGNMENT == 0 for first, _ in pieces)
+    lengths = [sum(end - first for _, first, end in run) for run in runs]
+    assert max(lengths) - min(lengths) <= 2 * ALIGNMENT

@@ -73,19 +73,23 @@ class SingleThreadedWorker(threading.Thread):
 
 def shares(sizes: list[int], count: int) -> list[list[tuple[int, int, int]]]:
     """``count`` runs of (tensor index, first element, end element) with equal numbers of
-    elements, cutting a tensor where a share ends."""
+    elements (within ALIGNMENT), cutting a tensor where a share ends; a cut inside a tensor
+    falls on an ALIGNMENT multiple of its own elements, so each piece starts on a 64-byte line."""
     total = sum(sizes)
     runs: list[list[tuple[int, int, int]]] = [[] for _ in range(count)]
     share, filled = 0, 0
     for index, size in enumerate(sizes):
         first = 0
         while first < size:
-            end_of_share = total if share == count - 1 else (total * (share + 1) // count) // ALIGNMENT * ALIGNMENT
-            end = min(size, first + max(end_of_share - filled, ALIGNMENT))
+            if share == count - 1:
+                end = size
+            else:
+                wanted = max(total * (share + 1) // count - filled, 1)
+                end = min(size, -(-(first + wanted) // ALIGNMENT) * ALIGNMENT)
             runs[share].append((index, first, end))
             filled += end - first
             first = end
-            if filled >= end_of_share and share < count - 1:
+            while share < count - 1 and filled >= total * (share + 1) // count:
                 share += 1
     return runs
 
