@@ -27,40 +27,52 @@ ADAMW = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 1e-2, "eps": 
          "maximize": False}
 
 
+class Workload:
+    """Flat buffers (what adam_triton keeps), per-tensor views of them, two pools of fresh
+    gradients to alternate, and the three ways to update them timed here."""
+
+    def __init__(self, shapes: list[tuple[int, ...]]):
+        self.shapes = shapes
+        self.sizes = [torch.Size(s).numel() for s in shapes]
+        self.total = numel(shapes)
+        self.param, self.grad_flat, self.exp_avg, self.exp_avg_sq = (torch.randn(self.total) for _ in range(4))
+        self.exp_avg_sq.abs_()
+        self.views = {
+            name: [v.view(s) for v, s in zip(t.split(self.sizes), shapes)]
+            for name, t in (("param", self.param), ("grad", self.grad_flat), ("exp_avg", self.exp_avg),
+                            ("exp_avg_sq", self.exp_avg_sq))
+        }
+        self.pools = [[torch.randn(s) for s in shapes] for _ in range(2)]
+        self.step = torch.tensor(1.0)
+
+    def list_path(self, grads):
+        views = self.views
+        torch._fused_adamw_(views["param"], grads, views["exp_avg"], views["exp_avg_sq"], [],
+                            [self.step] * len(grads), **ADAMW)
+
+    def copy_flat_path(self, grads):
+        torch._foreach_copy_(self.views["grad"], grads)
+        self.flat_path(grads)
+
+    def flat_path(self, grads):
+        torch._fused_adamw_([self.param], [self.grad_flat], [self.exp_avg], [self.exp_avg_sq], [], [self.step],
+                            **ADAMW)
+
+
 def main(shapes_name: str = "small-2000x8000", rounds: int = 15) -> None:
     shapes = shape_sets("cpu")[shapes_name]
-    total = numel(shapes)
-    sizes = [torch.Size(s).numel() for s in shapes]
-    # Flat buffers (what adam_triton keeps) and per-tensor views of them.
-    param, grad_flat, exp_avg, exp_avg_sq = (torch.randn(total) for _ in range(4))
-    exp_avg_sq.abs_()
-    views = {name: [v.view(s) for v, s in zip(t.split(sizes), shapes)]
-             for name, t in (("param", param), ("grad", grad_flat), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))}
-    pools = [[torch.randn(s) for s in shapes] for _ in range(2)]  # fresh gradients, alternated
-    step = torch.tensor(1.0)
-
-    def list_path(grads):
-        torch._fused_adamw_(views["param"], grads, views["exp_avg"], views["exp_avg_sq"], [],
-                            [step] * len(shapes), **ADAMW)
-
-    def copy_flat_path(grads):
-        torch._foreach_copy_(views["grad"], grads)
-        torch._fused_adamw_([param], [grad_flat], [exp_avg], [exp_avg_sq], [], [step], **ADAMW)
-
-    def flat_path(grads):
-        torch._fused_adamw_([param], [grad_flat], [exp_avg], [exp_avg_sq], [], [step], **ADAMW)
-
-    paths = {"list": list_path, "copy+flat": copy_flat_path, "flat": flat_path}
+    work = Workload(shapes)
+    paths = {"list": work.list_path, "copy+flat": work.copy_flat_path, "flat": work.flat_path}
     times = {name: [] for name in paths}
     for round_index in range(rounds + 1):  # round 0 is warm-up
-        grads = pools[round_index % 2]
+        grads = work.pools[round_index % 2]
         for name, path in paths.items():
             start = time.perf_counter()
             path(grads)
             if round_index:
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    print(f"{shapes_name}: {len(shapes)} tensors, {total / 1e6:.1f}M parameters, {rounds} interleaved rounds, "
+    print(f"{shapes_name}: {len(shapes)} tensors, {work.total / 1e6:.1f}M parameters, {rounds} interleaved rounds, "
           f"torch threads {torch.get_num_threads()}")
     for name, ms in medians.items():
         print(f"  {name:10s} median {ms:8.1f} ms")

@@ -39,8 +39,7 @@ import time
 import torch
 
 from ..cases import shape_sets
-from ..shapes import numel
-from .flat_copy_cpu import ADAMW
+from .flat_copy_cpu import ADAMW, Workload
 
 #: Share boundaries fall on multiples of this many elements (64-byte lines of fp32).
 ALIGNMENT = 16
@@ -101,37 +100,20 @@ def _cut(tensors: list[torch.Tensor], run: list[tuple[int, int, int]], sizes: li
 def main(shapes_name: str = "small-2000x8000", rounds: int = 15) -> None:
     libgomp = _libgomp()
     shapes = shape_sets("cpu")[shapes_name]
-    total = numel(shapes)
-    sizes = [torch.Size(s).numel() for s in shapes]
-    param, grad_flat, exp_avg, exp_avg_sq = (torch.randn(total) for _ in range(4))
-    exp_avg_sq.abs_()
-    views = {name: [v.view(s) for v, s in zip(t.split(sizes), shapes)]
-             for name, t in (("param", param), ("grad", grad_flat), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))}
-    pools = [[torch.randn(s) for s in shapes] for _ in range(2)]  # fresh gradients, alternated
-    steps = [torch.tensor(1.0) for _ in shapes]
+    work = Workload(shapes)
+    sizes, views = work.sizes, work.views
     threads = torch.get_num_threads()
     workers = [SingleThreadedWorker(libgomp) for _ in range(threads)]
     runs = shares(sizes, threads)
     # What a real implementation would cache per parameter layout; only gradients are cut per step.
-    states = [[_cut(views[name], run, sizes) for name in ("param", "exp_avg", "exp_avg_sq")] + [[steps[i] for i, _, _ in run]]
-              for run in runs]
+    states = [[_cut(views[name], run, sizes) for name in ("param", "exp_avg", "exp_avg_sq")] for run in runs]
     wake_team = torch.randn(1 << 20)
 
-    def list_path(grads):
-        torch._fused_adamw_(views["param"], grads, views["exp_avg"], views["exp_avg_sq"], [], steps, **ADAMW)
-
-    def copy_flat_path(grads):
-        torch._foreach_copy_(views["grad"], grads)
-        torch._fused_adamw_([param], [grad_flat], [exp_avg], [exp_avg_sq], [], [steps[0]], **ADAMW)
-
-    def flat_path(grads):
-        torch._fused_adamw_([param], [grad_flat], [exp_avg], [exp_avg_sq], [], [steps[0]], **ADAMW)
-
     def split_path(grads):
-        for worker, run, (params, averages, squares, counts) in zip(workers, runs, states):
+        for worker, run, (params, averages, squares) in zip(workers, runs, states):
             share = _cut(grads, run, sizes)
-            worker.jobs.put(lambda p=params, g=share, m=averages, v=squares, s=counts:
-                            torch._fused_adamw_(p, g, m, v, [], s, **ADAMW))
+            worker.jobs.put(lambda p=params, g=share, m=averages, v=squares:
+                            torch._fused_adamw_(p, g, m, v, [], [work.step] * len(p), **ADAMW))
         for worker in workers:
             worker.done.get()
 
@@ -143,11 +125,11 @@ def main(shapes_name: str = "small-2000x8000", rounds: int = 15) -> None:
         time.sleep(0.05)
         return grads
 
-    paths = {"list": (None, list_path), "copy+flat": (None, copy_flat_path), "flat": (None, flat_path),
+    paths = {"list": (None, work.list_path), "copy+flat": (None, work.copy_flat_path), "flat": (None, work.flat_path),
              "split/busy": (after_parallel_region, split_path), "split/idle": (after_idle, split_path)}
     times = {name: [] for name in paths}
     for round_index in range(rounds + 1):  # round 0 is warm-up
-        grads = pools[round_index % 2]
+        grads = work.pools[round_index % 2]
         for name, (prepare, path) in paths.items():
             if prepare is not None:
                 prepare(grads)
@@ -157,7 +139,7 @@ def main(shapes_name: str = "small-2000x8000", rounds: int = 15) -> None:
                 times[name].append(time.perf_counter() - start)
     medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
     spin = os.environ.get("GOMP_SPINCOUNT", "libgomp's default")
-    print(f"{shapes_name}: {len(shapes)} tensors, {total / 1e6:.1f}M parameters, {rounds} interleaved rounds, "
+    print(f"{shapes_name}: {len(shapes)} tensors, {work.total / 1e6:.1f}M parameters, {rounds} interleaved rounds, "
           f"torch threads {threads}, GOMP_SPINCOUNT {spin}")
     for name, ms in medians.items():
         print(f"  {name:10s} median {ms:8.2f} ms   / list {ms / medians['list']:.2f}   / copy+flat "
