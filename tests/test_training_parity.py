@@ -303,3 +303,23 @@ def test_gradients_in_another_dtype(target):
         ours.step()
         reference.step()
     assert_close_params(ours_model, reference_model)
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("maximize", [False, True])
+def test_cpu_fallback_is_torch_fused_bit_for_bit_on_a_parameter_list(cls_name, amsgrad, maximize):
+    """On the CPU, backend="torch" runs torch's own fused kernel. Handed the list of
+    parameters (fresh gradients after the default zero_grad(), few tensors), it gives exactly
+    the bits of torch.optim's fused=True over a real training loop with odd sizes: a
+    hyperparameter passed wrongly, a step counted twice or a tensor skipped would show."""
+    ours_model, reference_model = paired(OddModel, "cpu")
+    ours, reference = optimizers(ours_model, reference_model, cls_name, "torch", lr=1e-2, weight_decay=0.1,
+                                 amsgrad=amsgrad, maximize=maximize, fused=True)
+    train(ours_model, ours, steps=6)
+    train(reference_model, reference, steps=6)
+    for p, q in zip(ours_model.parameters(), reference_model.parameters()):
+        assert torch.equal(p, q)
+        assert ours.state[p].keys() == reference.state[q].keys()
+        for key in reference.state[q]:
+            assert torch.equal(ours.state[p][key], reference.state[q][key]), key
