@@ -66,8 +66,16 @@ class SingleThreadedWorker(threading.Thread):
         self._libgomp.omp_set_num_threads(1)
         while True:
             job = self.jobs.get()
-            job()
-            self.done.put(None)
+            try:
+                job()
+                self.done.put(None)
+            except BaseException as error:  # handed to the waiting thread, which raises it
+                self.done.put(error)
+
+    def wait(self) -> None:
+        error = self.done.get()
+        if error is not None:
+            raise error
 
 
 def shares(sizes: list[int], count: int) -> list[list[tuple[int, int, int]]]:
@@ -115,7 +123,7 @@ def main(shapes_name: str = "small-2000x8000", rounds: int = 15) -> None:
             worker.jobs.put(lambda p=params, g=share, m=averages, v=squares:
                             torch._fused_adamw_(p, g, m, v, [], [work.step] * len(p), **ADAMW))
         for worker in workers:
-            worker.done.get()
+            worker.wait()
 
     def after_parallel_region(grads):
         wake_team.mul_(1.0)  # untimed below: a parallel region, as backward's last ops
