@@ -311,21 +311,25 @@ class Engine:
                 on_device[key] = value.to(device=device, dtype=torch.float32, non_blocking=True).reshape(1)
             return on_device[key]
 
-        for buffer, plan in zip(self.buffers, plans):
-            buffer.last_plan = plan
-            if not plan.has_grad.any():
-                continue
-            self._initialize_new_state(buffer, plan.has_grad, groups, state)
-            self._prepare_variants(buffer, variants, state)
-            buffer.sync_step_counters()
-            buffer.sync_master_weights()
-            scale, inf = scaler_value(grad_scale, buffer.device), scaler_value(found_inf, buffer.device)
-            if self.backend_of[id(buffer)] == "triton":
-                _backends.update_triton(buffer, plan, self.hyper, scale, inf)
-            else:
-                _backends.update_torch(buffer, plan, groups, scale, inf)
-            if scale is not None and plan.staged:
-                _backends.return_unscaled_gradients(buffer, plan)
+        try:
+            for buffer, plan in zip(self.buffers, plans):
+                buffer.last_plan = plan
+                if not plan.has_grad.any():
+                    continue
+                self._initialize_new_state(buffer, plan.has_grad, groups, state)
+                self._prepare_variants(buffer, variants, state)
+                buffer.sync_step_counters()
+                buffer.sync_master_weights()
+                scale, inf = scaler_value(grad_scale, buffer.device), scaler_value(found_inf, buffer.device)
+                if self.backend_of[id(buffer)] == "triton":
+                    _backends.update_triton(buffer, plan, self.hyper, scale, inf)
+                else:
+                    _backends.update_torch(buffer, plan, groups, scale, inf)
+                if scale is not None and plan.staged:
+                    _backends.return_unscaled_gradients(buffer, plan)
+        finally:
+            for plan in plans:
+                plan.let_go()
         self._remember_state(state)
 
     def last_step_skipped(self) -> torch.Tensor:

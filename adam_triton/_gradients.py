@@ -19,6 +19,7 @@ numpy arrays); only the rare copies above loop in Python.
 from __future__ import annotations
 
 import operator
+import weakref
 from itertools import compress, repeat
 
 import numpy as np
@@ -35,15 +36,51 @@ _grad_of = operator.attrgetter("grad")
 
 
 class GradientPlan:
-    """Where each segment's gradient is for one step."""
+    """Where each segment's gradient is for one step.
+
+    During the step the plan holds the gradients. Between steps it holds only weak
+    references to gradients that are not views of our own gradient buffer, so that a
+    gradient its owner drops (``model.zero_grad()``, ``p.grad = None``) is freed then, as
+    under torch, and not kept alive until this optimizer's next step."""
 
     def __init__(self, raw: list, grads: list, has_grad: np.ndarray, shifts: np.ndarray, in_grad_buffer: np.ndarray, staged: list[int]):
-        self.raw = raw  # p.grad of each segment, as found
+        self.raw = raw  # p.grad of each segment, as found (None between steps unless all ours)
         self.grads = grads  # what to read: raw, or the staged copy
         self.has_grad = has_grad
         self.shifts = shifts  # element shift from the flat parameter buffer, or NO_GRADIENT
         self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
         self.staged = staged  # segments whose gradient is copied into buffer.grad each step
+        self._weak_present: list | None = None  # between steps: the present gradients, weakly
+
+    def finds(self, raw: list) -> bool:
+        """Are ``raw`` the very gradient tensors this plan was made for?"""
+        if self.raw is not None:
+            return all(map(operator.is_, raw, self.raw))
+        # A dead reference gives None: which segments have a gradient must match first.
+        present = list(compress(raw, self.has_grad))
+        return (
+            all(map(operator.is_not, present, repeat(None)))
+            and all(map(operator.is_, compress(raw, ~self.has_grad), repeat(None)))
+            and all(map(operator.is_, present, map(_dereference, self._weak_present)))
+        )
+
+    def hold(self, buffer: FlatBuffer, raw: list) -> None:
+        """Hold ``raw`` (which ``finds`` matched) for the coming step."""
+        if self.raw is None:
+            self.raw, self.grads, self._weak_present = raw, list(raw), None
+            for segment in self.staged:
+                self.grads[segment] = buffer.grad_views[segment]
+
+    def let_go(self) -> None:
+        """The step is over: keep strong references only to our own gradient views (the
+        buffer holds those anyway, and the usual loop then reuses the plan at no cost)."""
+        if self.raw is None or (self.in_grad_buffer | ~self.has_grad).all():
+            return
+        self._weak_present = list(map(weakref.ref, compress(self.raw, self.has_grad)))
+        self.raw = self.grads = None
+
+
+_dereference = weakref.ref.__call__
 
 
 def _sparse_error(name: str) -> RuntimeError:
@@ -55,7 +92,8 @@ def _sparse_error(name: str) -> RuntimeError:
 def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_name: str) -> GradientPlan:
     """Find every segment's gradient; reuse ``previous`` if the gradients are the same tensors."""
     raw = list(map(local_grad if buffer.has_dtensor else _grad_of, buffer.params))
-    if previous is not None and all(map(operator.is_, raw, previous.raw)):
+    if previous is not None and previous.finds(raw):
+        previous.hold(buffer, raw)
         _restage(buffer, previous)
         return previous
 

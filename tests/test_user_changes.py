@@ -78,6 +78,70 @@ def test_zero_grad_lets_the_gradients_go(target):
     assert [ref() for ref in gradients] == [None] * len(gradients)
 
 
+@pytest.mark.parametrize(
+    "drop",
+    [
+        pytest.param(lambda model: model.zero_grad(), id="model.zero_grad()"),
+        pytest.param(lambda model: [setattr(p, "grad", None) for p in model.parameters()], id="p.grad = None"),
+    ],
+)
+def test_gradients_dropped_outside_the_optimizer_are_freed_as_in_torch(target, drop):
+    """The loop of many trainers (Hugging Face's among them) calls the module's zero_grad,
+    which the optimizer never hears of: last step's gradients must be freed there, as under
+    torch, not held until the next step (that would double gradient memory during the
+    next backward). The next steps, on new gradients, must still agree with torch."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            x = torch.randn(8, generator=generator).to(target.device)
+            model(x).backward()
+            optimizer.step()
+            gradients = [weakref.ref(p.grad) for p in model.parameters()]
+            drop(model)
+            gc.collect()
+            assert [ref() for ref in gradients] == [None] * len(gradients)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_gradients_kept_by_their_owner_are_read_again_after_a_dropped_one(target):
+    """Between steps the optimizer remembers gradients it does not own only weakly; one that
+    its owner keeps is still recognised next step, and one that died in between is neither
+    mistaken for its successor nor, when none follows it, for a gradient at all."""
+    params = [torch.nn.Parameter(torch.randn(n, device=target.device)) for n in (3, 5, 7)]
+    optimizer = adam_triton.AdamW(params, lr=1e-2, backend=target.backend)
+    for p in params:
+        p.grad = torch.randn_like(p)  # held by the parameters only
+    optimizer.step()
+    (buffer,) = optimizer._engine.buffers
+    plan = buffer.last_plan
+    optimizer.step()
+    assert buffer.last_plan is plan  # the same gradient tensors: the plan is reused
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = torch.optim.AdamW(reference_params, lr=1e-2)
+    reference.load_state_dict(copy.deepcopy(optimizer.state_dict()))  # else it shares our step tensors
+
+    def drop_then(index, replacement):
+        params[index].grad = None
+        gc.collect()
+        params[index].grad = replacement
+        for p, q in zip(params, reference_params):
+            q.grad = None if p.grad is None else p.grad.clone()
+        optimizer.step()
+        reference.step()
+        assert buffer.last_plan is not plan
+        for p, q in zip(params, reference_params):
+            torch.testing.assert_close(p, q, rtol=2e-6, atol=1e-7)
+        for p, q in zip(params, reference_params):
+            assert float(optimizer.state[p]["step"]) == float(reference.state[q]["step"])
+
+    drop_then(1, torch.randn_like(params[1]))
+    plan = buffer.last_plan
+    drop_then(2, None)  # not updated, not counted
+
+
 def test_zero_grad_without_set_to_none_leaves_a_gradient_of_another_dtype_alone():
     """A parameter whose gradient has its own dtype (``grad_dtype``) keeps it: it is zeroed
     where it is, as torch does, and every other gradient still becomes a zeroed view.
