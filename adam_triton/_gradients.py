@@ -56,12 +56,13 @@ class GradientPlan:
         """Are ``raw`` the very gradient tensors this plan was made for?"""
         if self.raw is not None:
             return all(map(operator.is_, raw, self.raw))
-        # A dead reference gives None: which segments have a gradient must match first.
+        # Identity first (fresh gradients fail it at once); a dead reference gives None, so
+        # which segments have a gradient must match too.
         present = list(compress(raw, self.has_grad))
         return (
-            all(map(operator.is_not, present, repeat(None)))
+            all(map(operator.is_, present, map(_dereference, self._weak_present)))
+            and all(map(operator.is_not, present, repeat(None)))
             and all(map(operator.is_, compress(raw, ~self.has_grad), repeat(None)))
-            and all(map(operator.is_, present, map(_dereference, self._weak_present)))
         )
 
     def hold(self, buffer: FlatBuffer, raw: list) -> None:
