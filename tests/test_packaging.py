@@ -16,8 +16,10 @@ def test_wheel_installs_kernels_inside_the_package(tmp_path):
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(ROOT)],
         capture_output=True, text=True, timeout=600,
     )
-    if result.returncode != 0 and "No module named" in result.stderr:
-        pytest.skip(f"cannot build a wheel here: {result.stderr[-300:]}")
+    # Without build isolation the environment's own build tools build the wheel; a setuptools
+    # older than 70.1 without the wheel package cannot (a fresh venv's bundled one).
+    if result.returncode != 0 and ("No module named" in result.stderr or "invalid command 'bdist_wheel'" in result.stderr):
+        pytest.skip(f"this environment's build tools cannot build a wheel: {result.stderr[-300:]}")
     assert result.returncode == 0, result.stderr[-3000:]
     (wheel,) = tmp_path.glob("adam_triton-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
