@@ -68,7 +68,7 @@ class GradientPlan:
     def hold(self, buffer: FlatBuffer, raw: list) -> None:
         """Hold ``raw`` (which ``finds`` matched) for the coming step."""
         if self.raw is None:
-            self.raw, self.grads, self._weak_present = raw, list(raw), None
+            self.raw, self.grads = raw, list(raw)
             for segment in self.staged:
                 self.grads[segment] = buffer.grad_views[segment]
 
@@ -77,7 +77,8 @@ class GradientPlan:
         buffer holds those anyway, and the usual loop then reuses the plan at no cost)."""
         if self.raw is None or (self.in_grad_buffer | ~self.has_grad).all():
             return
-        self._weak_present = list(map(weakref.ref, compress(self.raw, self.has_grad)))
+        if self._weak_present is None:  # else: made for the same tensors at an earlier step
+            self._weak_present = list(map(weakref.ref, compress(self.raw, self.has_grad)))
         self.raw = self.grads = None
 
 
