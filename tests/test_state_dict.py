@@ -226,3 +226,30 @@ def test_adamw_loading_an_adam_checkpoint_stays_adamw_as_in_torch(target):
         assert optimizer.param_groups[0]["decoupled_weight_decay"] is True
         train(model, optimizer, steps=2, seed=2)
     assert_close_params(ours_model, reference_model)
+
+
+def test_model_weights_saved_with_safetensors_load_back_and_take_only_their_own_bytes(tmp_path):
+    """The model's parameters are views of one flat buffer. safetensors (what Hugging Face's
+    save_pretrained writes) must accept them, write each tensor's own bytes even for part of
+    the model, and load back the trained values; torch.save, by contrast, writes a view's
+    whole storage (the README's Limitations say so, and how to save part of a model)."""
+    safetensors_torch = pytest.importorskip("safetensors.torch")
+    model = OddModel()
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2)
+    train(model, optimizer, steps=2)
+    whole = model.state_dict()
+    part = {"weights.3": whole["weights.3"]}  # 1,025 of the model's 4,384 parameters
+    own_bytes = whole["weights.3"].numel() * 4
+    all_parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
+
+    safetensors_torch.save_file(whole, tmp_path / "whole.safetensors")
+    safetensors_torch.save_file(part, tmp_path / "part.safetensors")
+    loaded = safetensors_torch.load_file(tmp_path / "whole.safetensors")
+    assert loaded.keys() == whole.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in whole.items())
+    assert (tmp_path / "part.safetensors").stat().st_size < own_bytes + 4096
+
+    torch.save(part, tmp_path / "part.pt")
+    torch.save({name: tensor.clone() for name, tensor in part.items()}, tmp_path / "part-cloned.pt")
+    assert (tmp_path / "part.pt").stat().st_size > all_parameter_bytes  # the whole flat buffer
+    assert (tmp_path / "part-cloned.pt").stat().st_size < own_bytes + 4096
