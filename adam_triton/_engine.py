@@ -16,7 +16,7 @@ import torch
 
 from . import _backends
 from ._gradients import plan_gradients, zero_into_grad_buffer
-from ._in_place import is_dtensor, local
+from ._in_place import in_shared_memory, is_dtensor, local
 from ._layout import PRECISION_KEYS, FlatBuffer, precision_of, storage_dtype
 from ._tables import HyperTable, order_chunks, upload, variant_of
 from ._validation import check_precision_options
@@ -118,7 +118,8 @@ class Engine:
 
     def rebuild(self, groups: list[dict], state: defaultdict) -> None:
         """(Re)home every parameter into flat buffers, keeping whatever state it has;
-        DTensor parameters and parameters a wrapper re-pointed stay where they are."""
+        DTensor parameters, parameters a wrapper re-pointed and CPU parameters in shared
+        memory stay where they are (``_in_place``)."""
         params, group_of = self._ordered_parameters(groups)
         check_parameters([self._options(g) for g in groups], [local(p) for p in params], group_of, self.name)
         keyed = self._keys(groups, params, group_of)
@@ -128,7 +129,7 @@ class Engine:
         # Nothing has been changed up to here; from here on parameters move.
         buffers = []
         for key, (members, member_groups) in keyed.items():
-            in_place = [is_dtensor(p) or id(p) in self._left_in_place for p in members]
+            in_place = [is_dtensor(p) or id(p) in self._left_in_place or in_shared_memory(p) for p in members]
             working = backends[key] == "torch" and _backends.needs_working_copies(key[1], key[2])
             buffer = FlatBuffer(
                 key[0], key[1], members, member_groups, precision=key[2], in_place=in_place, stage_in_place=working

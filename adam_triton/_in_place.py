@@ -1,7 +1,7 @@
 """Parameters that adam-triton updates where they are, instead of in its flat buffer.
 
-adam-triton normally moves every parameter into its flat buffer ("re-homes" it). Two kinds
-of parameters must stay where they are, because a wrapper reads them there:
+adam-triton normally moves every parameter into its flat buffer ("re-homes" it). Three kinds
+of parameters must stay where they are, because someone else reads them there:
 
 * DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism). This rank's values are
   the local shard, and FSDP2 all-gathers from the padded storage it allocated when it
@@ -11,6 +11,9 @@ of parameters must stay where they are, because a wrapper reads them there:
   the same device and dtype: whoever did it reads it there (``ZeroRedundancyOptimizer``
   with ``parameters_as_bucket_view=True`` broadcasts from its buckets). A parameter moved to
   another device or dtype (``model.to``, ``model.double()``) is still re-homed.
+* a CPU parameter in shared memory (``model.share_memory()``, or one that another process
+  sent): the other processes read and write it there (Hogwild training, as in PyTorch's
+  multiprocessing examples). Moved into our buffer, this process would train a private copy.
 
 Their moments and step counters stay in the flat buffers and the whole buffer is still one
 update; only the parameter values are read and written in place. For DTensor parameters
@@ -44,6 +47,13 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     grad mode is on, and this is the very tensor FSDP2 itself updates and reads.
     """
     return tensor._local_tensor if is_dtensor(tensor) else tensor
+
+
+def in_shared_memory(param: torch.Tensor) -> bool:
+    """A CPU parameter in shared memory. (``is_shared()`` is always true of CUDA tensors, which
+    other processes reach only through explicit IPC handles, so those are re-homed.)"""
+    values = local(param)
+    return values.device.type == "cpu" and values.is_shared()
 
 
 def local_grad(param: torch.Tensor):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-from helpers import OddModel, assert_close_params
+from helpers import OddModel, assert_close_params, train
 from torch import nn
 from torch.distributed.tensor import DTensor
 
@@ -348,6 +348,16 @@ def mixed_precision_under_each_engine(rank, world_size, device, backend, engine)
             torch.testing.assert_close(ours_master, master.detach(), **tolerance)
         if engine != "fsdp2":
             assert_replicas_agree(model.module)
+
+
+# -- Hogwild: a model in shared memory, trained by another process ------------------------------
+def train_shared_model(rank, world_size, device, model, name, backend, steps, seed):
+    """PyTorch's multiprocessing (Hogwild) pattern: the worker receives the model in shared
+    memory, builds its own optimizer over it and trains; the caller reads the result."""
+    assert all(p.is_shared() for p in model.parameters())
+    optimizer = getattr(adam_triton, name)(model.parameters(), lr=1e-2, backend=backend)
+    train(model, optimizer, steps=steps, seed=seed)
+    assert all(p.is_shared() for p in model.parameters())
 
 
 # -- the harness itself ---------------------------------------------------------------------------

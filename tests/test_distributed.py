@@ -140,6 +140,37 @@ def test_master_weights_under_each_engine(transport, engine, backend):
     run_on_ranks(cases.mixed_precision_under_each_engine, backend, engine, transport=transport)
 
 
+# -- Hogwild (torch.multiprocessing, a model in shared memory) ----------------------------------
+@pytest.mark.parametrize("backend", [_case("torch", id="torch"), _case("triton", id="triton")])
+def test_a_model_in_shared_memory_is_trained_where_the_other_processes_see_it(backend):
+    """As in PyTorch's Hogwild example: the model is put in shared memory, a worker process
+    builds the optimizer and trains. Its updates must land in the shared parameters (not in
+    a private flat buffer), and equal torch's Adam doing the same training here."""
+    if backend == "triton" and not INTERPRETER:
+        pytest.skip("the Triton kernel runs on CPU tensors only through TRITON_INTERPRET=1")
+    shared, reference_model = paired(OddModel, "cpu")
+    shared.share_memory()
+    run_on_ranks(cases.train_shared_model, shared, "Adam", backend, 3, 5, world_size=1)
+    train(reference_model, torch.optim.Adam(reference_model.parameters(), lr=1e-2), steps=3, seed=5)
+    assert_close_params(shared, reference_model)
+
+
+def test_share_memory_after_the_optimizer_was_built_keeps_training_the_shared_parameters(target):
+    """``model.share_memory()`` called later moves the parameters' storage into shared memory;
+    the optimizer must go on updating them there."""
+    if target.device != "cpu":
+        pytest.skip("shared memory is for CPU tensors")
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        model.share_memory()
+        train(model, optimizer, steps=3, seed=3)
+    assert all(p.is_shared() for p in ours_model.parameters())
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 # -- the harness: a broken case fails in bounded time, and its processes are reaped -------------
 def test_a_collective_waiting_for_a_missing_rank_times_out():
     started = time.monotonic()
