@@ -285,6 +285,12 @@ class FlatBuffer:
             storage._adam_triton_gradients = True  # what its views' ._base is: see is_gradient_buffer
             self.grad_views = [self.segment_view(self.grad, i) for i in range(len(self.params))]
 
+    def release_grad(self) -> None:
+        """Let the gradient buffer go (it is made again, zeroed, when next needed)."""
+        self.grad = self.grad_views = None
+        for key in [key for key in self.span_cache if key[0] == "grad"]:
+            del self.span_cache[key]
+
     # -- parameters -------------------------------------------------------------------------
     @torch.no_grad()
     def adopt_parameters(self) -> None:

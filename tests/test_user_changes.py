@@ -142,6 +142,42 @@ def test_gradients_kept_by_their_owner_are_read_again_after_a_dropped_one(target
     drop_then(2, None)  # not updated, not counted
 
 
+def test_a_staged_gradient_dropped_outside_the_optimizer_is_freed():
+    """A gradient whose strides differ from its parameter's is copied into our gradient
+    buffer each step; the gradient itself is still the owner's, to free when it drops it."""
+    weight = torch.nn.Parameter(torch.randn(5, 7))
+    optimizer = adam_triton.AdamW([weight], lr=1e-2)
+    weight.grad = torch.randn(7, 5).t()  # the same shape, transposed strides
+    optimizer.step()
+    optimizer.step()
+    assert optimizer._engine.buffers[0].last_plan.staged  # it was copied, not read in place
+    gradient = weakref.ref(weight.grad)
+    weight.grad = None
+    gc.collect()
+    assert gradient() is None
+
+
+def test_zero_grad_after_kept_gradients_lets_the_gradient_buffer_go(target):
+    """Kept gradients (``zero_grad(set_to_none=False)``) live in our flat gradient buffer;
+    switching to ``zero_grad()`` means backward makes new ones, so the buffer must not stay
+    alive beside them. Training goes on as torch's, and back to kept gradients too."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, set_to_none=False)
+        if optimizer is ours:
+            (buffer,) = ours._engine.buffers
+            storage = weakref.ref(buffer.grad if buffer.grad._base is None else buffer.grad._base)
+        optimizer.zero_grad()
+        gc.collect()
+        if optimizer is ours:
+            assert storage() is None and buffer.grad is None
+        train(model, optimizer, steps=2, seed=2)
+        train(model, optimizer, steps=2, seed=3, set_to_none=False)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_zero_grad_without_set_to_none_leaves_a_gradient_of_another_dtype_alone():
     """A parameter whose gradient has its own dtype (``grad_dtype``) keeps it: it is zeroed
     where it is, as torch does, and every other gradient still becomes a zeroed view.
