@@ -51,6 +51,8 @@ class GradientPlan:
         self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
         self.staged = staged  # segments whose gradient is copied into buffer.grad each step
         self._weak_present: list | None = None  # between steps: the present gradients, weakly
+        # Staged segments read our views too, but their gradients (``raw``) are someone else's.
+        self._only_our_views = not staged and bool((in_grad_buffer | ~has_grad).all())
 
     def finds(self, raw: list) -> bool:
         """Are ``raw`` the very gradient tensors this plan was made for?"""
@@ -72,19 +74,15 @@ class GradientPlan:
             for segment in self.staged:
                 self.grads[segment] = buffer.grad_views[segment]
 
-    def _only_our_views(self) -> bool:
-        # Staged segments read our views too, but their gradients (``raw``) are someone else's.
-        return not self.staged and bool((self.in_grad_buffer | ~self.has_grad).all())
-
     def lived_in_grad_buffer(self) -> bool:
         """Every gradient of the step was one of our gradient buffer's views, as placed by
         ``zero_grad(set_to_none=False)`` (none staged there, none gathered into it)."""
-        return bool(self.has_grad.any()) and self._only_our_views()
+        return bool(self.has_grad.any()) and self._only_our_views
 
     def let_go(self) -> None:
         """The step is over: keep strong references only to our own gradient views (the
         buffer holds those anyway, and the usual loop then reuses the plan at no cost)."""
-        if self.raw is None or self._only_our_views():
+        if self.raw is None or self._only_our_views:
             return
         if self._weak_present is None:  # else: made for the same tensors at an earlier step
             self._weak_present = list(map(weakref.ref, compress(self.raw, self.has_grad)))
