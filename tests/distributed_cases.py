@@ -146,14 +146,18 @@ class ShardedNet(nn.Module):
         return self.out(hidden)
 
 
-def sharded_net(device) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
+def sharded_net(device, mixed_precision: bool = False) -> nn.Module:
+    """ShardedNet under FSDP2; with ``mixed_precision``, FSDP2 computes in bfloat16 from the
+    float32 shards the optimizer steps (``MixedPrecisionPolicy``), and reduces in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision else None
+    options = {"mp_policy": policy} if policy else {}
     torch.manual_seed(0)  # the same initial parameters on every rank and in every run
     model = ShardedNet().to(device)
-    fully_shard(model.inp)
-    fully_shard(model.mid)
-    fully_shard(model)  # the root: scale and out
+    fully_shard(model.inp, **options)
+    fully_shard(model.mid, **options)
+    fully_shard(model, **options)  # the root: scale and out
     return model
 
 
@@ -179,12 +183,12 @@ def assert_close_sharded(ours: nn.Module, reference: nn.Module, rtol=RTOL, atol=
         torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def fsdp2_trains_like_torch(rank, world_size, device, backend, name):
+def fsdp2_trains_like_torch(rank, world_size, device, backend, name, mixed_precision=False):
     from torch.distributed.tensor.debug import CommDebugMode
 
     trained = []
     for make_optimizer in optimizer_pair(name, backend):
-        model = sharded_net(device)
+        model = sharded_net(device, mixed_precision)
         optimizer = make_optimizer(model.parameters(), **CONFIGS[name])
         _train_sharded(model, optimizer, rank, device, steps=STEPS - 1)
         # One more step by hand, to watch the optimizer's part of it alone.
@@ -286,6 +290,137 @@ def fsdp2_checkpoint_round_trip(rank, world_size, device, backend, checkpoint_di
         _train_sharded(model, optimizer, rank, device, steps=second, start=first)
         exact = make_optimizer is make_ours
         assert_close_sharded(model, uninterrupted, rtol=0 if exact else RTOL, atol=0 if exact else ATOL)
+
+
+# -- tensor parallelism (DTensor parameters without FSDP2) ------------------------------------
+def tensor_parallel_trains_like_torch(rank, world_size, device, backend):
+    """A column-parallel then row-parallel MLP (Megatron-style), on the same batches on every
+    rank, as tensor parallelism runs: every rank steps its own slices of the weights."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh(device.type, (world_size,))
+    trained = []
+    for make_optimizer in optimizer_pair("AdamW", backend):
+        torch.manual_seed(0)
+        # 30 hidden units: 15 per rank, an odd length for every local slice.
+        model = nn.Sequential(nn.Linear(13, 30), nn.Tanh(), nn.Linear(30, 3)).to(device)
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        assert all(isinstance(p, DTensor) for p in model.parameters())
+        optimizer = make_optimizer(model.parameters(), **CONFIGS["AdamW"])
+        for index in range(STEPS):
+            generator = torch.Generator().manual_seed(index)  # the same batch on every rank
+            x, y = torch.randn(8, 13, generator=generator).to(device), torch.randn(8, 3, generator=generator).to(device)
+            optimizer.zero_grad(set_to_none=index % 2 == 0)
+            torch.nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        trained.append((model, optimizer))
+    (ours, ours_optimizer), (reference, reference_optimizer) = trained
+    assert_runs_on(ours_optimizer, backend)
+    assert_close_sharded(ours, reference)
+    for p, q in zip(ours.parameters(), reference.parameters()):
+        for key, expected in reference_optimizer.state[q].items():
+            actual = ours_optimizer.state[p][key]
+            assert type(actual) is type(expected), (key, type(actual))
+            if key != "step":
+                assert actual.placements == expected.placements, key
+                torch.testing.assert_close(actual.to_local(), expected.to_local(), rtol=RTOL, atol=ATOL)
+
+
+# -- FSDP1 (FullyShardedDataParallel) -----------------------------------------------------------
+def _fsdp1_net(device, use_orig_params):
+    """ShardedNet under FSDP1, computing in bfloat16 from float32 shards (``MixedPrecision``),
+    after one forward pass: FSDP1 initialises lazily, and from then on it keeps each flat
+    parameter's shard in its own storage and points ``.data`` back at it after every
+    forward and backward, wherever an optimizer built later put the parameter."""
+    from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecision
+
+    torch.manual_seed(0)
+    model = FullyShardedDataParallel(
+        ShardedNet().to(device),
+        use_orig_params=use_orig_params,
+        device_id=device,
+        mixed_precision=MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    )
+    with torch.no_grad():
+        model(torch.zeros(1, 13, device=device))
+    return model
+
+
+def _fsdp1_outputs(model, device):
+    """What the wrapped model computes now: FSDP1 gathers it from the shards it keeps."""
+    with torch.no_grad():
+        return model(torch.randn(8, 13, generator=torch.Generator().manual_seed(4242)).to(device)).float()
+
+
+def fsdp1_trains_and_resumes_like_torch(rank, world_size, device, backend, use_orig_params):
+    """FSDP1 with flat parameters (``use_orig_params=False``: the optimizer steps FSDP1's
+    FlatParameter shards) or with the original ones (views of them): training, then a save
+    and load through FSDP1's own optimizer-state API (``FSDP.optim_state_dict`` /
+    ``optim_state_dict_to_load``), against torch's optimizer under the same wrapper."""
+    import copy
+
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    def train_steps(model, optimizer, start, steps):
+        for index in range(start, start + steps):
+            generator = rank_generator(rank, index)
+            x, y = torch.randn(8, 13, generator=generator).to(device), torch.randn(8, 3, generator=generator).to(device)
+            optimizer.zero_grad(set_to_none=index % 2 == 0)
+            torch.nn.functional.mse_loss(model(x).float(), y).backward()
+            optimizer.step()
+
+    def assert_same_training(ours, reference, rtol=RTOL, atol=ATOL):
+        for (name, a), b in zip(ours.named_parameters(), reference.parameters()):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
+        # Computed in bfloat16: parameters a rounding apart may round to neighbouring values.
+        exact = rtol == 0 and atol == 0
+        outputs = dict(rtol=0, atol=0) if exact else dict(rtol=1e-2, atol=1e-3)
+        torch.testing.assert_close(_fsdp1_outputs(ours, device), _fsdp1_outputs(reference, device), **outputs)
+
+    first, second = 3, 2
+    make_ours, make_reference = optimizer_pair("AdamW", backend)
+    trained = []
+    for make_optimizer in (make_ours, make_reference):
+        model = _fsdp1_net(device, use_orig_params)
+        optimizer = make_optimizer(model.parameters(), **CONFIGS["AdamW"])
+        train_steps(model, optimizer, 0, first)
+        trained.append((model, optimizer))
+    (ours, ours_optimizer), (reference, reference_optimizer) = trained
+    assert_runs_on(ours_optimizer, backend)
+    assert_same_training(ours, reference)
+
+    # FSDP1 gathers each optimizer's state into whole tensors, keyed by parameter name.
+    saved_optimizer = copy.deepcopy(FSDP.optim_state_dict(ours, ours_optimizer))
+    expected = FSDP.optim_state_dict(reference, reference_optimizer)
+    assert saved_optimizer["state"].keys() == expected["state"].keys()
+    for key, state in expected["state"].items():
+        assert saved_optimizer["state"][key].keys() == state.keys(), key
+        for field, value in state.items():
+            torch.testing.assert_close(saved_optimizer["state"][key][field], value, rtol=RTOL, atol=ATOL)
+    with FSDP.state_dict_type(ours, StateDictType.FULL_STATE_DICT):
+        saved_model = copy.deepcopy(ours.state_dict())
+    train_steps(ours, ours_optimizer, first, second)
+    uninterrupted = ours
+
+    resumed = []
+    for make_optimizer in (make_ours, make_reference):
+        model = _fsdp1_net(device, use_orig_params)
+        optimizer = make_optimizer(model.parameters(), **CONFIGS["AdamW"])
+        with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT):
+            model.load_state_dict(saved_model)
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, copy.deepcopy(saved_optimizer)))
+        train_steps(model, optimizer, first, second)
+        resumed.append(model)
+    ours_resumed, reference_resumed = resumed
+    # torch's optimizer resumes from adam-triton's checkpoint as adam-triton does.
+    assert_same_training(ours_resumed, reference_resumed)
+    if not use_orig_params:
+        # And exactly where the uninterrupted run went. (With use_orig_params=True, torch
+        # 2.13's FSDP1 does not resume torch's own optimizer onto its uninterrupted run
+        # either: seen with torch.optim.AdamW, so that comparison is left out.)
+        assert_same_training(ours_resumed, uninterrupted, rtol=0, atol=0)
 
 
 # -- mixed precision under each engine ---------------------------------------------------------

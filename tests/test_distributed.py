@@ -112,6 +112,13 @@ def test_fsdp2_trains_like_torch(transport, name, backend):
     run_on_ranks(cases.fsdp2_trains_like_torch, backend, name, transport=transport)
 
 
+@pytest.mark.parametrize("backend", [_case("torch", id="torch"), _case("triton", id="triton")])
+def test_fsdp2_with_a_mixed_precision_policy_trains_like_torch(transport, backend):
+    """bfloat16 compute from the float32 shards the optimizer steps."""
+    _skip_unrunnable(transport, backend)
+    run_on_ranks(cases.fsdp2_trains_like_torch, backend, "AdamW", True, transport=transport)
+
+
 @pytest.mark.parametrize(
     "full_state_dict, backend",
     [
@@ -123,6 +130,27 @@ def test_fsdp2_checkpoint_round_trip(transport, full_state_dict, backend, tmp_pa
     _skip_unrunnable(transport, backend)
     checkpoint_dir = str(tmp_path / "checkpoint")
     run_on_ranks(cases.fsdp2_checkpoint_round_trip, backend, checkpoint_dir, full_state_dict, transport=transport)
+
+
+# -- tensor parallelism (DTensor parameters without FSDP2) --------------------------------------
+@pytest.mark.parametrize("backend", [_case("torch", id="torch"), _case("triton", id="triton")])
+def test_tensor_parallel_trains_like_torch(transport, backend):
+    _skip_unrunnable(transport, backend)
+    run_on_ranks(cases.tensor_parallel_trains_like_torch, backend, transport=transport)
+
+
+# -- FSDP1 (FullyShardedDataParallel) ------------------------------------------------------------
+@pytest.mark.parametrize(
+    "use_orig_params, backend",
+    [
+        _case(False, "torch", id="flat-params-torch"),
+        _case(True, "torch", id="orig-params-torch"),
+        _case(False, "triton", id="flat-params-triton"),
+    ],
+)
+def test_fsdp1_trains_and_resumes_like_torch(transport, use_orig_params, backend):
+    _skip_unrunnable(transport, backend)
+    run_on_ranks(cases.fsdp1_trains_and_resumes_like_torch, backend, use_orig_params, transport=transport)
 
 
 # -- mixed precision (master weights, bfloat16 states) under every engine ---------------------
