@@ -54,6 +54,15 @@ def check_parameters(groups: list[dict], params: list, group_of: list[int], opti
             raise ValueError("stochastic_rounding supports bfloat16 parameters; use master_weights=True for float16")
 
 
+def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:
+    """Did someone reset or replace a parameter's ``optimizer.state`` entry since we made it
+    (``ours``)? Deleted, replaced by another dict, or cleared in place (``state[p].clear()``),
+    or, for a parameter without state yet, given some."""
+    if ours is None:
+        return bool(entry)
+    return entry is not ours or "exp_avg" not in entry
+
+
 class Engine:
     def __init__(self, optimizer_name: str, backend: str, precision: dict | None = None):
         self.name = optimizer_name
@@ -65,11 +74,12 @@ class Engine:
         self.found_inf = None  # GradScaler's verdict on the last step, if it gave one
         self._fingerprint: list[tuple] = []
         self._params: list = []
-        # ``optimizer.state`` and its entries as the last step left them: when both are the
-        # same objects, nobody reset or replaced an entry (one C-level pass, not a lookup
-        # per parameter).
+        # ``optimizer.state`` and its entries (and their sizes) as the last step left them:
+        # when all are the same, nobody reset, replaced or cleared an entry (C-level passes,
+        # not a lookup per parameter).
         self._state_seen = None
         self._state_entries_seen: list = []
+        self._state_sizes_seen: list[int] = []
         # ids of parameters whose .data someone re-pointed at storage of the same kind after
         # they were re-homed (ZeroRedundancyOptimizer's buckets): updated there from now on.
         self._left_in_place: set[int] = set()
@@ -241,18 +251,12 @@ class Engine:
             return
         for buffer in self.buffers:
             entries = list(map(state.get, buffer.params))
-            if all(map(operator.is_, entries, buffer.state_entries)):
-                continue
-            # Empty entries of parameters that have no state yet (a defaultdict lookup
-            # leaves them behind) change nothing.
-            replaced = any(
-                entry is not ours and (ours is not None or bool(entry))
-                for entry, ours in zip(entries, buffer.state_entries)
-            )
-            if replaced:
+            if any(map(_entry_replaced, entries, buffer.state_entries)):
                 self.import_state(groups, state, [buffer])
             else:
-                buffer.state_entries = entries
+                # Empty entries of parameters without state yet (a defaultdict lookup leaves
+                # them behind) are no state: the first step with a gradient replaces them.
+                buffer.state_entries = [entry or None for entry in entries]
 
     def _state_unchanged(self, state) -> bool:
         seen = self._state_entries_seen
@@ -260,13 +264,15 @@ class Engine:
             state is self._state_seen
             and len(state) == len(seen)
             and all(map(operator.is_, state.values(), seen))
+            and list(map(len, seen)) == self._state_sizes_seen  # an entry cleared in place
         )
 
     def _remember_state(self, state) -> None:
         self._state_seen, self._state_entries_seen = state, list(state.values())
+        self._state_sizes_seen = list(map(len, self._state_entries_seen))
 
     def _forget_state_seen(self) -> None:
-        self._state_seen, self._state_entries_seen = None, []
+        self._state_seen, self._state_entries_seen, self._state_sizes_seen = None, [], []
 
     def _prepare_variants(self, buffer: FlatBuffer, variants: list[tuple], state) -> None:
         """When a group's kernel variant changed (or on the first step): a group that

@@ -21,6 +21,7 @@ import adam_triton
         pytest.param(lambda opt, model: setattr(opt, "state", defaultdict(dict)), id="new state dict"),
         pytest.param(lambda opt, model: opt.state.__setitem__(list(model.parameters())[2], {}), id="one entry emptied"),
         pytest.param(lambda opt, model: opt.state.pop(list(model.parameters())[0]), id="one entry removed"),
+        pytest.param(lambda opt, model: opt.state[list(model.parameters())[1]].clear(), id="one entry cleared in place"),
     ],
 )
 def test_resetting_the_state_restarts_adam_as_in_torch(target, reset):
@@ -34,6 +35,20 @@ def test_resetting_the_state_restarts_adam_as_in_torch(target, reset):
         train(model, optimizer, steps=2, seed=2)
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_state_looked_up_before_the_first_step_is_filled_as_in_torch(target):
+    """``optimizer.state`` is a defaultdict: looking a parameter up before its first step
+    (wrappers and loggers do) leaves an empty entry, which that step must fill, so that
+    the state and the checkpoint hold the moments."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "Adam", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        assert all(len(optimizer.state[p]) == 0 for p in model.parameters())
+        train(model, optimizer, steps=3)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    assert len(ours.state_dict()["state"]) == len(list(ours_model.parameters()))
 
 
 def test_a_parameter_swapped_into_a_group_is_the_one_updated(target):
