@@ -188,10 +188,16 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
         foreign = [grad for grad in raw if grad is not None]
     else:
         buffer.ensure_grad()
-        foreign, adopted = [], []
-        if not all(map(operator.is_, raw, buffer.grad_views)):
-            for segment, (grad, view) in enumerate(zip(raw, buffer.grad_views)):
-                if grad is None or grad is view:
+        foreign, adopted, swapped = [], [], []
+        views, pointers = buffer.grad_views, buffer.grad_view_pointers
+        if not (all(map(operator.is_, raw, views)) and list(map(torch.Tensor.data_ptr, raw)) == pointers):
+            for segment, (grad, view, pointer) in enumerate(zip(raw, views, pointers)):
+                if grad is None:
+                    continue
+                if grad is view:
+                    if grad.data_ptr() != pointer:  # our view, its .data swapped for a copy
+                        swapped.append(segment)
+                        adopted.append(segment)
                     continue
                 ours = grad.layout == torch.strided and (grad._base is None or is_gradient_buffer(grad._base))
                 if ours and grad.dtype == view.dtype and grad.device == view.device:
@@ -199,6 +205,8 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
                 else:
                     foreign.append(grad)
         # Decided for every gradient first: nothing below can fail half-way.
+        for segment in swapped:
+            buffer.renew_grad_view(segment)
         for segment in adopted:
             buffer.params[segment].grad = buffer.grad_views[segment]
         buffer.grad.zero_()

@@ -199,6 +199,7 @@ class FlatBuffer:
         self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(params))]
         self.max_exp_avg_sq_views: list | None = None
         self.grad_views: list | None = None
+        self.grad_view_pointers: list[int] | None = None
         self.step_views = [self.steps[int(chunk)] for chunk in self.leaders]
         # The dict the engine put in ``optimizer.state`` for each segment (None before its
         # first step): another object there means someone reset or replaced that state.
@@ -284,10 +285,16 @@ class FlatBuffer:
             storage = self.grad if self.grad._base is None else self.grad._base
             storage._adam_triton_gradients = True  # what its views' ._base is: see is_gradient_buffer
             self.grad_views = [self.segment_view(self.grad, i) for i in range(len(self.params))]
+            # Where each view starts: a view whose .data someone swapped (Module._apply does,
+            # in model.half() or model.to(memory_format=...)) is the same object elsewhere.
+            self.grad_view_pointers = list(map(torch.Tensor.data_ptr, self.grad_views))
+
+    def renew_grad_view(self, segment: int) -> None:
+        self.grad_views[segment] = self.segment_view(self.grad, segment)
 
     def release_grad(self) -> None:
         """Let the gradient buffer go (it is made again, zeroed, when next needed)."""
-        self.grad = self.grad_views = None
+        self.grad = self.grad_views = self.grad_view_pointers = None
         for key in [key for key in self.span_cache if key[0] == "grad"]:
             del self.span_cache[key]
 

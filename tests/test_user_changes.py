@@ -51,6 +51,49 @@ def test_state_looked_up_before_the_first_step_is_filled_as_in_torch(target):
     assert len(ours.state_dict()["state"]) == len(list(ours_model.parameters()))
 
 
+def _swap_gradient_data(model):
+    for p in model.parameters():
+        p.grad.data = p.grad.data.clone()
+
+
+@pytest.mark.parametrize(
+    "convert",
+    [
+        pytest.param(lambda model: model.half().float(), id="model.half().float()"),
+        pytest.param(lambda model: model.to(memory_format=torch.channels_last), id="to(channels_last)"),
+        pytest.param(_swap_gradient_data, id="grad.data swapped"),
+        pytest.param(lambda model: model.double(), id="model.double()"),
+    ],
+)
+def test_kept_gradients_converted_with_the_model_are_zeroed_as_in_torch(target, convert):
+    """Module._apply (model.half(), model.to(...)) swaps each kept gradient's .data for a
+    converted copy: the same tensor object, somewhere else. zero_grad(set_to_none=False)
+    must zero that, or the next backward adds onto last step's gradient."""
+
+    def make_model():
+        return torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.Tanh(), torch.nn.Conv2d(5, 2, 2))
+
+    ours_model, reference_model = paired(make_model, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        generator = torch.Generator().manual_seed(0)
+        for step in range(4):
+            if step == 2:  # there is something to zero
+                assert all(p.grad.abs().sum() > 0 for p in model.parameters())
+            optimizer.zero_grad(set_to_none=False)
+            x = torch.randn(2, 3, 6, 6, generator=generator).to(target.device, next(model.parameters()).dtype)
+            model(x).square().mean().backward()
+            optimizer.step()
+            if step == 1:
+                convert(model)
+                if optimizer is reference:  # torch's optimizer needs its state cast by hand
+                    for p in model.parameters():
+                        state = optimizer.state[p]
+                        state.update({k: v.to(p.dtype) for k, v in state.items() if k != "step"})
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_a_parameter_swapped_into_a_group_is_the_one_updated(target):
     ours_model, reference_model = paired(OddModel, target.device)
     ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
