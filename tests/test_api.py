@@ -111,9 +111,33 @@ def test_lr_and_betas_as_tensors(target):
 
 def test_unsupported_parameters_raise_clearly():
     with pytest.raises(TypeError, match="dtype"):
-        adam_triton.Adam([torch.zeros(3, dtype=torch.int64)])
+        adam_triton.Adam([torch.zeros(3, dtype=torch.float8_e4m3fn, requires_grad=True)])
     with pytest.raises(ValueError, match="non-leaf"):
         adam_triton.Adam([torch.zeros(3, requires_grad=True) * 2])
+
+
+def test_integer_parameters_are_accepted_and_left_alone_as_in_torch(target):
+    """Quantized models hand their frozen integer weights to the optimizer along with
+    ``model.parameters()``; torch's optimizer accepts them and, as they can never have a
+    gradient, never updates them."""
+    trained = []
+    for make in (adam_triton.AdamW, torch.optim.AdamW):
+        torch.manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(5, 3, device=target.device))
+        codes = torch.nn.Parameter(torch.randint(-8, 8, (5, 3), dtype=torch.int8, device=target.device), requires_grad=False)
+        kwargs = {"backend": target.backend} if make is adam_triton.AdamW else {}
+        optimizer = make([weight, codes], lr=1e-2, **kwargs)
+        for step in range(3):
+            optimizer.zero_grad()
+            x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step)).to(target.device)
+            (x @ (weight * codes.float())).square().sum().backward()
+            optimizer.step()
+        trained.append((weight, codes, optimizer.state_dict()))
+    (weight, codes, state), (expected_weight, expected_codes, expected_state) = trained
+    torch.testing.assert_close(weight, expected_weight, rtol=2e-5, atol=2e-6)
+    assert torch.equal(codes, expected_codes)
+    assert state["state"].keys() == expected_state["state"].keys() == {0}
+    assert state["param_groups"][0]["params"] == expected_state["param_groups"][0]["params"]
 
 
 def test_a_bad_added_group_leaves_the_optimizer_as_it_was():
