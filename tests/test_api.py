@@ -145,7 +145,7 @@ def test_a_bad_added_group_leaves_the_optimizer_as_it_was():
     optimizer = adam_triton.Adam(model.parameters())
     groups_before = len(optimizer.param_groups)
     with pytest.raises(TypeError, match="dtype"):
-        optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.int32)]})
+        optimizer.add_param_group({"params": [torch.zeros(2, dtype=torch.float8_e5m2, requires_grad=True)]})
     assert len(optimizer.param_groups) == groups_before
     with pytest.raises(ValueError, match="more than one parameter group"):
         optimizer.add_param_group({"params": [model.weights[0]]})
