@@ -69,6 +69,13 @@ def missing(needs: tuple[str, ...]) -> list[str]:
     return absent
 
 
+# Twice in many CI-like runs of the full suite, one rank of the two-process example was
+# aborted by the C++ runtime with this message and no Python error (never reproduced alone,
+# nor under load, in dozens of runs; gloo's teardown is the suspect). Such a run is tried
+# once more; any other failure, or the abort twice, fails the test.
+_RUNTIME_ABORT = "terminate called without an active exception"
+
+
 @pytest.mark.parametrize("block", PYTHON_BLOCKS, ids=[f"README.md:{b.line}" for b in PYTHON_BLOCKS])
 def test_python_example_runs(block, tmp_path):
     absent = missing(block.needs)
@@ -82,9 +89,12 @@ def test_python_example_runs(block, tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     # No example may need the network (CI may have none): Hugging Face libraries stay offline.
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1")
-    result = subprocess.run(
-        [sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
-    )
+    for _ in range(2):
+        result = subprocess.run(
+            [sys.executable, str(script)], check=False, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+        )
+        if result.returncode == 0 or _RUNTIME_ABORT not in result.stderr:
+            break
     assert result.returncode == 0, f"README.md line {block.line}:\n{block.code}\n{result.stderr[-4000:]}"
 
 
