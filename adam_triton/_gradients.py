@@ -43,29 +43,43 @@ class GradientPlan:
     gradient its owner drops (``model.zero_grad()``, ``p.grad = None``) is freed then, as
     under torch, and not kept alive until this optimizer's next step."""
 
-    def __init__(self, raw: list, grads: list, has_grad: np.ndarray, shifts: np.ndarray, in_grad_buffer: np.ndarray, staged: list[int]):
+    def __init__(
+        self,
+        raw: list,
+        grads: list,
+        has_grad: np.ndarray,
+        shifts: np.ndarray,
+        in_grad_buffer: np.ndarray,
+        staged: list[int],
+        pointers: list[int],
+    ):
         self.raw = raw  # p.grad of each segment, as found (None between steps unless all ours)
         self.grads = grads  # what to read: raw, or the staged copy
         self.has_grad = has_grad
         self.shifts = shifts  # element shift from the flat parameter buffer, or NO_GRADIENT
         self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
         self.staged = staged  # segments whose gradient is copied into buffer.grad each step
+        # Where each present gradient started: the same tensor object may have had its
+        # ``.data`` swapped since (``p.grad.data = g``), and then it is elsewhere.
+        self.pointers = pointers
         self._weak_present: list | None = None  # between steps: the present gradients, weakly
         # Staged segments read our views too, but their gradients (``raw``) are someone else's.
         self._only_our_views = not staged and bool((in_grad_buffer | ~has_grad).all())
 
     def finds(self, raw: list) -> bool:
-        """Are ``raw`` the very gradient tensors this plan was made for?"""
+        """Are ``raw`` the very gradient tensors this plan was made for, where they were?"""
         if self.raw is not None:
-            return all(map(operator.is_, raw, self.raw))
-        # Identity first (fresh gradients fail it at once); a dead reference gives None, so
-        # which segments have a gradient must match too.
-        present = list(compress(raw, self.has_grad))
-        return (
-            all(map(operator.is_, present, map(_dereference, self._weak_present)))
-            and all(map(operator.is_not, present, repeat(None)))
-            and all(map(operator.is_, compress(raw, ~self.has_grad), repeat(None)))
-        )
+            same = all(map(operator.is_, raw, self.raw))
+        else:
+            # Identity first (fresh gradients fail it at once); a dead reference gives None,
+            # so which segments have a gradient must match too.
+            present = list(compress(raw, self.has_grad))
+            same = (
+                all(map(operator.is_, present, map(_dereference, self._weak_present)))
+                and all(map(operator.is_not, present, repeat(None)))
+                and all(map(operator.is_, compress(raw, ~self.has_grad), repeat(None)))
+            )
+        return same and list(map(torch.Tensor.data_ptr, compress(raw, self.has_grad))) == self.pointers
 
     def hold(self, buffer: FlatBuffer, raw: list) -> None:
         """Hold ``raw`` (which ``finds`` matched) for the coming step."""
@@ -111,10 +125,12 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     present = list(compress(raw, has_grad))
     grads = list(raw)
     staged: list[int] = []
+    raw_pointers: list[int] = []
     if present:
         try:
             strides = list(map(torch.Tensor.stride, present))
-            pointers = np.fromiter(map(torch.Tensor.data_ptr, present), dtype=np.int64, count=len(present))
+            raw_pointers = list(map(torch.Tensor.data_ptr, present))
+            pointers = np.array(raw_pointers, dtype=np.int64)
         except RuntimeError:  # sparse layouts have neither
             if any(g.layout != torch.strided for g in present):
                 raise _sparse_error(optimizer_name) from None
@@ -152,11 +168,14 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     if present:
         shifts[segments] = shifts_present
 
-    if buffer.grad_views is not None:
+    in_grad_buffer = np.zeros(count, dtype=bool)
+    if present and buffer.grad_views is not None:
+        # Our view, and still where we made it (its .data may have been swapped).
         in_grad_buffer = np.fromiter(map(operator.is_, grads, buffer.grad_views), dtype=bool, count=count)
-    else:
-        in_grad_buffer = np.zeros(count, dtype=bool)
-    return GradientPlan(raw, grads, has_grad, shifts, in_grad_buffer, staged)
+        where = np.full(count, -1, dtype=np.int64)
+        where[segments] = pointers
+        in_grad_buffer &= where == np.asarray(buffer.grad_view_pointers, dtype=np.int64)
+    return GradientPlan(raw, grads, has_grad, shifts, in_grad_buffer, staged, raw_pointers)
 
 
 @torch.no_grad()

@@ -94,6 +94,29 @@ def test_kept_gradients_converted_with_the_model_are_zeroed_as_in_torch(target, 
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+@pytest.mark.parametrize(
+    "set_to_none", [False, True, None], ids=["kept gradients", "fresh gradients", "no zero_grad between steps"]
+)
+def test_gradients_given_new_data_between_backward_and_step_are_the_ones_used(target, set_to_none):
+    """``p.grad.data = ...`` (older code scales or clips gradients this way) keeps the
+    gradient object but moves its values elsewhere; the step must read them there, also
+    when that object is one of our kept views or the very gradient the last step read
+    (without zero_grad, backward accumulates into the same tensors)."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        generator = torch.Generator().manual_seed(0)
+        for step in range(4):
+            if set_to_none is not None or step == 0:
+                optimizer.zero_grad(set_to_none=bool(set_to_none))
+            model(torch.randn(8, generator=generator).to(target.device)).backward()
+            for p in model.parameters():
+                p.grad.data = -3 * p.grad.data
+            optimizer.step()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_a_parameter_swapped_into_a_group_is_the_one_updated(target):
     ours_model, reference_model = paired(OddModel, target.device)
     ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
