@@ -1,9 +1,10 @@
 """Flat buffers: where each parameter and its Adam state live.
 
 All parameters of one (device, storage dtype) share one contiguous buffer; each parameter
-is a *segment* of it, and its ``.data`` becomes a view of that segment, so the model keeps
-its Parameter objects. ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are buffers of the
-same layout. Complex parameters are stored as their real view (two reals per element), as
+is a *segment* of it, and its ``.data`` becomes that segment, so the model keeps its
+Parameter objects. ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are buffers of the
+same layout. The segments handed out (parameters, ``optimizer.state[p]``'s moments) have
+storages of their own over the buffer's memory (``own_storage_view``). Complex parameters are stored as their real view (two reals per element), as
 torch's Adam updates them.
 
 Segments start on ``SEGMENT_ALIGNMENT_BYTES`` boundaries so that the kernel's 16-byte
@@ -194,9 +195,9 @@ class FlatBuffer:
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
 
-        self.master_views = None if self.master is None else [self.segment_view(self.master, i) for i in range(len(params))]
-        self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(params))]
-        self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(params))]
+        self.master_views = None if self.master is None else [self.own_storage_view(self.master, i) for i in range(len(params))]
+        self.exp_avg_views = [self.own_storage_view(self.exp_avg, i) for i in range(len(params))]
+        self.exp_avg_sq_views = [self.own_storage_view(self.exp_avg_sq, i) for i in range(len(params))]
         self.max_exp_avg_sq_views: list | None = None
         self.grad_views: list | None = None
         self.grad_view_pointers: list[int] | None = None
@@ -255,6 +256,22 @@ class FlatBuffer:
             return torch.view_as_complex(real)
         return flat.as_strided(shape, self.strides[segment], start)
 
+    def own_storage_view(self, flat: torch.Tensor, segment: int) -> torch.Tensor:
+        """``segment_view(flat, segment)`` as a tensor with a storage of its own: a slice of
+        ``flat``'s storage that shares its memory and keeps it alive, but covers only this
+        segment. Savers that take tensors sharing one storage for tied weights (safetensors'
+        ``save_model``, accelerate's ``save_model`` and ``save_state``) and ``torch.save``
+        of a part of a state dict then see each parameter as the tensor it is."""
+        if not self.lengths[segment]:
+            return self.segment_view(flat, segment)
+        itemsize = flat.element_size()
+        first = (flat.storage_offset() + int(self.starts[segment])) * itemsize
+        piece = flat.untyped_storage()[first : first + int(self.lengths[segment]) * itemsize]
+        dtype = _complex_of(flat.dtype) if self.is_complex[segment] else flat.dtype
+        shape = self.shapes[segment]
+        strides = _contiguous_strides(shape) if self.is_complex[segment] else self.strides[segment]
+        return torch.empty(0, dtype=dtype, device=flat.device).set_(piece, 0, shape, strides)
+
     def real_views(self, name: str) -> list:
         """Per-segment views of buffer ``name`` as torch's kernels take them (complex as real).
         For ``"param"``, parameters left in place are their own tensors."""
@@ -277,7 +294,7 @@ class FlatBuffer:
     def ensure_max_exp_avg_sq(self) -> None:
         if self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
-            self.max_exp_avg_sq_views = [self.segment_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
+            self.max_exp_avg_sq_views = [self.own_storage_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
 
     def ensure_grad(self) -> None:
         if self.grad is None:
@@ -301,7 +318,7 @@ class FlatBuffer:
     # -- parameters -------------------------------------------------------------------------
     @torch.no_grad()
     def adopt_parameters(self) -> None:
-        """Copy each parameter into its segment and make its ``.data`` a view of it; leave
+        """Copy each parameter into its segment and make its ``.data`` that segment; leave
         the parameters in place that are to stay where they are, and note where they are."""
         shifts = np.zeros(len(self.params), dtype=np.int64)
         self.staged_params = []
@@ -309,7 +326,7 @@ class FlatBuffer:
             if not self.in_place[segment]:
                 view = self.segment_view(self.param, segment)
                 view.copy_(param.data)
-                param.data = view
+                param.data = self.own_storage_view(self.param, segment)
             elif not self.addressable[segment] or self.stage_in_place:
                 self.staged_params.append((self.segment_view(self.param, segment), local(param)))
             elif self.lengths[segment]:
@@ -422,3 +439,7 @@ def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
         strides.append(running)
         running *= max(size, 1)
     return tuple(reversed(strides))
+
+
+def _complex_of(real: torch.dtype) -> torch.dtype:
+    return {torch.float32: torch.complex64, torch.float64: torch.complex128}[real]

@@ -200,12 +200,19 @@ def test_state_is_views_of_the_flat_buffers(target):
     assert not optimizer.state  # lazily created, as torch
     train(model, optimizer, steps=1)
     params = list(model.parameters())
-    storages = {p.untyped_storage().data_ptr() for p in params}
-    assert len(storages) == 1, "parameters of one device and dtype share one buffer"
-    exp_avg_storages = {optimizer.state[p]["exp_avg"].untyped_storage().data_ptr() for p in params}
-    assert len(exp_avg_storages) == 1
-    for p in params:
-        assert p.data_ptr() % 128 == 0 or p.numel() == 0, "segments are 128-byte aligned"
+    (buffer,) = optimizer._engine.buffers
+    for segment, p in enumerate(params):
+        if p.numel() == 0:
+            continue
+        # Parameters and moments are their segments of the flat buffers (same memory), each
+        # with a storage of its own that covers only its segment (what savers look at).
+        offset = int(buffer.starts[segment]) * p.element_size()
+        assert p.data_ptr() == buffer.param.data_ptr() + offset
+        assert optimizer.state[p]["exp_avg"].data_ptr() == buffer.exp_avg.data_ptr() + offset
+        assert optimizer.state[p]["exp_avg_sq"].data_ptr() == buffer.exp_avg_sq.data_ptr() + offset
+        for tensor in (p, optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"]):
+            assert tensor.untyped_storage().nbytes() == p.numel() * p.element_size()
+        assert p.data_ptr() % 128 == 0, "segments are 128-byte aligned"
         # An in-place edit of the exposed state is what the next step uses.
     optimizer.state[params[0]]["exp_avg"].fill_(0.5)
     optimizer.state[params[0]]["step"].fill_(10.0)

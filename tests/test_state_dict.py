@@ -228,11 +228,11 @@ def test_adamw_loading_an_adam_checkpoint_stays_adamw_as_in_torch(target):
     assert_close_params(ours_model, reference_model)
 
 
-def test_model_weights_saved_with_safetensors_load_back_and_take_only_their_own_bytes(tmp_path):
-    """The model's parameters are views of one flat buffer. safetensors (what Hugging Face's
-    save_pretrained writes) must accept them, write each tensor's own bytes even for part of
-    the model, and load back the trained values; torch.save, by contrast, writes a view's
-    whole storage (the README's Limitations say so, and how to save part of a model)."""
+def test_each_saver_writes_every_parameter_and_only_its_own_bytes(tmp_path):
+    """Parameters and moments live in flat buffers, but each has a storage of its own over
+    its segment: savers that keep one tensor per storage for tied weights (safetensors'
+    save_model) must still write every parameter, and torch.save or deepcopy of part of a
+    state dict must take only that part."""
     safetensors_torch = pytest.importorskip("safetensors.torch")
     model = OddModel()
     optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2)
@@ -240,7 +240,6 @@ def test_model_weights_saved_with_safetensors_load_back_and_take_only_their_own_
     whole = model.state_dict()
     part = {"weights.3": whole["weights.3"]}  # 1,025 of the model's 4,384 parameters
     own_bytes = whole["weights.3"].numel() * 4
-    all_parameter_bytes = sum(p.numel() * 4 for p in model.parameters())
 
     safetensors_torch.save_file(whole, tmp_path / "whole.safetensors")
     safetensors_torch.save_file(part, tmp_path / "part.safetensors")
@@ -249,7 +248,50 @@ def test_model_weights_saved_with_safetensors_load_back_and_take_only_their_own_
     assert all(torch.equal(loaded[name], tensor) for name, tensor in whole.items())
     assert (tmp_path / "part.safetensors").stat().st_size < own_bytes + 4096
 
+    safetensors_torch.save_model(model, tmp_path / "model.safetensors")
+    loaded = safetensors_torch.load_file(tmp_path / "model.safetensors")
+    assert loaded.keys() == whole.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in whole.items())
+
     torch.save(part, tmp_path / "part.pt")
-    torch.save({name: tensor.clone() for name, tensor in part.items()}, tmp_path / "part-cloned.pt")
-    assert (tmp_path / "part.pt").stat().st_size > all_parameter_bytes  # the whole flat buffer
-    assert (tmp_path / "part-cloned.pt").stat().st_size < own_bytes + 4096
+    assert (tmp_path / "part.pt").stat().st_size < own_bytes + 4096
+    moments = {"exp_avg": optimizer.state[model.weights[3]]["exp_avg"]}
+    torch.save(moments, tmp_path / "moments.pt")
+    assert (tmp_path / "moments.pt").stat().st_size < own_bytes + 4096
+    assert sum(t.untyped_storage().nbytes() for t in copy.deepcopy(part).values()) == own_bytes
+
+
+def test_accelerate_save_state_keeps_every_parameter_and_resumes_exactly(tmp_path):
+    """accelerate's save_state and save_model (safetensors by default) keep one tensor per
+    storage: with parameters sharing the flat buffer's storage they kept one parameter, and
+    load_state then failed. The checkpoint must hold every parameter and resume bit for bit."""
+    accelerate = pytest.importorskip("accelerate")
+
+    def run(steps, first_seed=0, save_after=None, resume_from=None):
+        accelerator = accelerate.Accelerator(cpu=True)
+        model = OddModel()
+        optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if resume_from is not None:
+            accelerator.load_state(resume_from)
+        for step in range(steps):
+            train(model, optimizer, steps=1, seed=first_seed + step)
+            if step + 1 == save_after:
+                accelerator.save_state(tmp_path / "checkpoint")
+                accelerator.save_model(model, tmp_path / "model")
+        return model
+
+    uninterrupted = run(5, save_after=3)
+    names = set(uninterrupted.state_dict())
+    assert _safetensors_names(tmp_path / "checkpoint" / "model.safetensors") == names
+    assert _safetensors_names(tmp_path / "model" / "model.safetensors") == names
+    resumed = run(2, first_seed=3, resume_from=tmp_path / "checkpoint")
+    for a, b in zip(uninterrupted.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def _safetensors_names(path) -> set:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return set(handle.keys())
