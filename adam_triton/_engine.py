@@ -52,6 +52,43 @@ def check_parameters(groups: list[dict], params: list, group_of: list[int], opti
             raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
         if group.get("stochastic_rounding") and param.dtype == torch.float16:
             raise ValueError("stochastic_rounding supports bfloat16 parameters; use master_weights=True for float16")
+    _check_no_shared_memory(params, group_of, optimizer_name)
+
+
+def _memory_span(values: torch.Tensor) -> tuple | None:
+    """(device, first byte, end byte) of a dense tensor's elements; None for an empty or a
+    gappy one (whose byte range may interleave with another tensor's without sharing)."""
+    if values.numel() == 0 or any(s < 0 for s in values.stride()):
+        return None
+    extent = 1 + sum((size - 1) * stride for size, stride in zip(values.shape, values.stride()))
+    if extent != values.numel():
+        return None
+    start = values.data_ptr()
+    return values.device, start, start + extent * values.element_size()
+
+
+def _check_no_shared_memory(params: list, group_of: list[int], optimizer_name: str) -> None:
+    """Two distinct parameters over the same memory (``Parameter(other)``, or ``b.data =
+    a.data``) would each get a segment of their own and silently stop sharing it."""
+    spans = sorted(
+        (span[0].type, span[0].index or 0, span[1], span[2], position)
+        for position, span in enumerate(map(_memory_span, params))
+        if span is not None
+    )
+    reach = None  # (device, end byte, position) of the furthest-reaching span so far
+    for device_type, device_index, start, end, position in spans:
+        device = (device_type, device_index)
+        if reach is not None and reach[0] == device and start < reach[1]:
+            first, second = sorted((reach[2], position))
+            raise ValueError(
+                f"{optimizer_name}: two parameters share memory (param group {group_of[first]}, shape "
+                f"{tuple(params[first].shape)}, and param group {group_of[second]}, shape "
+                f"{tuple(params[second].shape)}). Each parameter gets a segment of its own in a flat "
+                "buffer, so they would stop sharing it. Tie weights by assigning the same Parameter "
+                "(b.weight = a.weight), or drop the one the model no longer uses from the optimizer."
+            )
+        if reach is None or reach[0] != device or end > reach[1]:
+            reach = (device, end, position)
 
 
 def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:
@@ -61,6 +98,21 @@ def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:
     if ours is None:
         return bool(entry)
     return entry is not ours or "exp_avg" not in entry
+
+
+@torch.no_grad()
+def _release(buffer: FlatBuffer, segment: int, state) -> None:
+    """A parameter that left the optimizer (removed from its group, its group popped) keeps
+    its values, gradient and state, as under torch, but in tensors of its own: segments of
+    the old buffers would keep those whole buffers alive."""
+    param = buffer.params[segment]
+    if not buffer.in_place[segment] and param.data_ptr() == buffer.param_ptrs[segment]:
+        param.data = param.data.clone(memory_format=torch.preserve_format)
+    if buffer.grad_views is not None and param.grad is buffer.grad_views[segment]:
+        param.grad = param.grad.clone(memory_format=torch.preserve_format)
+    entry = state.get(param)
+    if entry is not None and entry is buffer.state_entries[segment]:
+        state[param] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
 
 
 class Engine:
@@ -142,6 +194,8 @@ class Engine:
         self._left_in_place &= {id(p) for p in params}
 
         # Nothing has been changed up to here; from here on parameters move.
+        kept = {id(p) for p in params}
+        departed = [(b, s) for b in self.buffers for s, p in enumerate(b.params) if id(p) not in kept]
         buffers = []
         for key, (members, member_groups) in keyed.items():
             in_place = [is_dtensor(p) or id(p) in self._left_in_place or in_shared_memory(p) for p in members]
@@ -151,6 +205,8 @@ class Engine:
             )
             buffer.adopt_parameters()
             buffers.append(buffer)
+        for buffer, segment in departed:
+            _release(buffer, segment, state)
         self.buffers = buffers
         self.backend_of = {id(b): backends[(b.device, b.dtype, b.precision)] for b in buffers}
         self._params = params

@@ -374,3 +374,96 @@ def test_a_gradient_off_the_vector_alignment_is_copied_and_still_correct(target)
     assert_close_params(ours_model, reference_model)
     (buffer,) = ours._engine.buffers
     assert sorted(buffer.last_plan.staged) == list(range(len(buffer.params)))
+
+
+@pytest.mark.parametrize("removal", ["parameter removed from its group", "group popped"])
+def test_parameters_that_leave_the_optimizer_let_the_old_buffers_go(target, removal):
+    """A parameter removed from the optimizer keeps its values, gradient and state (as in
+    torch, whose state keeps its entry), but no longer in segments of the old buffers, which
+    would keep all of them alive: twice the optimizer's memory."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    def remove(optimizer, model):
+        if removal == "group popped":
+            optimizer.param_groups.pop()
+        else:
+            params = optimizer.param_groups[0]["params"]
+            params[:] = [p for p in params if p is not model.weights[1]]  # remove() compares values
+
+    ours_model, reference_model = paired(OddModel, target.device)
+    params_fn = lambda model: [  # noqa: E731
+        {"params": list(model.weights)[:4]},
+        {"params": list(model.weights)[4:], "lr": 3e-3},
+    ]
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, params_fn=params_fn, lr=1e-2)
+    old = [StorageWeakRef(tensor.untyped_storage()) for b in ours._engine.buffers for tensor in (b.param, b.exp_avg, b.exp_avg_sq)]
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3, set_to_none=False)
+        remove(optimizer, model)
+        train(model, optimizer, steps=2, seed=2, set_to_none=False)
+    gc.collect()
+    assert all(ref.expired() for ref in old)
+    assert_close_params(ours_model, reference_model)
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):  # removed ones too
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(ours.state[a][key], reference.state[b][key], rtol=2e-5, atol=2e-6)
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def _tie_through_data(model):
+    model.weights[3].data = model.weights[2].data
+
+
+@pytest.mark.parametrize("when", ["before the optimizer is built", "after some steps"])
+def test_distinct_parameters_sharing_memory_are_refused_before_anything_changes(target, when):
+    """Two Parameter objects over the same memory cannot both get a segment of their own and
+    stay tied: a clear error, with the model and the optimizer left as they were, rather
+    than silently untied weights."""
+    model = OddModel(shapes=[(7, 13), (5,), (4, 3), (4, 3)]).to(target.device)
+    if when == "before the optimizer is built":
+        _tie_through_data(model)
+        with pytest.raises(ValueError, match="share memory"):
+            adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+        assert model.weights[3].data_ptr() == model.weights[2].data_ptr()
+        return
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    _tie_through_data(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="share memory"):
+        train(model, optimizer, steps=1, seed=2)
+    assert model.weights[3].data_ptr() == model.weights[2].data_ptr()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+def test_a_group_sharing_memory_with_the_optimizer_is_refused_and_not_added(target):
+    """weight_norm applied after the optimizer was built: its new Parameter wraps the old
+    weight's memory, which is still in the optimizer. Refused, and nothing changes; once
+    the old weight is taken out, the new parameters train as under torch."""
+
+    def make_model():
+        return torch.nn.Sequential(torch.nn.Linear(7, 13), torch.nn.Tanh(), torch.nn.Linear(13, 5))
+
+    def run(model, optimizer):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(3, 7, generator=generator).to(target.device)).square().mean().backward()
+            optimizer.step()
+
+    ours_model, reference_model = paired(make_model, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        run(model, optimizer)
+        old_weight = model[2].weight
+        torch.nn.utils.parametrizations.weight_norm(model[2])
+        new = list(model[2].parametrizations.weight.parameters())
+        if optimizer is ours:
+            with pytest.raises(ValueError, match="share memory"):
+                optimizer.add_param_group({"params": new})
+            assert len(optimizer.param_groups) == 1
+        params = optimizer.param_groups[0]["params"]
+        params[:] = [p for p in params if p is not old_weight]  # remove() compares values
+        optimizer.add_param_group({"params": new})
+        run(model, optimizer)
+    assert_close_params(ours_model, reference_model)
