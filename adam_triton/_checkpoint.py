@@ -20,6 +20,23 @@ _PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _REQUIRED_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
 
 
+_ENGINE_KEYS = ("step", *_PER_ELEMENT)  # cast by the engine as its buffers need
+
+
+def _cast_like(param: torch.Tensor, value):
+    """Any other state value as torch's load_state_dict leaves it: tensors (also inside
+    dicts, lists and tuples) on the parameter's device, and in its dtype if it is floating."""
+    if isinstance(value, torch.Tensor):
+        if param.is_floating_point():
+            return value.to(dtype=param.dtype, device=param.device)
+        return value.to(device=param.device)
+    if isinstance(value, dict):
+        return {k: _cast_like(param, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast_like(param, v) for v in value)
+    return value
+
+
 def _bad(message: str) -> ValueError:
     return ValueError(f"bad optimizer checkpoint: {message}")
 
@@ -92,7 +109,7 @@ def validated(groups: list[dict], state_dict: dict) -> tuple[list[dict], default
         if key in id_map:
             param = id_map[key]
             _check_entry(param, value, f"state of parameter {key}")
-            state[param] = dict(value)
+            state[param] = {k: v if k in _ENGINE_KEYS else _cast_like(param, v) for k, v in value.items()}
         else:
             state[key] = value
 

@@ -174,10 +174,9 @@ class _FlatAdam(Optimizer):
             if hook_result is not None:
                 state_dict = hook_result
         new_groups, new_state = _checkpoint.validated(self.param_groups, state_dict)
-        for group in new_groups:
-            self._complete_group(group)
-        self.param_groups = new_groups
-        self.state = new_state
+        # As torch's load_state_dict: through __setstate__, where subclasses fill in what
+        # older checkpoints lack.
+        self.__setstate__({"state": new_state, "param_groups": new_groups})
         self._engine.import_state(self.param_groups, self.state)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
@@ -193,6 +192,13 @@ class _FlatAdam(Optimizer):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_backend" not in state and getattr(self, "_engine", None) is not None:
+            # load_state_dict's call on a live optimizer (new groups and state; it then
+            # copies the state into the buffers).
+            super().__setstate__(state)
+            for group in self.param_groups:
+                self._complete_group(group)
+            return
         # Unpickling and deepcopy: rebuild the flat buffers around the restored parameters.
         backend = state.pop("_backend", "auto")
         precision = state.pop("_precision", {})

@@ -211,6 +211,64 @@ def test_loading_copies_the_groups_and_keeps_unknown_state_as_torch_does(target)
     assert float(saved["ema_of_norm"]) == 3.5 and saved["note"] == "kept"
 
 
+def test_other_state_is_cast_to_its_parameter_as_torch_casts_it(target):
+    """torch's load_state_dict casts every state tensor but the step to its parameter's
+    dtype and device, inside dicts and lists too; other libraries' extra state relies on it."""
+    loaded = {}
+    for name, cls in (("ours", adam_triton.AdamW), ("torch", torch.optim.AdamW)):
+        model = OddModel().to(target.device)
+        kwargs = {"backend": target.backend} if name == "ours" else {}
+        optimizer = cls(model.parameters(), lr=1e-2, **kwargs)
+        train(model, optimizer, steps=1)
+        checkpoint = copy.deepcopy(optimizer.state_dict())
+        checkpoint["state"][0]["scale"] = torch.tensor([1.5, 2.5], dtype=torch.float64)
+        checkpoint["state"][0]["count"] = torch.tensor(3, dtype=torch.int64)
+        checkpoint["state"][0]["history"] = {"norms": [torch.ones(2, dtype=torch.float64)], "beta": 0.5}
+        optimizer.load_state_dict(checkpoint)
+        state = optimizer.state[next(iter(model.parameters()))]
+        loaded[name] = {
+            "scale": (state["scale"].dtype, state["scale"].device),
+            "count": state["count"].dtype,
+            "norm": state["history"]["norms"][0].dtype,
+            "beta": state["history"]["beta"],
+        }
+    assert loaded["ours"] == loaded["torch"]
+    assert loaded["ours"]["scale"][0] == torch.float32
+
+
+def test_load_state_dict_goes_through_setstate_as_in_torch(target):
+    """Subclasses fill in group keys that older checkpoints lack in __setstate__, which
+    torch's load_state_dict calls."""
+
+    class WithClipping(adam_triton.AdamW):
+        def __init__(self, params, max_norm=1.0, **kwargs):
+            super().__init__(params, **kwargs)
+            for group in self.param_groups:
+                group.setdefault("max_norm", max_norm)
+
+        def __setstate__(self, state):
+            super().__setstate__(state)
+            for group in self.param_groups:
+                group.setdefault("max_norm", 1.0)
+
+        def step(self, closure=None):
+            for group in self.param_groups:
+                torch.nn.utils.clip_grad_norm_(group["params"], group["max_norm"])
+            return super().step(closure)
+
+    model = OddModel().to(target.device)
+    plain = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, plain, steps=2)
+    checkpoint = copy.deepcopy(plain.state_dict())  # no "max_norm": made before the subclass
+    del plain
+    optimizer = WithClipping(model.parameters(), lr=1e-2, backend=target.backend)
+    optimizer.load_state_dict(checkpoint)
+    assert optimizer.param_groups[0]["max_norm"] == 1.0
+    assert optimizer.backend == target.backend
+    train(model, optimizer, steps=1, seed=2)
+    assert float(optimizer.state[next(iter(model.parameters()))]["step"]) == 3.0
+
+
 def test_adamw_loading_an_adam_checkpoint_stays_adamw_as_in_torch(target):
     """torch's AdamW forces decoupled weight decay on whatever groups it loads."""
     source_model = OddModel().to(target.device)
