@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _backends
-from ._gradients import plan_gradients, zero_into_grad_buffer
+from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import in_shared_memory, is_dtensor, local
 from ._layout import PRECISION_KEYS, FlatBuffer, precision_of, storage_dtype
 from ._tables import HyperTable, order_chunks, upload, variant_of
@@ -364,6 +364,11 @@ class Engine:
         ``found_inf`` is not zero, without the host ever reading it."""
         self.ensure_current(groups, state)
         self._notice_replaced_state(groups, state)
+        for buffer in self.buffers:
+            if buffer.adopt_at_step is not None:
+                if self.backend_of[id(buffer)] == "torch":  # the Triton kernel rounds alike anywhere
+                    adopt_fresh_gradients(buffer, buffer.adopt_at_step)
+                buffer.adopt_at_step = None
         # Find every gradient first: a bad one raises before anything is updated.
         plans = [plan_gradients(b, b.last_plan, self.name) for b in self.buffers]
         variants = [variant_of(group) for group in groups]
@@ -423,4 +428,5 @@ class Engine:
             if plan is not None and buffer.grad is not None and plan.lived_in_grad_buffer():
                 buffer.release_grad()
             buffer.last_plan = None
+            buffer.adopt_at_step = None
 

@@ -200,7 +200,9 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
     buffer of ours (before ``add_param_group`` re-homed the parameters) move to the new one.
     """
     raw = list(map(_grad_of, buffer.params))
-    if not any(map(operator.is_not, raw, repeat(None, len(raw)))):
+    missing = np.fromiter(map(operator.is_, raw, repeat(None)), dtype=bool, count=len(raw))
+    buffer.adopt_at_step = np.flatnonzero(missing) if missing.any() and not buffer.has_dtensor else None
+    if missing.all():
         return
     if buffer.has_dtensor:
         # A DTensor parameter (FSDP2) takes only DTensor gradients: zero them where they are.
@@ -235,3 +237,29 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
         else:
             grad.requires_grad_(False)
         grad.zero_()
+
+
+@torch.no_grad()
+def adopt_fresh_gradients(buffer: FlatBuffer, segments: np.ndarray) -> None:
+    """Move the fresh gradients of ``segments`` into the flat gradient buffer, as the next
+    ``zero_grad(set_to_none=False)`` would. For the segments that had no gradient when the
+    user last zeroed them that way (the first step of such a loop, and the first after
+    resuming from a checkpoint): the pure-PyTorch backend's flat update then runs on the
+    same tensors at every step of the loop, and rounds the same way whether or not the run
+    was interrupted."""
+    params = [buffer.params[s] for s in segments.tolist()]
+    present = [(s, p.grad) for s, p in zip(segments.tolist(), params) if p.grad is not None]
+    if not present:
+        return
+    buffer.ensure_grad()
+    present = [
+        (s, g) for s, g in present
+        if g.layout == torch.strided and g._base is None and not g.requires_grad
+        and g.dtype == buffer.grad_views[s].dtype and g.device == buffer.device
+        and not (g.is_conj() or g.is_neg())
+    ]
+    if not present:
+        return
+    torch._foreach_copy_([buffer.grad_views[s] for s, _ in present], [g for _, g in present])
+    for s, _ in present:
+        buffer.params[s].grad = buffer.grad_views[s]

@@ -201,6 +201,9 @@ class FlatBuffer:
         self.max_exp_avg_sq_views: list | None = None
         self.grad_views: list | None = None
         self.grad_view_pointers: list[int] | None = None
+        # Segments without a gradient at the last zero_grad(set_to_none=False): their fresh
+        # gradients join the gradient buffer at the next step (``adopt_fresh_gradients``).
+        self.adopt_at_step: np.ndarray | None = None
         self.step_views = [self.steps[int(chunk)] for chunk in self.leaders]
         # The dict the engine put in ``optimizer.state`` for each segment (None before its
         # first step): another object there means someone reset or replaced that state.
