@@ -172,12 +172,14 @@ class Engine:
         return params, group_of
 
     def _keys(self, groups, params, group_of) -> dict:
-        """Parameters by buffer: (device, storage dtype, precision) of their local values."""
+        """Parameters by buffer: (device, storage dtype, precision, complex or not) of their
+        local values. Complex parameters get buffers of their own: a storage viewed as two
+        dtypes cannot be saved by torch.save."""
         keyed: dict[tuple, tuple[list, list]] = {}
         for param, index in zip(params, group_of):
             values = local(param)
             dtype = storage_dtype(values)
-            key = (values.device, dtype, precision_of(self._options(groups[index]), dtype))
+            key = (values.device, dtype, precision_of(self._options(groups[index]), dtype), values.is_complex())
             members = keyed.setdefault(key, ([], []))
             members[0].append(param)
             members[1].append(index)
@@ -208,7 +210,7 @@ class Engine:
         for buffer, segment in departed:
             _release(buffer, segment, state)
         self.buffers = buffers
-        self.backend_of = {id(b): backends[(b.device, b.dtype, b.precision)] for b in buffers}
+        self.backend_of = {id(b): backends[b.key] for b in buffers}
         self._params = params
         self._fingerprint = self._group_fingerprint(groups)
         self.import_state(groups, state)
@@ -218,7 +220,7 @@ class Engine:
         away (``model.to(device)``, ``model.half()``, a ``.data`` assignment)."""
         if not self._groups_unchanged(groups):
             params, group_of = self._ordered_parameters(groups)
-            current = {id(p): (b.device, b.dtype, b.precision) for b in self.buffers for p in b.params}
+            current = {id(p): b.key for b in self.buffers for p in b.params}
             wanted = {id(p): key for key, (members, _) in self._keys(groups, params, group_of).items() for p in members}
             current_groups = [g for b in self.buffers for g in b.group_of_segment.tolist()]
             current_params = [p for b in self.buffers for p in b.params]

@@ -141,8 +141,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         # Gradients may differ from their parameter in dtype (torch's grad_dtype) or device
         # (a .data assignment): such gradients are copied into place.
         kinds = set(torch._C._group_tensors_by_device_and_dtype([present], False).keys())
-        mixed = len(buffer.param_kinds) > 1  # complex and real parameters share the buffer
-        if strides != expected_strides or not kinds <= buffer.param_kinds or mixed:
+        if strides != expected_strides or not kinds <= buffer.param_kinds:
             # Rare: find the culprits one by one.
             expected_dtypes = [p.dtype for p in compress(buffer.params, has_grad)]
             needs_copy |= np.fromiter(

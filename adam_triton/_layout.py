@@ -3,8 +3,8 @@
 All parameters of one (device, storage dtype) share one contiguous buffer; each parameter
 is a *segment* of it, and its ``.data`` becomes that segment, so the model keeps its
 Parameter objects. ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are buffers of the
-same layout. The segments handed out (parameters, ``optimizer.state[p]``'s moments) have
-storages of their own over the buffer's memory (``own_storage_view``). Complex parameters are stored as their real view (two reals per element), as
+same layout. The parameters' segments have storages of their own over the buffer's memory
+(``own_storage_view``); ``optimizer.state[p]`` holds views of the state buffers. Complex parameters are stored as their real view (two reals per element), as
 torch's Adam updates them.
 
 Segments start on ``SEGMENT_ALIGNMENT_BYTES`` boundaries so that the kernel's 16-byte
@@ -148,6 +148,9 @@ class FlatBuffer:
         self.is_complex = [v.is_complex() for v in values]
         self.param_kinds = {(device, v.dtype) for v in values}
         self.has_complex = any(self.is_complex)
+        #: What the engine groups parameters into this buffer by (see ``Engine._keys``).
+        self.key = (device, dtype, self.precision, self.has_complex)
+        self.param_dtype = _complex_of(dtype) if self.has_complex else dtype
         self.shapes = [tuple(v.shape) for v in values]
         # Complex parameters are laid out contiguously so that their real view is too.
         self.strides = [
@@ -195,9 +198,9 @@ class FlatBuffer:
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
 
-        self.master_views = None if self.master is None else [self.own_storage_view(self.master, i) for i in range(len(params))]
-        self.exp_avg_views = [self.own_storage_view(self.exp_avg, i) for i in range(len(params))]
-        self.exp_avg_sq_views = [self.own_storage_view(self.exp_avg_sq, i) for i in range(len(params))]
+        self.master_views = None if self.master is None else [self.segment_view(self.master, i) for i in range(len(params))]
+        self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(params))]
+        self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(params))]
         self.max_exp_avg_sq_views: list | None = None
         self.grad_views: list | None = None
         self.grad_view_pointers: list[int] | None = None
@@ -264,9 +267,17 @@ class FlatBuffer:
         ``flat``'s storage that shares its memory and keeps it alive, but covers only this
         segment. Savers that take tensors sharing one storage for tied weights (safetensors'
         ``save_model``, accelerate's ``save_model`` and ``save_state``) and ``torch.save``
-        of a part of a state dict then see each parameter as the tensor it is."""
-        if not self.lengths[segment]:
-            return self.segment_view(flat, segment)
+        of a part of a state dict then see each parameter as the tensor it is.
+
+        For the parameters only: no tensor handed out may have ``flat``'s own storage, since
+        an operation that replaces a storage's memory (``share_memory_()``) would free it
+        under the slices. (The moments stay views: sharing one moves its whole buffer, which
+        the optimizer then keeps updating, as torch's keeps updating a shared moment.)"""
+        if not self.lengths[segment]:  # nothing to alias: an empty tensor of its own
+            shape = self.shapes[segment]
+            strides = _contiguous_strides(shape) if self.is_complex[segment] else self.strides[segment]
+            dtype = _complex_of(flat.dtype) if self.is_complex[segment] else flat.dtype
+            return torch.empty_strided(shape, strides, dtype=dtype, device=flat.device)
         itemsize = flat.element_size()
         first = (flat.storage_offset() + int(self.starts[segment])) * itemsize
         piece = flat.untyped_storage()[first : first + int(self.lengths[segment]) * itemsize]
@@ -297,7 +308,7 @@ class FlatBuffer:
     def ensure_max_exp_avg_sq(self) -> None:
         if self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
-            self.max_exp_avg_sq_views = [self.own_storage_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
+            self.max_exp_avg_sq_views = [self.segment_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
 
     def ensure_grad(self) -> None:
         if self.grad is None:

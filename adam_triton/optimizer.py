@@ -94,8 +94,8 @@ class _FlatAdam(Optimizer):
         return self._backend
 
     def backends(self) -> dict[tuple[torch.device, torch.dtype], str]:
-        """Which implementation updates each flat buffer, keyed by (device, storage dtype)."""
-        return {(b.device, b.dtype): self._engine.backend_of[id(b)] for b in self._engine.buffers}
+        """Which implementation updates each flat buffer, keyed by (device, parameter dtype)."""
+        return {(b.device, b.param_dtype): self._engine.backend_of[id(b)] for b in self._engine.buffers}
 
     @property
     def last_step_skipped(self) -> torch.Tensor:

@@ -204,14 +204,16 @@ def test_state_is_views_of_the_flat_buffers(target):
     for segment, p in enumerate(params):
         if p.numel() == 0:
             continue
-        # Parameters and moments are their segments of the flat buffers (same memory), each
-        # with a storage of its own that covers only its segment (what savers look at).
+        # Parameters are their segments of the flat buffer (same memory), each with a storage
+        # of its own that covers only its segment (what savers look at); the moments are
+        # views of the state buffers (sharing one shares the whole buffer, which stays live).
         offset = int(buffer.starts[segment]) * p.element_size()
         assert p.data_ptr() == buffer.param.data_ptr() + offset
-        assert optimizer.state[p]["exp_avg"].data_ptr() == buffer.exp_avg.data_ptr() + offset
-        assert optimizer.state[p]["exp_avg_sq"].data_ptr() == buffer.exp_avg_sq.data_ptr() + offset
-        for tensor in (p, optimizer.state[p]["exp_avg"], optimizer.state[p]["exp_avg_sq"]):
-            assert tensor.untyped_storage().nbytes() == p.numel() * p.element_size()
+        assert p.untyped_storage().nbytes() == p.numel() * p.element_size()
+        for name in ("exp_avg", "exp_avg_sq"):
+            moment = optimizer.state[p][name]
+            assert moment.data_ptr() == getattr(buffer, name).data_ptr() + offset
+            assert moment.untyped_storage().data_ptr() == getattr(buffer, name).untyped_storage().data_ptr()
         assert p.data_ptr() % 128 == 0, "segments are 128-byte aligned"
         # An in-place edit of the exposed state is what the next step uses.
     optimizer.state[params[0]]["exp_avg"].fill_(0.5)

@@ -467,3 +467,59 @@ def test_a_group_sharing_memory_with_the_optimizer_is_refused_and_not_added(targ
         optimizer.add_param_group({"params": new})
         run(model, optimizer)
     assert_close_params(ours_model, reference_model)
+
+
+def _with_empty_and_complex(model):
+    model.empty = torch.nn.Parameter(torch.empty(0, device=model.weights[0].device))  # a device-tracking idiom
+    model.phase = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64, device=model.weights[0].device))
+    return model
+
+
+def _complex_forward(model, x):
+    return model(x) + (model.phase.abs().square() * x[:5]).sum() + model.empty.sum()
+
+
+@pytest.mark.parametrize(
+    "share", ["model.share_memory()", "an empty parameter's share_memory_()", "a moment's share_memory_()"]
+)
+def test_storages_shared_after_the_optimizer_was_built_keep_training_as_in_torch(share):
+    """Moving a storage into shared memory (Hogwild, or a tensor sent through a
+    torch.multiprocessing queue) replaces its memory: no other tensor may point into the old
+    memory (an empty parameter with the whole buffer's storage left every other parameter
+    pointing into freed memory), and a shared moment must still be the optimizer's state."""
+    ours_model, reference_model = paired(lambda: _with_empty_and_complex(OddModel()), "cpu")
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", "torch", lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        generator = torch.Generator().manual_seed(0)
+        for step in range(5):
+            if step == 2:
+                if share == "model.share_memory()":
+                    model.share_memory()
+                elif share == "an empty parameter's share_memory_()":
+                    model.empty.share_memory_()
+                else:
+                    optimizer.state[model.weights[1]]["exp_avg"].share_memory_()
+                torch.randn(1 << 20)  # reuses freed memory, if any was freed under a tensor
+            optimizer.zero_grad()
+            _complex_forward(model, torch.randn(8, generator=generator)).backward()
+            optimizer.step()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_complex_real_and_empty_parameters_save_with_torch_save(tmp_path):
+    """A storage viewed as two dtypes cannot be saved: complex parameters get buffers of
+    their own, and an empty parameter a tensor of its own."""
+    model = _with_empty_and_complex(OddModel())
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2)
+    assert set(optimizer.backends()) == {(torch.device("cpu"), torch.float32), (torch.device("cpu"), torch.complex64)}
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        optimizer.zero_grad()
+        _complex_forward(model, torch.randn(8, generator=generator)).backward()
+        optimizer.step()
+    torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict()}, tmp_path / "all.pt")
+    loaded = torch.load(tmp_path / "all.pt", weights_only=True)
+    assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
+    torch.save(model.empty, tmp_path / "empty.pt")
+    assert (tmp_path / "empty.pt").stat().st_size < 4096
