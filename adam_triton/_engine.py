@@ -2,7 +2,7 @@
 
 The optimizer class keeps torch's public surface (``param_groups``, ``state``, hooks,
 ``state_dict``); this engine keeps the parameters and their state in flat buffers and
-makes ``optimizer.state[p]`` hold their segments.
+makes ``optimizer.state[p]`` views of them.
 """
 
 from __future__ import annotations

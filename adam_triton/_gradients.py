@@ -246,19 +246,23 @@ def adopt_fresh_gradients(buffer: FlatBuffer, segments: np.ndarray) -> None:
     resuming from a checkpoint): the pure-PyTorch backend's flat update then runs on the
     same tensors at every step of the loop, and rounds the same way whether or not the run
     was interrupted."""
-    params = [buffer.params[s] for s in segments.tolist()]
-    present = [(s, p.grad) for s, p in zip(segments.tolist(), params) if p.grad is not None]
-    if not present:
+    fresh = [(s, buffer.params[s].grad) for s in segments.tolist()]
+    fresh = [(s, g) for s, g in fresh if g is not None and _adoptable(g, buffer)]
+    if not fresh:
         return
     buffer.ensure_grad()
-    present = [
-        (s, g) for s, g in present
-        if g.layout == torch.strided and g._base is None and not g.requires_grad
-        and g.dtype == buffer.grad_views[s].dtype and g.device == buffer.device
-        and not (g.is_conj() or g.is_neg())
-    ]
-    if not present:
-        return
-    torch._foreach_copy_([buffer.grad_views[s] for s, _ in present], [g for _, g in present])
-    for s, _ in present:
+    torch._foreach_copy_([buffer.grad_views[s] for s, _ in fresh], [g for _, g in fresh])
+    for s, _ in fresh:
         buffer.params[s].grad = buffer.grad_views[s]
+
+
+def _adoptable(grad: torch.Tensor, buffer: FlatBuffer) -> bool:
+    """A plain gradient of autograd's (no one else's view, not part of a graph) that the
+    gradient buffer can hold as it is."""
+    return (
+        grad.layout == torch.strided
+        and grad._base is None
+        and not grad.requires_grad
+        and (grad.device, grad.dtype) in buffer.param_kinds
+        and not (grad.is_conj() or grad.is_neg())
+    )

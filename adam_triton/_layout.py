@@ -4,7 +4,8 @@ All parameters of one (device, storage dtype) share one contiguous buffer; each 
 is a *segment* of it, and its ``.data`` becomes that segment, so the model keeps its
 Parameter objects. ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are buffers of the
 same layout. The parameters' segments have storages of their own over the buffer's memory
-(``own_storage_view``); ``optimizer.state[p]`` holds views of the state buffers. Complex parameters are stored as their real view (two reals per element), as
+(``own_storage_view``); ``optimizer.state[p]`` holds views of the state buffers. Complex
+parameters have buffers of their own, stored as their real view (two reals per element), as
 torch's Adam updates them.
 
 Segments start on ``SEGMENT_ALIGNMENT_BYTES`` boundaries so that the kernel's 16-byte
@@ -273,17 +274,14 @@ class FlatBuffer:
         an operation that replaces a storage's memory (``share_memory_()``) would free it
         under the slices. (The moments stay views: sharing one moves its whole buffer, which
         the optimizer then keeps updating, as torch's keeps updating a shared moment.)"""
+        shape = self.shapes[segment]
+        strides = _contiguous_strides(shape) if self.is_complex[segment] else self.strides[segment]
+        dtype = _complex_of(flat.dtype) if self.is_complex[segment] else flat.dtype
         if not self.lengths[segment]:  # nothing to alias: an empty tensor of its own
-            shape = self.shapes[segment]
-            strides = _contiguous_strides(shape) if self.is_complex[segment] else self.strides[segment]
-            dtype = _complex_of(flat.dtype) if self.is_complex[segment] else flat.dtype
             return torch.empty_strided(shape, strides, dtype=dtype, device=flat.device)
         itemsize = flat.element_size()
         first = (flat.storage_offset() + int(self.starts[segment])) * itemsize
         piece = flat.untyped_storage()[first : first + int(self.lengths[segment]) * itemsize]
-        dtype = _complex_of(flat.dtype) if self.is_complex[segment] else flat.dtype
-        shape = self.shapes[segment]
-        strides = _contiguous_strides(shape) if self.is_complex[segment] else self.strides[segment]
         return torch.empty(0, dtype=dtype, device=flat.device).set_(piece, 0, shape, strides)
 
     def real_views(self, name: str) -> list:
