@@ -16,6 +16,8 @@ from numbers import Number
 
 import torch
 
+from ._layout import PRECISION_KEYS
+
 _PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _REQUIRED_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
 
@@ -116,7 +118,9 @@ def validated(groups: list[dict], state_dict: dict) -> tuple[list[dict], default
     new_groups = []
     for group, saved in zip(groups, saved_groups):
         saved["params"] = group["params"]
-        if "param_names" in group and "param_names" not in saved:
-            saved["param_names"] = group["param_names"]
+        # What the checkpoint does not say (torch's has no precision options) stays as is.
+        for key in ("param_names", *PRECISION_KEYS):
+            if key in group and key not in saved:
+                saved[key] = group[key]
         new_groups.append(saved)
     return new_groups, state

@@ -185,7 +185,15 @@ class Engine:
             members[1].append(index)
         return keyed
 
-    def rebuild(self, groups: list[dict], state: defaultdict) -> None:
+    def load(self, groups: list[dict], state: defaultdict) -> None:
+        """Take a loaded checkpoint's state (its masters as saved), into buffers of the
+        groups' precision if the checkpoint changed it."""
+        if self._groups_unchanged(groups):
+            self.import_state(groups, state, saved_masters_win=True)
+        else:
+            self.rebuild(groups, state, saved_masters_win=True)
+
+    def rebuild(self, groups: list[dict], state: defaultdict, saved_masters_win: bool = False) -> None:
         """(Re)home every parameter into flat buffers, keeping whatever state it has;
         DTensor parameters, parameters a wrapper re-pointed and CPU parameters in shared
         memory stay where they are (``_in_place``)."""
@@ -213,7 +221,7 @@ class Engine:
         self.backend_of = {id(b): backends[b.key] for b in buffers}
         self._params = params
         self._fingerprint = self._group_fingerprint(groups)
-        self.import_state(groups, state)
+        self.import_state(groups, state, saved_masters_win=saved_masters_win)
 
     def ensure_current(self, groups: list[dict], state: defaultdict) -> None:
         """Re-home if the groups' parameters or precision changed, or a parameter's data moved
@@ -245,11 +253,19 @@ class Engine:
 
     # -- state ------------------------------------------------------------------------------
     @torch.no_grad()
-    def import_state(self, groups: list[dict], state: defaultdict, buffers: list[FlatBuffer] | None = None) -> None:
+    def import_state(
+        self,
+        groups: list[dict],
+        state: defaultdict,
+        buffers: list[FlatBuffer] | None = None,
+        saved_masters_win: bool = False,
+    ) -> None:
         """Copy each parameter's state (views of old buffers, or loaded tensors) into the
         buffers (all, or ``buffers``), cast to the buffer's precision, and make ``state[p]``
         views of them. Parameters without state start fresh; masters missing from the state
-        are taken from the parameters."""
+        are taken from the parameters, and so are the elements of a saved master that no
+        longer rounds to its parameter (written while it was out of the optimizer), unless
+        ``saved_masters_win`` (a checkpoint, which may be loaded before the model is)."""
         self._forget_state_seen()  # it holds the entries being replaced, and their buffers
         for buffer in self.buffers if buffers is None else buffers:
             step_values = np.zeros(len(buffer.params), dtype=np.float64)
@@ -258,8 +274,13 @@ class Engine:
                 entry = state.get(param)
                 if buffer.master_views is not None:
                     saved_master = entry.get("master_param") if entry else None
-                    source = saved_master if isinstance(saved_master, torch.Tensor) else buffer.model_values(segment)
-                    buffer.master_views[segment].copy_(local(source))
+                    master, values = buffer.master_views[segment], buffer.model_values(segment)
+                    if isinstance(saved_master, torch.Tensor):
+                        master.copy_(local(saved_master))
+                        if not saved_masters_win:
+                            torch.where(master.to(buffer.dtype) == values, master, values.to(torch.float32), out=master)
+                    else:
+                        master.copy_(values)
                 if not entry or "exp_avg" not in entry:
                     buffer.exp_avg_views[segment].zero_()
                     buffer.exp_avg_sq_views[segment].zero_()

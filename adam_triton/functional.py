@@ -90,10 +90,20 @@ def adam(
     if implementation == "torch":
         step += 1
         fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
+        stored = [param, grad, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
+        # torch's kernel wants one dtype: moments of another dtype than the parameter (as
+        # the Triton kernel takes them) are computed on copies in the compute dtype.
+        compute = torch.float64 if param.dtype == torch.float64 else torch.float32
+        mixed = len({t.dtype for t in stored}) > 1
+        working = [t.to(compute) for t in stored] if mixed else stored
         fused(
-            [param], [grad], [exp_avg], [exp_avg_sq], [max_exp_avg_sq] if amsgrad else [], [step.view(())],
+            [working[0]], [working[1]], [working[2]], [working[3]], working[4:], [step.view(())],
             lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
         )
+        if mixed:
+            for target, result in zip(stored, working):
+                if target is not grad:
+                    target.copy_(result)
         return
     hyper = upload(np.array([[lr, beta1, beta2, eps, weight_decay]], dtype=np.float64), param.device)
     if param.device not in _zero_shift:

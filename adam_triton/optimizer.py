@@ -177,7 +177,7 @@ class _FlatAdam(Optimizer):
         # As torch's load_state_dict: through __setstate__, where subclasses fill in what
         # older checkpoints lack.
         self.__setstate__({"state": new_state, "param_groups": new_groups})
-        self._engine.import_state(self.param_groups, self.state)
+        self._engine.load(self.param_groups, self.state)
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 

@@ -46,3 +46,33 @@ def test_bad_inputs_raise():
         functional.adam(torch.zeros(4, 2).t(), torch.zeros(2, 4), torch.zeros(2, 4), torch.zeros(2, 4), step, lr=1e-3)
     with pytest.raises(ValueError, match="backend"):
         functional.adam(t, t.clone(), t.clone(), t.clone(), step, lr=1e-3, backend="nope")
+
+
+@pytest.mark.parametrize(
+    "param_dtype, state_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)], ids=str
+)
+def test_moments_of_another_dtype_than_the_parameter(target, param_dtype, state_dtype):
+    """As the optimizer's state_dtype: the math in float32, each tensor stored in its own
+    dtype (torch's kernel alone wants one dtype for all)."""
+    generator = torch.Generator().manual_seed(0)
+    n = 1000
+    param = torch.randn(n, generator=generator).to(param_dtype)
+    exp_avg, exp_avg_sq = torch.zeros(n, dtype=state_dtype), torch.zeros(n, dtype=state_dtype)
+    ours = [t.clone().to(target.device) for t in (param, exp_avg, exp_avg_sq)]
+    step = torch.zeros(1, device=target.device)
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    for _ in range(3):
+        grad = torch.randn(n, generator=generator).to(param_dtype)
+        functional.adam(ours[0], grad.to(target.device), ours[1], ours[2], step, backend=target.backend, **hyper)
+        p, m, v = (t.float() for t in (param, exp_avg, exp_avg_sq))
+        _single_tensor_adam(
+            [p], [grad.float()], [m], [v], [], [torch.tensor(float(step) - 1)], None, None, amsgrad=False,
+            has_complex=False, maximize=False, capturable=False, differentiable=False, decoupled_weight_decay=False,
+            **hyper,
+        )
+        param, exp_avg, exp_avg_sq = p.to(param_dtype), m.to(state_dtype), v.to(state_dtype)
+    for actual, expected in zip(ours, (param, exp_avg, exp_avg_sq)):
+        assert actual.dtype == expected.dtype
+        # float32 to its rounding; bfloat16 to one unit in the last place (1/128 relative)
+        rtol = 1e-5 if expected.dtype == torch.float32 else 8e-3
+        torch.testing.assert_close(actual.cpu().float(), expected.float(), rtol=rtol, atol=1e-7)

@@ -102,7 +102,8 @@ def test_master_weights_make_a_bfloat16_model_follow_float32_adam(target, state_
             torch.testing.assert_close(state[key].cpu().float(), expected, rtol=tolerance["rtol"], atol=scale)
 
 
-def test_masters_and_bfloat16_states_survive_save_and_load_bit_exactly(target):
+@pytest.mark.parametrize("optimizer_first", [False, True], ids=["model loaded first", "optimizer loaded first"])
+def test_masters_and_bfloat16_states_survive_save_and_load_bit_exactly(target, optimizer_first):
     kwargs = dict(lr=1e-2, backend=target.backend, master_weights=True, state_dtype=BF16)
     model = OddModel().to(target.device, BF16)
     straight_model = copy.deepcopy(model)
@@ -118,8 +119,12 @@ def test_masters_and_bfloat16_states_survive_save_and_load_bit_exactly(target):
 
     resumed_model = OddModel(seed=9).to(target.device, BF16)
     resumed = adam_triton.AdamW(resumed_model.parameters(), **kwargs)
-    resumed_model.load_state_dict(saved_model)
-    resumed.load_state_dict(saved)
+    if optimizer_first:  # the checkpoint's masters must survive the model load that follows
+        resumed.load_state_dict(saved)
+        resumed_model.load_state_dict(saved_model)
+    else:
+        resumed_model.load_state_dict(saved_model)
+        resumed.load_state_dict(saved)
     for m, o in ((resumed_model, resumed), (straight_model, straight)):
         train(m, o, steps=3, seed=4)
     for a, b in zip(resumed_model.parameters(), straight_model.parameters()):
@@ -298,3 +303,63 @@ def test_bfloat16_with_masters_and_bfloat16_states_reaches_the_float32_loss(targ
     reference = run(torch.float32)
     compact = run(BF16, master_weights=True, state_dtype=BF16)
     assert abs(compact - reference) <= 0.01 * reference, (compact, reference)
+
+
+def _drop_one(optimizer, param):
+    params = optimizer.param_groups[0]["params"]
+    params[:] = [p for p in params if p is not param]  # remove() compares values
+
+
+@pytest.mark.parametrize("rebuild", ["add_param_group", "another parameter removed", "removed, written, added back"])
+def test_parameters_written_before_the_buffers_are_rebuilt_reseed_their_masters(target, rebuild):
+    """A write to a parameter (model.load_state_dict, say) is taken into its master at the
+    next step; when the buffers are rebuilt before that step, the rebuilt masters must not
+    bring the old values back."""
+    model = OddModel().to(target.device, BF16)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
+    train(model, optimizer, steps=3)
+    if rebuild == "removed, written, added back":
+        _drop_one(optimizer, model.weights[1])
+        train(model, optimizer, steps=1, seed=2)  # the rebuild without it
+    model.load_state_dict({name: torch.full_like(value, 0.5) for name, value in model.state_dict().items()})
+    if rebuild == "add_param_group":
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, dtype=BF16, device=target.device))]})
+    elif rebuild == "another parameter removed":
+        _drop_one(optimizer, model.weights[0])
+    else:
+        optimizer.add_param_group({"params": [model.weights[1]]})
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)  # a step that moves nothing but by weight decay and momentum
+    optimizer.step()
+    for p in (model.weights[1], model.weights[2]):
+        assert (p.float() - 0.5).abs().max() < 0.02
+        assert (optimizer.state[p]["master_param"] - 0.5).abs().max() < 0.02
+
+
+def test_loading_a_checkpoint_keeps_or_takes_each_groups_precision(target):
+    """A checkpoint without precision options (torch's) leaves each group's as they are; one
+    with them changes them, and its masters are the ones the run continues from."""
+    def build(model, **group_options):
+        return adam_triton.AdamW([{"params": model.parameters(), **group_options}], lr=1e-2, backend=target.backend)
+
+    model = OddModel().to(target.device, BF16)
+    torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    train(model, torch_optimizer, steps=2)
+    ours = build(model, master_weights=True, state_dtype=torch.float32)
+    ours.load_state_dict(_roundtrip(torch_optimizer.state_dict()))
+    train(model, ours, steps=1, seed=2)
+    assert ours.param_groups[0]["master_weights"] is True
+    assert all(ours.state[p]["master_param"].dtype == torch.float32 for p in model.parameters())
+    assert all(ours.state[p]["exp_avg"].dtype == torch.float32 for p in model.parameters())
+
+    straight_model = OddModel().to(target.device, BF16)
+    straight = build(straight_model, master_weights=True)
+    train(straight_model, straight, steps=3)
+    resumed_model = copy.deepcopy(straight_model)
+    resumed = build(resumed_model)  # without the option: the checkpoint brings it
+    resumed.load_state_dict(_roundtrip(straight.state_dict()))
+    for m, o in ((straight_model, straight), (resumed_model, resumed)):
+        train(m, o, steps=2, seed=3)
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(straight.state[a]["master_param"], resumed.state[b]["master_param"])
