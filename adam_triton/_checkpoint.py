@@ -61,7 +61,7 @@ def _check_entry(param: torch.Tensor, entry, where: str) -> None:
         raise _bad(f"{where}: state must be a dict, got {type(entry).__name__}")
     if not entry:
         return
-    missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if k not in entry]
+    missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if entry.get(k) is None]
     if missing:
         raise _bad(f"{where}: state lacks {missing}")
     _check_step(entry["step"], where)
@@ -77,6 +77,8 @@ def _check_entry(param: torch.Tensor, entry, where: str) -> None:
             raise _bad(f"{where}: {key!r} has dtype {value.dtype}, which cannot hold state of a {param.dtype} parameter")
         if value.layout != torch.strided:
             raise _bad(f"{where}: {key!r} must be a dense tensor, got layout {value.layout}")
+        if value.device.type == "meta":
+            raise _bad(f"{where}: {key!r} is on the meta device: it holds no values")
 
 
 def validated(groups: list[dict], state_dict: dict) -> tuple[list[dict], defaultdict]:

@@ -193,12 +193,27 @@ class Engine:
         else:
             self.rebuild(groups, state, saved_masters_win=True)
 
+    def check(self, groups: list[dict], state) -> tuple[list, list[int]]:
+        """Everything ``rebuild`` needs to hold for ``groups`` and ``state``, checked before
+        anything changes; the parameters it would hold, and their groups."""
+        params, group_of = self._ordered_parameters(groups)
+        check_parameters([self._options(g) for g in groups], [local(p) for p in params], group_of, self.name)
+        for param in params:
+            entry = state.get(param)
+            moment = entry.get("exp_avg") if entry else None
+            if isinstance(moment, torch.Tensor) and moment.shape != param.shape:
+                raise ValueError(
+                    f"{self.name}: a parameter's shape changed from {tuple(moment.shape)} to "
+                    f"{tuple(param.shape)} after its state was made; give it its shape back, or reset "
+                    "its state (optimizer.state[p] = {}) to start it afresh"
+                )
+        return params, group_of
+
     def rebuild(self, groups: list[dict], state: defaultdict, saved_masters_win: bool = False) -> None:
         """(Re)home every parameter into flat buffers, keeping whatever state it has;
         DTensor parameters, parameters a wrapper re-pointed and CPU parameters in shared
         memory stay where they are (``_in_place``)."""
-        params, group_of = self._ordered_parameters(groups)
-        check_parameters([self._options(g) for g in groups], [local(p) for p in params], group_of, self.name)
+        params, group_of = self.check(groups, state)
         keyed = self._keys(groups, params, group_of)
         backends = {key: _backends.resolve_backend(self.backend, key[0]) for key in keyed}
         self._left_in_place &= {id(p) for p in params}

@@ -107,9 +107,16 @@ _dereference = weakref.ref.__call__
 
 
 def _sparse_error(name: str) -> RuntimeError:
-    return RuntimeError(
-        f"{name} does not support sparse gradients, please consider torch.optim.SparseAdam instead"
-    )
+    # torch's own words (for AdamW too), for code that matches on them
+    return RuntimeError("Adam does not support sparse gradients, please consider SparseAdam instead")
+
+
+def _check_gradient_dtype(grad: torch.Tensor, param: torch.Tensor, name: str) -> None:
+    """Another floating dtype (torch's grad_dtype) is cast; anything else cannot be a
+    gradient of this parameter (torch's optimizers raise too)."""
+    floating = grad.is_floating_point() or grad.is_complex()
+    if not floating or grad.is_complex() != param.is_complex():
+        raise RuntimeError(f"{name}: a gradient of dtype {grad.dtype} cannot update a parameter of dtype {param.dtype}")
 
 
 def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_name: str) -> GradientPlan:
@@ -143,6 +150,9 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         kinds = set(torch._C._group_tensors_by_device_and_dtype([present], False).keys())
         if strides != expected_strides or not kinds <= buffer.param_kinds:
             # Rare: find the culprits one by one.
+            for g, p in zip(present, compress(buffer.params, has_grad)):
+                if g.dtype != p.dtype:
+                    _check_gradient_dtype(g, p, optimizer_name)
             expected_dtypes = [p.dtype for p in compress(buffer.params, has_grad)]
             needs_copy |= np.fromiter(
                 (

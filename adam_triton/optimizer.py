@@ -174,6 +174,9 @@ class _FlatAdam(Optimizer):
             if hook_result is not None:
                 state_dict = hook_result
         new_groups, new_state = _checkpoint.validated(self.param_groups, state_dict)
+        for group in new_groups:
+            self._complete_group(group)
+        self._engine.check(new_groups, new_state)  # precision options the buffers can take
         # As torch's load_state_dict: through __setstate__, where subclasses fill in what
         # older checkpoints lack.
         self.__setstate__({"state": new_state, "param_groups": new_groups})

@@ -126,11 +126,24 @@ def _corruptions():
     def complex_state(sd):
         sd["state"][3]["exp_avg"] = torch.zeros(sd["state"][3]["exp_avg"].shape, dtype=torch.complex64)
 
+    def none_moment(sd):
+        sd["state"][3]["exp_avg"] = None
+
+    def meta_moment(sd):
+        sd["state"][2]["exp_avg_sq"] = torch.empty(sd["state"][2]["exp_avg_sq"].shape, device="meta")
+
+    def integer_state_dtype(sd):  # a precision option the buffers cannot take
+        sd["param_groups"][1]["state_dtype"] = torch.int32
+
+    def masters_and_stochastic_rounding(sd):
+        sd["param_groups"][0].update(master_weights=True, stochastic_rounding=True)
+
     return [
         pytest.param(fn, id=fn.__name__)
         for fn in (
             shape, missing_key, not_a_tensor, negative_step, step_vector, integer_state, group_count, group_size,
-            group_lacks_lr, no_state, infinite_step, maximum_shape, complex_state,
+            group_lacks_lr, no_state, infinite_step, maximum_shape, complex_state, none_moment, meta_moment,
+            integer_state_dtype, masters_and_stochastic_rounding,
         )
     ]
 
@@ -150,6 +163,9 @@ def test_bad_checkpoint_raises_and_changes_nothing(target, corrupt):
     with pytest.raises(ValueError):
         optimizer.load_state_dict(checkpoint)
     assert [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] == groups_before
+    for a, b in zip(model.parameters(), twin.parameters()):
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(optimizer.state[a][key], untouched.state[b][key])
     # The optimizer goes on exactly as its untouched twin.
     for m, o in ((model, optimizer), (twin, untouched)):
         train(m, o, steps=2, seed=3)

@@ -523,3 +523,49 @@ def test_complex_real_and_empty_parameters_save_with_torch_save(tmp_path):
     assert all(torch.equal(loaded["model"][k], v) for k, v in model.state_dict().items())
     torch.save(model.empty, tmp_path / "empty.pt")
     assert (tmp_path / "empty.pt").stat().st_size < 4096
+
+
+@pytest.mark.parametrize("through", ["step", "add_param_group"])
+def test_a_parameter_given_another_shape_is_refused_before_anything_changes(target, through):
+    """Its state no longer fits: a clear error before any parameter moves or any count
+    changes, and the optimizer goes on once the shape is back."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+    original = ours_model.weights[2].data
+    steps = [float(ours.state[p]["step"]) for p in ours_model.parameters()]
+    pointers = [p.data_ptr() for p in ours_model.parameters()]
+    ours_model.weights[2].data = torch.randn(2, 5, device=target.device)
+    with pytest.raises(ValueError, match="shape changed"):
+        if through == "step":
+            for p in ours_model.parameters():
+                p.grad = torch.ones_like(p)
+            ours.step()
+        else:
+            ours.add_param_group({"params": [torch.nn.Parameter(torch.zeros(3, device=target.device))]})
+    assert len(ours.param_groups) == 1
+    assert [float(ours.state[p]["step"]) for p in ours_model.parameters()] == steps
+    assert [p.data_ptr() for i, p in enumerate(ours_model.parameters()) if i != 2] == pointers[:2] + pointers[3:]
+    ours_model.weights[2].data = original
+    ours.zero_grad()
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, seed=3)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64], ids=str)
+def test_a_gradient_that_cannot_belong_to_its_parameter_is_refused(target, dtype):
+    """An integer, boolean or complex gradient of a real parameter (through .data, or a
+    grad_dtype): torch's optimizers raise; casting it would train on something else."""
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    model.weights[1].grad.data = torch.ones(model.weights[1].shape, dtype=dtype, device=target.device)
+    with pytest.raises(RuntimeError, match="cannot update a parameter"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
