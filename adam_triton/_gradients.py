@@ -19,7 +19,6 @@ numpy arrays); only the rare copies above loop in Python.
 from __future__ import annotations
 
 import operator
-import weakref
 from itertools import compress, repeat
 
 import numpy as np
@@ -38,10 +37,13 @@ _grad_of = operator.attrgetter("grad")
 class GradientPlan:
     """Where each segment's gradient is for one step.
 
-    During the step the plan holds the gradients. Between steps it holds only weak
-    references to gradients that are not views of our own gradient buffer, so that a
-    gradient its owner drops (``model.zero_grad()``, ``p.grad = None``) is freed then, as
-    under torch, and not kept alive until this optimizer's next step."""
+    During the step the plan holds the gradients. Between steps it holds none but our own
+    gradient buffer's views, so that a gradient its owner drops (``model.zero_grad()``,
+    ``p.grad = None``) is freed then, as under torch, and not kept alive until this
+    optimizer's next step. It keeps no weak references either (``torch.utils.swap_tensors``,
+    which ``model.to()`` uses in swap mode, refuses tensors that have any): the next step's
+    gradients can use the plan if they are laid out as these were (same addresses, strides
+    and dtypes), whichever tensors they are."""
 
     def __init__(
         self,
@@ -51,7 +53,8 @@ class GradientPlan:
         shifts: np.ndarray,
         in_grad_buffer: np.ndarray,
         staged: list[int],
-        pointers: list[int],
+        layout: tuple[list, list, list],
+        by_layout: bool,
     ):
         self.raw = raw  # p.grad of each segment, as found (None between steps unless all ours)
         self.grads = grads  # what to read: raw, or the staged copy
@@ -59,27 +62,36 @@ class GradientPlan:
         self.shifts = shifts  # element shift from the flat parameter buffer, or NO_GRADIENT
         self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
         self.staged = staged  # segments whose gradient is copied into buffer.grad each step
-        # Where each present gradient started: the same tensor object may have had its
-        # ``.data`` swapped since (``p.grad.data = g``), and then it is elsewhere.
-        self.pointers = pointers
-        self._weak_present: list | None = None  # between steps: the present gradients, weakly
+        # Where each present gradient started, its strides and dtype: the same tensor object
+        # may have had its ``.data`` swapped since (``p.grad.data = g``), and then it is
+        # elsewhere; other tensors laid out the same way are read the same way.
+        self.pointers, self.strides, self.dtypes = layout
+        self._by_layout = by_layout  # False where a gradient's conj/neg bits matter (complex)
         # Staged segments read our views too, but their gradients (``raw``) are someone else's.
         self._only_our_views = not staged and bool((in_grad_buffer | ~has_grad).all())
 
     def finds(self, raw: list) -> bool:
-        """Are ``raw`` the very gradient tensors this plan was made for, where they were?"""
-        if self.raw is not None:
-            same = all(map(operator.is_, raw, self.raw))
-        else:
-            # Identity first (fresh gradients fail it at once); a dead reference gives None,
-            # so which segments have a gradient must match too.
-            present = list(compress(raw, self.has_grad))
-            same = (
-                all(map(operator.is_, present, map(_dereference, self._weak_present)))
-                and all(map(operator.is_not, present, repeat(None)))
-                and all(map(operator.is_, compress(raw, ~self.has_grad), repeat(None)))
+        """Can this plan read ``raw``: the tensors it holds, or (between steps, when it holds
+        none) tensors laid out as the ones it was made for?"""
+        if self.raw is not None:  # the same tensors, unless one's .data moved
+            return all(map(operator.is_, raw, self.raw)) and all(
+                map(operator.eq, map(torch.Tensor.data_ptr, compress(raw, self.has_grad)), self.pointers)
             )
-        return same and list(map(torch.Tensor.data_ptr, compress(raw, self.has_grad))) == self.pointers
+        if not (
+            self._by_layout
+            and all(map(operator.is_, compress(raw, ~self.has_grad), repeat(None)))
+            and all(map(operator.is_not, compress(raw, self.has_grad), repeat(None)))
+        ):
+            return False
+        present = list(compress(raw, self.has_grad))
+        try:
+            return (
+                all(map(operator.eq, map(torch.Tensor.data_ptr, present), self.pointers))
+                and all(map(operator.eq, map(torch.Tensor.stride, present), self.strides))
+                and all(map(operator.is_, map(_dtype_of, present), self.dtypes))
+            )
+        except RuntimeError:  # a sparse gradient has no strides: a new plan says so
+            return False
 
     def hold(self, buffer: FlatBuffer, raw: list) -> None:
         """Hold ``raw`` (which ``finds`` matched) for the coming step."""
@@ -94,16 +106,13 @@ class GradientPlan:
         return bool(self.has_grad.any()) and self._only_our_views
 
     def let_go(self) -> None:
-        """The step is over: keep strong references only to our own gradient views (the
-        buffer holds those anyway, and the usual loop then reuses the plan at no cost)."""
-        if self.raw is None or self._only_our_views:
-            return
-        if self._weak_present is None:  # else: made for the same tensors at an earlier step
-            self._weak_present = list(map(weakref.ref, compress(self.raw, self.has_grad)))
-        self.raw = self.grads = None
+        """The step is over: keep only our own gradient views (the buffer holds those
+        anyway, and the usual loop then reuses the plan at no cost)."""
+        if not self._only_our_views:
+            self.raw = self.grads = None
 
 
-_dereference = weakref.ref.__call__
+_dtype_of = operator.attrgetter("dtype")
 
 
 def _sparse_error(name: str) -> RuntimeError:
@@ -133,11 +142,14 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     grads = list(raw)
     staged: list[int] = []
     raw_pointers: list[int] = []
+    strides: list = []
+    dtypes: list = []
     if present:
         try:
             strides = list(map(torch.Tensor.stride, present))
             raw_pointers = list(map(torch.Tensor.data_ptr, present))
             pointers = np.array(raw_pointers, dtype=np.int64)
+            dtypes = list(map(_dtype_of, present))
         except RuntimeError:  # sparse layouts have neither
             if any(g.layout != torch.strided for g in present):
                 raise _sparse_error(optimizer_name) from None
@@ -184,7 +196,8 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         where = np.full(count, -1, dtype=np.int64)
         where[segments] = pointers
         in_grad_buffer &= where == np.asarray(buffer.grad_view_pointers, dtype=np.int64)
-    return GradientPlan(raw, grads, has_grad, shifts, in_grad_buffer, staged, raw_pointers)
+    layout = (raw_pointers, strides, dtypes)
+    return GradientPlan(raw, grads, has_grad, shifts, in_grad_buffer, staged, layout, not buffer.has_complex)
 
 
 @torch.no_grad()

@@ -569,3 +569,28 @@ def test_a_gradient_that_cannot_belong_to_its_parameter_is_refused(target, dtype
     with pytest.raises(RuntimeError, match="cannot update a parameter"):
         optimizer.step()
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["zero_grad()", "zero_grad(set_to_none=False)"])
+def test_model_converted_in_swap_mode_after_a_step(target, set_to_none):
+    """torch.utils.swap_tensors (what model.to() uses in swap mode, and for tensor
+    subclasses) refuses a gradient that has weak references: the optimizer must hold none
+    between steps, or the conversion fails half-way."""
+    swap = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        ours_model, reference_model = paired(OddModel, target.device)
+        ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            train(model, optimizer, steps=2, set_to_none=set_to_none)
+            model.double()
+            if optimizer is reference:  # torch's optimizer needs its state cast by hand
+                for p in model.parameters():
+                    state = optimizer.state[p]
+                    state.update({k: v.double() for k, v in state.items() if k != "step"})
+            train(model, optimizer, steps=2, seed=2, set_to_none=set_to_none)
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(swap)
+    assert all(p.dtype == torch.float64 for p in ours_model.parameters())
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
