@@ -174,8 +174,6 @@ class _FlatAdam(Optimizer):
             if hook_result is not None:
                 state_dict = hook_result
         new_groups, new_state = _checkpoint.validated(self.param_groups, state_dict)
-        for group in new_groups:
-            self._complete_group(group)
         self._engine.check(new_groups, new_state)  # precision options the buffers can take
         # As torch's load_state_dict: through __setstate__, where subclasses fill in what
         # older checkpoints lack.
