@@ -289,13 +289,12 @@ class Engine:
                 entry = state.get(param)
                 if buffer.master_views is not None:
                     saved_master = entry.get("master_param") if entry else None
-                    master, values = buffer.master_views[segment], buffer.model_values(segment)
                     if isinstance(saved_master, torch.Tensor):
-                        master.copy_(local(saved_master))
+                        buffer.master_views[segment].copy_(local(saved_master))
                         if not saved_masters_win:
-                            torch.where(master.to(buffer.dtype) == values, master, values.to(torch.float32), out=master)
+                            buffer.reseed_master(segment)
                     else:
-                        master.copy_(values)
+                        buffer.master_views[segment].copy_(buffer.model_values(segment))
                 if not entry or "exp_avg" not in entry:
                     buffer.exp_avg_views[segment].zero_()
                     buffer.exp_avg_sq_views[segment].zero_()

@@ -162,10 +162,11 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         kinds = set(torch._C._group_tensors_by_device_and_dtype([present], False).keys())
         if strides != expected_strides or not kinds <= buffer.param_kinds:
             # Rare: find the culprits one by one.
-            for g, p in zip(present, compress(buffer.params, has_grad)):
+            present_params = list(compress(buffer.params, has_grad))
+            for g, p in zip(present, present_params):
                 if g.dtype != p.dtype:
                     _check_gradient_dtype(g, p, optimizer_name)
-            expected_dtypes = [p.dtype for p in compress(buffer.params, has_grad)]
+            expected_dtypes = [p.dtype for p in present_params]
             needs_copy |= np.fromiter(
                 (
                     g.stride() != stride or g.dtype != dtype or g.device != buffer.device
@@ -242,8 +243,7 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
                         swapped.append(segment)
                         adopted.append(segment)
                     continue
-                ours = grad.layout == torch.strided and (grad._base is None or is_gradient_buffer(grad._base))
-                if ours and grad.dtype == view.dtype and grad.device == view.device:
+                if _fits_gradient_buffer(grad, buffer):
                     adopted.append(segment)
                 else:
                     foreign.append(grad)
@@ -279,13 +279,14 @@ def adopt_fresh_gradients(buffer: FlatBuffer, segments: np.ndarray) -> None:
         buffer.params[s].grad = buffer.grad_views[s]
 
 
+def _fits_gradient_buffer(grad: torch.Tensor, buffer: FlatBuffer) -> bool:
+    """A dense gradient of the buffer's device and dtype that is no one else's view (a
+    plain tensor, or a view of a gradient buffer of ours): it can move into the buffer."""
+    ours = grad._base is None or is_gradient_buffer(grad._base)
+    return grad.layout == torch.strided and ours and (grad.device, grad.dtype) in buffer.param_kinds
+
+
 def _adoptable(grad: torch.Tensor, buffer: FlatBuffer) -> bool:
-    """A plain gradient of autograd's (no one else's view, not part of a graph) that the
-    gradient buffer can hold as it is."""
-    return (
-        grad.layout == torch.strided
-        and grad._base is None
-        and not grad.requires_grad
-        and (grad.device, grad.dtype) in buffer.param_kinds
-        and not (grad.is_conj() or grad.is_neg())
-    )
+    """A gradient whose values can be copied into the buffer as they are (not part of a
+    graph, no pending conjugation or negation)."""
+    return _fits_gradient_buffer(grad, buffer) and not grad.requires_grad and not (grad.is_conj() or grad.is_neg())

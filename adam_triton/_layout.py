@@ -391,10 +391,15 @@ class FlatBuffer:
         elif versions != self.param_versions:
             changed = np.flatnonzero(np.array(versions) != np.array(self.param_versions))
             for segment in changed.tolist():
-                master = self.master_views[segment]
-                param = self.model_values(segment)
-                torch.where(master.to(self.dtype) == param, master, param.to(torch.float32), out=master)
+                self.reseed_master(segment)
         self.param_versions = versions
+
+    @torch.no_grad()
+    def reseed_master(self, segment: int) -> None:
+        """Where the parameter no longer equals its master rounded, someone else wrote it:
+        take the parameter's value there; elsewhere the master keeps its precision."""
+        master, param = self.master_views[segment], self.model_values(segment)
+        torch.where(master.to(self.dtype) == param, master, param.to(torch.float32), out=master)
 
     def _current_pointers(self) -> list[int]:
         if not self.has_dtensor:
