@@ -63,18 +63,28 @@ def _load(pointers, mask, COMPUTE_DTYPE: tl.constexpr):
     return values.to(COMPUTE_DTYPE)
 
 
-@triton.jit
-def _powers(beta1, beta2, exponent):
-    """beta1**exponent and beta2**exponent in float64 by repeated squaring.
+# Past this exponent 1 - beta**t rounds to 1 for every beta < 1 (beta**t < 2**-54), so
+# larger step counts can be clamped to it before they become an int64.
+_LARGEST_EXPONENT = tl.constexpr(2.0**62)
 
-    Plain multiplications compile on every backend and in the interpreter, and float64
-    keeps 1 - beta**t free of the cancellation that float32 would suffer at small t.
+
+@triton.jit
+def _powers(beta1, beta2, step):
+    """beta1**step and beta2**step in float64, as torch's pow(beta, step) up to rounding.
+
+    The whole part by repeated squaring: plain multiplications compile on every backend and
+    in the interpreter (which has no libdevice pow), and float64 keeps 1 - beta**t free of
+    the cancellation that float32 would suffer at small t. torch's counts are whole; a
+    fractional one (a hand-edited checkpoint) gets its fraction through exp and log.
     """
-    power1 = tl.full((), 1.0, tl.float64)
-    power2 = tl.full((), 1.0, tl.float64)
+    exponent = tl.minimum(step.to(tl.float64), _LARGEST_EXPONENT)
+    remaining = exponent.to(tl.int64)
+    fraction = exponent - remaining.to(tl.float64)
+    # beta == 0: 0**whole is 0 already (step >= 1), and log(0) is left alone.
+    power1 = tl.exp(fraction * tl.log(tl.where(beta1 > 0.0, beta1, 1.0)))
+    power2 = tl.exp(fraction * tl.log(tl.where(beta2 > 0.0, beta2, 1.0)))
     base1 = beta1
     base2 = beta2
-    remaining = exponent
     while remaining > 0:
         odd = (remaining & 1) == 1
         power1 = tl.where(odd, power1 * base1, power1)
@@ -189,7 +199,9 @@ def _adam_tile(
         second_moment = max_exp_avg_sq
 
     denom = _div(_sqrt(second_moment, COMPUTE_DTYPE), bias_correction2_sqrt, COMPUTE_DTYPE) + eps
-    param = param - step_size * _div(exp_avg, denom, COMPUTE_DTYPE)
+    # torch's order, step_size * m / denom: the product first (it can overflow where the
+    # quotient first would not).
+    param = param - _div(step_size * exp_avg, denom, COMPUTE_DTYPE)
 
     if STOCHASTIC_ROUNDING:
         # 32-bit Philox counters (offsets wrap past 2**32 elements, harmlessly): the 64-bit
@@ -269,7 +281,7 @@ def _adam_chunk_kernel(
     weight_decay = tl.load(hyper_row + 4)
 
     # Scalars in float64 and rounded once, as torch computes them with Python floats.
-    beta1_power, beta2_power = _powers(beta1, beta2, step.to(tl.int64))
+    beta1_power, beta2_power = _powers(beta1, beta2, step)
     step_size = (lr / (1.0 - beta1_power)).to(COMPUTE_DTYPE)
     bias_correction2_sqrt = tl.sqrt(1.0 - beta2_power).to(COMPUTE_DTYPE)
     lerp_weight = (1.0 - beta1).to(COMPUTE_DTYPE)
@@ -277,7 +289,7 @@ def _adam_chunk_kernel(
     one_minus_beta2 = (1.0 - beta2).to(COMPUTE_DTYPE)
     decay_factor = (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
     # A new random stream every step, reproducible from the seed and the step count.
-    random_key = random_seed + step.to(tl.int64) * 0x9E3779B9
+    random_key = random_seed + tl.minimum(step, _LARGEST_EXPONENT).to(tl.int64) * 0x9E3779B9
 
     # A chunk that is not updated runs no tile: nothing is read, written or counted.
     end = tl.where(update, end, start)

@@ -130,6 +130,45 @@ def test_float64_buffers_compute_in_float64(kernel_device, betas):
         _assert_within_ulps(actual, wanted, 3, name, scale)
 
 
+def test_update_multiplies_before_it_divides_as_torch_does(kernel_device):
+    """torch computes step_size * m / denom, the product first. Where that product overflows
+    float32 and m / denom first would not, the two orders part by more than rounding."""
+    hyper = dict(lr=1e30, beta1=0.0, beta2=0.0, eps=0.0, weight_decay=0.0)
+    grad = torch.tensor([1e10, -3e9, 2e-3, 5.0], device=kernel_device)
+    param, exp_avg, exp_avg_sq, max_exp_avg_sq = (torch.ones(4, device=kernel_device) for _ in range(4))
+    expected = _torch_single_step(
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, 0, False, amsgrad=False, maximize=False, **hyper
+    )[0]
+    functional.adam(
+        param, grad, exp_avg, exp_avg_sq, torch.zeros(1, device=kernel_device),
+        backend="triton", amsgrad=False, maximize=False, decoupled_weight_decay=False, **hyper,
+    )
+    assert expected[:2].isinf().all()  # the case the test is for
+    assert torch.equal(param.cpu().isinf(), expected.isinf())
+    _assert_within_ulps(param.cpu()[2:], expected[2:], 2, "param")
+
+
+@pytest.mark.parametrize("completed", [2.5, 1e19, float("inf")], ids=["fractional", "past-int64", "infinite"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_step_counts_torch_never_makes_give_torch_s_update(kernel_device, backend, completed):
+    """A checkpoint may carry any step count torch accepts: a fraction (hand-edited), or
+    one too large for an int64. torch raises beta to that power as given."""
+    if backend == "torch" and kernel_device != "cpu":
+        pytest.skip("the torch backend is covered on the CPU")
+    hyper = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1)
+    tensors = _adversarial_state(BLOCK + 5, torch.float32, kernel_device, 3, 1)
+    expected = _torch_single_step(*tensors, completed, True, amsgrad=False, maximize=False, **hyper)
+    param, grad, exp_avg, exp_avg_sq, _ = tensors
+    scales = _term_scales(param, grad, exp_avg, exp_avg_sq, 0.1, True)
+    functional.adam(
+        param, grad, exp_avg, exp_avg_sq, torch.tensor([completed], device=kernel_device),
+        amsgrad=False, maximize=False, decoupled_weight_decay=True, backend=backend, **hyper,
+    )
+    assert param.isfinite().all()
+    for actual, wanted, scale, name in zip((param, exp_avg, exp_avg_sq), expected, scales, ("param", "exp_avg", "exp_avg_sq")):
+        _assert_within_ulps(actual, wanted, 2, name, scale)
+
+
 def _chunk_rows(segments, chunk):
     rows = []
     for segment, (start, length, group) in enumerate(segments):
