@@ -172,14 +172,18 @@ class Engine:
         return params, group_of
 
     def _keys(self, groups, params, group_of) -> dict:
-        """Parameters by buffer: (device, storage dtype, precision, complex or not) of their
-        local values. Complex parameters get buffers of their own: a storage viewed as two
-        dtypes cannot be saved by torch.save."""
+        """Parameters by buffer: (device, storage dtype, precision, complex or not, frozen or
+        not) of their local values. Complex parameters get buffers of their own: a storage
+        viewed as two dtypes cannot be saved by torch.save. So do parameters that require no
+        gradient (a fine-tuned model's frozen backbone, passed along in
+        ``model.parameters()``): their buffer makes no moments until one of them gets a
+        gradient, and the state of the others is not a view of moments sized for them all."""
         keyed: dict[tuple, tuple[list, list]] = {}
         for param, index in zip(params, group_of):
             values = local(param)
             dtype = storage_dtype(values)
-            key = (values.device, dtype, precision_of(self._options(groups[index]), dtype), values.is_complex())
+            precision = precision_of(self._options(groups[index]), dtype)
+            key = (values.device, dtype, precision, values.is_complex(), not param.requires_grad)
             members = keyed.setdefault(key, ([], []))
             members[0].append(param)
             members[1].append(index)
@@ -226,7 +230,8 @@ class Engine:
             in_place = [is_dtensor(p) or id(p) in self._left_in_place or in_shared_memory(p) for p in members]
             working = backends[key] == "torch" and _backends.needs_working_copies(key[1], key[2])
             buffer = FlatBuffer(
-                key[0], key[1], members, member_groups, precision=key[2], in_place=in_place, stage_in_place=working
+                key[0], key[1], members, member_groups,
+                precision=key[2], in_place=in_place, stage_in_place=working, frozen=key[4],
             )
             buffer.adopt_parameters()
             buffers.append(buffer)
@@ -296,13 +301,15 @@ class Engine:
                     else:
                         buffer.master_views[segment].copy_(buffer.model_values(segment))
                 if not entry or "exp_avg" not in entry:
-                    buffer.exp_avg_views[segment].zero_()
-                    buffer.exp_avg_sq_views[segment].zero_()
+                    if buffer.exp_avg is not None:
+                        buffer.exp_avg_views[segment].zero_()
+                        buffer.exp_avg_sq_views[segment].zero_()
                     if buffer.max_exp_avg_sq is not None:
                         buffer.max_exp_avg_sq_views[segment].zero_()
                     buffer.state_entries[segment] = None
                     continue
                 # DTensor states (ours, or loaded) are copied through their local shards.
+                buffer.ensure_moments()
                 buffer.exp_avg_views[segment].copy_(local(entry["exp_avg"]))
                 buffer.exp_avg_sq_views[segment].copy_(local(entry["exp_avg_sq"]))
                 has_max = entry.get("max_exp_avg_sq") is not None

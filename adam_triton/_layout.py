@@ -132,10 +132,12 @@ class FlatBuffer:
         chunk_elements: int | None = None,
         in_place: list[bool] | None = None,
         stage_in_place: bool = False,
+        frozen: bool = False,
     ):
         """``in_place`` marks parameters updated where they live (see ``_in_place``) rather
         than re-homed; ``stage_in_place`` gives them room in ``param`` anyway, for an
-        implementation that works on the flat buffer (the torch backend's working copies)."""
+        implementation that works on the flat buffer (the torch backend's working copies).
+        ``frozen``: the parameters did not require gradients when the buffer was made."""
         self.device = device
         self.dtype = dtype
         self.precision = precision or Precision(dtype)
@@ -150,7 +152,7 @@ class FlatBuffer:
         self.param_kinds = {(device, v.dtype) for v in values}
         self.has_complex = any(self.is_complex)
         #: What the engine groups parameters into this buffer by (see ``Engine._keys``).
-        self.key = (device, dtype, self.precision, self.has_complex)
+        self.key = (device, dtype, self.precision, self.has_complex, frozen)
         self.param_dtype = _complex_of(dtype) if self.has_complex else dtype
         self.shapes = [tuple(v.shape) for v in values]
         # Complex parameters are laid out contiguously so that their real view is too.
@@ -192,16 +194,18 @@ class FlatBuffer:
         self.param_shifts_on_device: torch.Tensor | None = None
         self.staged_params: list = []  # (segment of `param`, the parameter's own tensor)
         self.master = aligned_zeros(self.total, torch.float32, device) if self.precision.master_weights else None
-        self.exp_avg = aligned_zeros(self.total, self.state_dtype, device)
-        self.exp_avg_sq = aligned_zeros(self.total, self.state_dtype, device)
+        # The moments are made with the first state, as torch makes its state at the first
+        # step: a buffer of frozen parameters never needs them.
+        self.exp_avg: torch.Tensor | None = None
+        self.exp_avg_sq: torch.Tensor | None = None
         self.max_exp_avg_sq: torch.Tensor | None = None
         self.grad: torch.Tensor | None = None
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
 
         self.master_views = None if self.master is None else [self.segment_view(self.master, i) for i in range(len(params))]
-        self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(params))]
-        self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(params))]
+        self.exp_avg_views: list | None = None
+        self.exp_avg_sq_views: list | None = None
         self.max_exp_avg_sq_views: list | None = None
         self.grad_views: list | None = None
         self.grad_view_pointers: list[int] | None = None
@@ -303,6 +307,13 @@ class FlatBuffer:
         return flat[int(self.starts[first]) : int(self.starts[last] + self.lengths[last])]
 
     # -- buffers created on demand ----------------------------------------------------------
+    def ensure_moments(self) -> None:
+        if self.exp_avg is None:
+            self.exp_avg = aligned_zeros(self.total, self.state_dtype, self.device)
+            self.exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
+            self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(self.params))]
+            self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(self.params))]
+
     def ensure_max_exp_avg_sq(self) -> None:
         if self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
@@ -431,6 +442,7 @@ class FlatBuffer:
     def state_views(self, segment: int, amsgrad: bool) -> dict:
         """``optimizer.state[p]`` for the parameter of ``segment``: views, under torch's keys
         (as DTensors for a DTensor parameter, as torch's optimizer keeps them)."""
+        self.ensure_moments()
         state = {
             "step": self.step_views[segment],
             "exp_avg": self.moment_view("exp_avg", segment),

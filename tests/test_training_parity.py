@@ -1,6 +1,7 @@
 """Training loops against stock torch.optim.Adam / AdamW, on every target this machine has."""
 
 import copy
+import io
 
 import pytest
 import torch
@@ -120,6 +121,53 @@ def test_parameter_without_gradient_is_neither_updated_nor_counted(target):
     assert ours_model.weights[3] not in ours.state
     assert float(ours.state[ours_model.weights[0]]["step"]) == 5
     assert float(ours.state[ours_model.weights[1]]["step"]) == 7
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+class _Backbone(nn.Module):
+    """A pretrained trunk and a small head, as fine-tuned: the trunk is frozen."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.trunk = nn.Sequential(nn.Linear(64, 96), nn.Tanh(), nn.Linear(96, 64), nn.Tanh())
+        self.head = nn.Linear(64, 3)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.2)
+
+    def forward(self, x):
+        return (self.head(self.trunk(x.reshape(-1, 8).repeat(1, 8))) ** 2).mean()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_frozen_parameters_cost_no_state_until_they_train(target, set_to_none):
+    """``AdamW(model.parameters())`` over a frozen trunk, as fine-tuning code writes it:
+    torch makes state only for what trains, so the moments, and a checkpoint of them, are
+    the head's size, not the model's. Unfrozen later (gradual unfreezing), the trunk trains
+    as under torch."""
+    ours_model, reference_model = paired(_Backbone, target.device)
+    for model in (ours_model, reference_model):
+        model.trunk.requires_grad_(False)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3, set_to_none=set_to_none)
+    head_bytes = sum(p.numel() * p.element_size() for p in ours_model.head.parameters())
+    for p in ours_model.head.parameters():
+        for key in ("exp_avg", "exp_avg_sq"):
+            # Each segment is padded to 128 bytes; the trunk would be 60 times more.
+            assert ours.state[p][key].untyped_storage().nbytes() <= head_bytes + 2 * 128
+    saved = [io.BytesIO() for _ in range(2)]
+    for buffer, optimizer in zip(saved, (ours, reference)):
+        torch.save(optimizer.state_dict(), buffer)
+    assert len(saved[0].getvalue()) < len(saved[1].getvalue()) + 2 * 1024
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        model.trunk.requires_grad_(True)
+        train(model, optimizer, steps=2, seed=2, set_to_none=set_to_none)
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
 
