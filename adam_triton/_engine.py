@@ -213,6 +213,9 @@ class Engine:
                 )
         return params, group_of
 
+    # Buffers made under inference_mode (an optimizer built there) would be inference
+    # tensors, which neither count versions nor can be trained afterwards.
+    @torch.inference_mode(False)
     def rebuild(self, groups: list[dict], state: defaultdict, saved_masters_win: bool = False) -> None:
         """(Re)home every parameter into flat buffers, keeping whatever state it has;
         DTensor parameters, parameters a wrapper re-pointed and CPU parameters in shared

@@ -246,3 +246,17 @@ def test_auto_backend_uses_the_fallback_on_cpu():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(OddModel(), adam_triton.Adam(OddModel().parameters()), steps=1)
+
+
+def test_optimizer_built_under_inference_mode_trains(target):
+    """Code that builds its optimizer inside ``torch.inference_mode()`` (torch's allocate
+    nothing until the first step) gets buffers it can train with afterwards."""
+    from helpers import assert_close_params, optimizers, paired
+
+    ours_model, reference_model = paired(OddModel, target.device)
+    with torch.inference_mode():
+        ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    assert not any(p.is_inference() for p in ours_model.parameters())
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+    assert_close_params(ours_model, reference_model)
