@@ -6,6 +6,8 @@ For code that already keeps its parameters, gradients and moments in flat buffer
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -57,6 +59,14 @@ def _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad):
         raise ValueError(f"step must be on {param.device}")
 
 
+def _check_hyperparameters(**values) -> None:
+    # Both backends read each as one number; anything else must fail before the step counts.
+    for name, value in values.items():
+        one_number = value.numel() == 1 if isinstance(value, torch.Tensor) else isinstance(value, numbers.Real)
+        if not one_number:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got {value!r}")
+
+
 @torch.no_grad()
 def adam(
     param: torch.Tensor,
@@ -86,6 +96,7 @@ def adam(
     ``torch._fused_adam_``.
     """
     _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)
+    _check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     implementation = _backends.resolve_backend(backend, param.device)
     if implementation == "torch":
         step += 1

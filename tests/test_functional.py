@@ -48,6 +48,18 @@ def test_bad_inputs_raise():
         functional.adam(t, t.clone(), t.clone(), t.clone(), step, lr=1e-3, backend="nope")
 
 
+
+@pytest.mark.parametrize("hyper", [dict(lr=torch.tensor([1e-3, 2e-3])), dict(beta1="0.9"), dict(eps=None)], ids=str)
+def test_a_hyperparameter_that_is_not_one_number_raises_before_anything_changes(target, hyper):
+    generator = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(7, generator=generator).abs().to(target.device) for _ in range(4)]
+    before = [t.clone() for t in tensors]
+    step = torch.full((1,), 3.0, device=target.device)
+    with pytest.raises(ValueError, match="one-element tensor"):
+        functional.adam(*tensors, step, **{"lr": 1e-3, **hyper}, backend=target.backend)
+    assert float(step) == 3.0
+    assert all(torch.equal(t, b) for t, b in zip(tensors, before))
+
 @pytest.mark.parametrize(
     "param_dtype, state_dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16)], ids=str
 )
