@@ -171,19 +171,21 @@ class Engine:
                     group_of.append(index)
         return params, group_of
 
-    def _keys(self, groups, params, group_of) -> dict:
+    def _keys(self, groups, params, group_of, state) -> dict:
         """Parameters by buffer: (device, storage dtype, precision, complex or not, frozen or
         not) of their local values. Complex parameters get buffers of their own: a storage
-        viewed as two dtypes cannot be saved by torch.save. So do parameters that require no
-        gradient (a fine-tuned model's frozen backbone, passed along in
-        ``model.parameters()``): their buffer makes no moments until one of them gets a
-        gradient, and the state of the others is not a view of moments sized for them all."""
+        viewed as two dtypes cannot be saved by torch.save. So do frozen parameters, those
+        that require no gradient and have no state (a fine-tuned model's trunk, passed along
+        in ``model.parameters()``): their buffer makes no moments (nor masters) until one
+        of them gets state, so they cost no memory, and the others' state, views of their
+        own buffer's moments, no checkpoint space."""
         keyed: dict[tuple, tuple[list, list]] = {}
         for param, index in zip(params, group_of):
             values = local(param)
             dtype = storage_dtype(values)
             precision = precision_of(self._options(groups[index]), dtype)
-            key = (values.device, dtype, precision, values.is_complex(), not param.requires_grad)
+            frozen = not param.requires_grad and not state.get(param)
+            key = (values.device, dtype, precision, values.is_complex(), frozen)
             members = keyed.setdefault(key, ([], []))
             members[0].append(param)
             members[1].append(index)
@@ -192,7 +194,9 @@ class Engine:
     def load(self, groups: list[dict], state: defaultdict) -> None:
         """Take a loaded checkpoint's state (its masters as saved), into buffers of the
         groups' precision if the checkpoint changed it."""
-        if self._groups_unchanged(groups):
+        # State for a frozen parameter (trained in an earlier phase) moves it out of the
+        # frozen buffer, whose moments would be made for all of them.
+        if self._groups_unchanged(groups) and self._buffers_match(groups, state):
             self.import_state(groups, state, saved_masters_win=True)
         else:
             self.rebuild(groups, state, saved_masters_win=True)
@@ -221,7 +225,7 @@ class Engine:
         DTensor parameters, parameters a wrapper re-pointed and CPU parameters in shared
         memory stay where they are (``_in_place``)."""
         params, group_of = self.check(groups, state)
-        keyed = self._keys(groups, params, group_of)
+        keyed = self._keys(groups, params, group_of, state)
         backends = {key: _backends.resolve_backend(self.backend, key[0]) for key in keyed}
         self._left_in_place &= {id(p) for p in params}
 
@@ -246,19 +250,24 @@ class Engine:
         self._fingerprint = self._group_fingerprint(groups)
         self.import_state(groups, state, saved_masters_win=saved_masters_win)
 
+    def _buffers_match(self, groups: list[dict], state) -> bool:
+        """Do the buffers hold exactly the groups' parameters, each in the group and buffer
+        (kind, precision, frozen or not) it would get now? One look at each parameter."""
+        params, group_of = self._ordered_parameters(groups)
+        current = {id(p): b.key for b in self.buffers for p in b.params}
+        wanted = {id(p): key for key, (members, _) in self._keys(groups, params, group_of, state).items() for p in members}
+        current_groups = [g for b in self.buffers for g in b.group_of_segment.tolist()]
+        current_params = [p for b in self.buffers for p in b.params]
+        same_groups = {id(p): g for p, g in zip(params, group_of)} == {
+            id(p): g for p, g in zip(current_params, current_groups)
+        }
+        return current == wanted and same_groups
+
     def ensure_current(self, groups: list[dict], state: defaultdict) -> None:
         """Re-home if the groups' parameters or precision changed, or a parameter's data moved
         away (``model.to(device)``, ``model.half()``, a ``.data`` assignment)."""
         if not self._groups_unchanged(groups):
-            params, group_of = self._ordered_parameters(groups)
-            current = {id(p): b.key for b in self.buffers for p in b.params}
-            wanted = {id(p): key for key, (members, _) in self._keys(groups, params, group_of).items() for p in members}
-            current_groups = [g for b in self.buffers for g in b.group_of_segment.tolist()]
-            current_params = [p for b in self.buffers for p in b.params]
-            same_groups = {id(p): g for p, g in zip(params, group_of)} == {
-                id(p): g for p, g in zip(current_params, current_groups)
-            }
-            if current == wanted and same_groups:
+            if self._buffers_match(groups, state):
                 self._fingerprint = self._group_fingerprint(groups)
             else:
                 self.rebuild(groups, state)
@@ -295,6 +304,9 @@ class Engine:
             loaded_steps = []
             for segment, param in enumerate(buffer.params):
                 entry = state.get(param)
+                has_state = bool(entry) and "exp_avg" in entry
+                if has_state:
+                    buffer.ensure_moments()
                 if buffer.master_views is not None:
                     saved_master = entry.get("master_param") if entry else None
                     if isinstance(saved_master, torch.Tensor):
@@ -303,7 +315,7 @@ class Engine:
                             buffer.reseed_master(segment)
                     else:
                         buffer.master_views[segment].copy_(buffer.model_values(segment))
-                if not entry or "exp_avg" not in entry:
+                if not has_state:
                     if buffer.exp_avg is not None:
                         buffer.exp_avg_views[segment].zero_()
                         buffer.exp_avg_sq_views[segment].zero_()
@@ -312,7 +324,6 @@ class Engine:
                     buffer.state_entries[segment] = None
                     continue
                 # DTensor states (ours, or loaded) are copied through their local shards.
-                buffer.ensure_moments()
                 buffer.exp_avg_views[segment].copy_(local(entry["exp_avg"]))
                 buffer.exp_avg_sq_views[segment].copy_(local(entry["exp_avg_sq"]))
                 has_max = entry.get("max_exp_avg_sq") is not None
@@ -340,13 +351,32 @@ class Engine:
         for key in [k for k, v in state.items() if id(k) in ours and not v]:
             del state[key]
 
-    def _initialize_new_state(self, buffer: FlatBuffer, has_grad: np.ndarray, groups: list[dict], state) -> None:
-        if not any(map(operator.is_, buffer.state_entries, repeat(None))):
-            return  # every parameter has its state already
-        new = has_grad & ~buffer.initialized
-        if not new.any():
-            return
-        for segment in np.flatnonzero(new).tolist():
+    def _new_state_segments(self, plans: list) -> list[tuple[FlatBuffer, int]]:
+        """(buffer, segment) of each parameter getting its first state this step, in the
+        optimizer's parameter order (torch's order of ``optimizer.state``)."""
+        new = []
+        for buffer, plan in zip(self.buffers, plans):
+            if not plan.has_grad.any() or not any(map(operator.is_, buffer.state_entries, repeat(None))):
+                continue  # no gradient, or every parameter has its state already
+            new.extend((buffer, segment) for segment in np.flatnonzero(plan.has_grad & ~buffer.initialized).tolist())
+        if len({id(buffer) for buffer, _ in new}) > 1:
+            position = {id(p): i for i, p in enumerate(self._params)}
+            new.sort(key=lambda item: position[id(item[0].params[item[1]])])
+        return new
+
+    def _regrouping_needed(self, groups: list[dict], state, new: list[tuple[FlatBuffer, int]]) -> bool:
+        """A buffer about to make its moments, or a frozen one about to give state: do its
+        parameters still belong together? (Frozen after the optimizer was built, or
+        unfrozen since.) Rare, so a look at each of its parameters is affordable."""
+        for buffer in {id(buffer): buffer for buffer, _ in new}.values():
+            if buffer.exp_avg is None or buffer.key[4]:
+                keys = self._keys(groups, buffer.params, buffer.group_of_segment.tolist(), state)
+                if set(keys) != {buffer.key}:
+                    return True
+        return False
+
+    def _initialize_new_state(self, new: list[tuple[FlatBuffer, int]], groups: list[dict], state) -> None:
+        for buffer, segment in new:
             group = groups[int(buffer.group_of_segment[segment])]
             entry = buffer.state_views(segment, amsgrad=bool(group["amsgrad"]))
             state[buffer.params[segment]] = buffer.state_entries[segment] = entry
@@ -418,6 +448,11 @@ class Engine:
                 buffer.adopt_at_step = None
         # Find every gradient first: a bad one raises before anything is updated.
         plans = [plan_gradients(b, b.last_plan, self.name) for b in self.buffers]
+        new_state = self._new_state_segments(plans)
+        if new_state and self._regrouping_needed(groups, state, new_state):
+            self.rebuild(groups, state)
+            plans = [plan_gradients(b, None, self.name) for b in self.buffers]
+            new_state = self._new_state_segments(plans)
         variants = [variant_of(group) for group in groups]
         self.hyper.refresh(groups)
         self.found_inf = found_inf
@@ -432,11 +467,11 @@ class Engine:
             return on_device[key]
 
         try:
+            self._initialize_new_state(new_state, groups, state)
             for buffer, plan in zip(self.buffers, plans):
                 buffer.last_plan = plan
                 if not plan.has_grad.any():
                     continue
-                self._initialize_new_state(buffer, plan.has_grad, groups, state)
                 self._prepare_variants(buffer, variants, state)
                 buffer.sync_step_counters()
                 buffer.sync_master_weights()

@@ -193,9 +193,9 @@ class FlatBuffer:
         self.param_shifts = np.zeros(len(params), dtype=np.int64)
         self.param_shifts_on_device: torch.Tensor | None = None
         self.staged_params: list = []  # (segment of `param`, the parameter's own tensor)
-        self.master = aligned_zeros(self.total, torch.float32, device) if self.precision.master_weights else None
-        # The moments are made with the first state, as torch makes its state at the first
-        # step: a buffer of frozen parameters never needs them.
+        # The masters and moments are made with the first state, as torch makes its state at
+        # the first step: a buffer of frozen parameters never needs them.
+        self.master: torch.Tensor | None = None
         self.exp_avg: torch.Tensor | None = None
         self.exp_avg_sq: torch.Tensor | None = None
         self.max_exp_avg_sq: torch.Tensor | None = None
@@ -203,7 +203,7 @@ class FlatBuffer:
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
 
-        self.master_views = None if self.master is None else [self.segment_view(self.master, i) for i in range(len(params))]
+        self.master_views: list | None = None
         self.exp_avg_views: list | None = None
         self.exp_avg_sq_views: list | None = None
         self.max_exp_avg_sq_views: list | None = None
@@ -307,18 +307,27 @@ class FlatBuffer:
         return flat[int(self.starts[first]) : int(self.starts[last] + self.lengths[last])]
 
     # -- buffers created on demand ----------------------------------------------------------
+    # (Made outside inference mode: inference tensors could not be trained afterwards.)
+    @torch.inference_mode(False)
     def ensure_moments(self) -> None:
+        """The moments, and the masters (taken from the parameters) with master weights."""
         if self.exp_avg is None:
             self.exp_avg = aligned_zeros(self.total, self.state_dtype, self.device)
             self.exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
             self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(self.params))]
             self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(self.params))]
+            if self.precision.master_weights:
+                self.master = aligned_zeros(self.total, torch.float32, self.device)
+                self.master_views = [self.segment_view(self.master, i) for i in range(len(self.params))]
+                self.sync_master_weights(force=True)
 
+    @torch.inference_mode(False)
     def ensure_max_exp_avg_sq(self) -> None:
         if self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
             self.max_exp_avg_sq_views = [self.segment_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
 
+    @torch.inference_mode(False)
     def ensure_grad(self) -> None:
         if self.grad is None:
             self.grad = aligned_zeros(self.total, self.dtype, self.device)

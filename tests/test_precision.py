@@ -272,6 +272,37 @@ def test_master_weights_leave_float32_parameters_without_a_copy(target):
     assert all("master_param" not in optimizer.state[p] for p in model.parameters())
 
 
+def test_frozen_bfloat16_parameters_get_no_masters_until_they_train(target):
+    """Fine-tuning a bfloat16 model with master weights: the frozen part costs no float32
+    masters (4 bytes per parameter, twice the part itself); unfrozen, it gets them, taken
+    from its parameters, and follows float32 AdamW like the rest."""
+    model = OddModel().to(target.device, BF16)
+    frozen = list(model.weights)[2:]
+    for p in frozen:
+        p.requires_grad_(False)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
+    train(model, optimizer, steps=2)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    masters = sum(b.master.numel() for b in optimizer._engine.buffers if b.master is not None)
+    assert masters <= trainable + 64 * len(list(model.parameters()))  # segments padded to 128 bytes
+    assert all(p not in optimizer.state for p in frozen)
+
+    before = [p.detach().clone() for p in frozen]
+    for p in frozen:
+        p.requires_grad_(True)
+    optimizer.zero_grad()
+    model(torch.randn(8, generator=torch.Generator().manual_seed(2)).to(target.device, BF16)).backward()
+    grads = [p.grad.detach().float() for p in frozen]
+    optimizer.step()
+    for p, start, grad in zip(frozen, before, grads):
+        # One AdamW step from fresh state: m_hat = g and v_hat = g * g.
+        g = grad.double()
+        expected = start.double() * (1 - 1e-2 * 1e-2) - 1e-2 * g / (g.abs() + 1e-8)
+        master = optimizer.state[p]["master_param"]
+        torch.testing.assert_close(master.double(), expected, rtol=0, atol=1e-6)
+        assert torch.equal(p.detach(), master.to(BF16))
+
+
 def test_stochastic_rounding_of_float16_is_refused():
     with pytest.raises(ValueError, match="bfloat16"):
         adam_triton.AdamW([torch.nn.Parameter(torch.zeros(2, dtype=torch.float16))], stochastic_rounding=True)

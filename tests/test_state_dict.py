@@ -369,3 +369,21 @@ def _safetensors_names(path) -> set:
 
     with safe_open(str(path), framework="pt") as handle:
         return set(handle.keys())
+
+
+def test_state_loaded_under_inference_mode_can_be_trained(target):
+    """``load_state_dict`` inside ``torch.inference_mode()`` (an evaluation script that
+    resumes training) leaves state the next steps can update, as loading outside does."""
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, amsgrad=True)
+    train(model, optimizer, steps=2)
+    checkpoint = copy.deepcopy(optimizer.state_dict())
+    resumed = [copy.deepcopy(model) for _ in range(2)]
+    optimizers = [adam_triton.AdamW(m.parameters(), lr=1e-2, backend=target.backend, amsgrad=True) for m in resumed]
+    optimizers[0].load_state_dict(checkpoint)
+    with torch.inference_mode():
+        optimizers[1].load_state_dict(checkpoint)
+    assert not any(t.is_inference() for entry in optimizers[1].state.values() for t in entry.values())
+    for m, o in zip(resumed, optimizers):
+        train(m, o, steps=2, seed=2)
+    assert_close_params(resumed[0], resumed[1], rtol=0, atol=0)

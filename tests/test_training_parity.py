@@ -104,6 +104,30 @@ def test_each_device_and_dtype_gets_one_buffer(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+class _InterleavedDtypes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(5)
+        self.weights = nn.ParameterList(
+            nn.Parameter(torch.randn(n, generator=generator, dtype=dtype))
+            for n, dtype in ((5, torch.float64), (33, torch.float32), (7, torch.float64), (1025, torch.float32))
+        )
+
+    def forward(self, x):
+        return sum((w.float().sin() * x[i]).sum() ** 2 / w.numel() for i, w in enumerate(self.weights))
+
+
+def test_state_is_in_torchs_order_across_buffers(target):
+    """One buffer per dtype, but ``optimizer.state`` (and so ``state_dict()["state"]``) in
+    the order torch makes it: the parameters' order, not the buffers'."""
+    ours_model, reference_model = paired(_InterleavedDtypes, target.device, dtype=None)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+    assert list(ours.state_dict()["state"]) == list(reference.state_dict()["state"]) == [0, 1, 2, 3]
+    assert_close_params(ours_model, reference_model)
+
+
 def test_parameter_without_gradient_is_neither_updated_nor_counted(target):
     ours_model, reference_model = paired(OddModel, target.device)
     for model in (ours_model, reference_model):
@@ -141,33 +165,77 @@ class _Backbone(nn.Module):
         return (self.head(self.trunk(x.reshape(-1, 8).repeat(1, 8))) ** 2).mean()
 
 
+def _state_bytes(optimizer) -> int:
+    """What torch.save writes for the optimizer's state: every storage its tensors view."""
+    storages = {}
+    for entry in optimizer.state.values():
+        for value in entry.values():
+            if isinstance(value, torch.Tensor):
+                storage = value.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
+
+
+def _bytes_of(*modules) -> int:
+    return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+
+@pytest.mark.parametrize("frozen_when", ["before building", "after building"])
 @pytest.mark.parametrize("set_to_none", [True, False])
-def test_frozen_parameters_cost_no_state_until_they_train(target, set_to_none):
+def test_frozen_parameters_cost_no_state_until_they_train(target, set_to_none, frozen_when):
     """``AdamW(model.parameters())`` over a frozen trunk, as fine-tuning code writes it:
     torch makes state only for what trains, so the moments, and a checkpoint of them, are
-    the head's size, not the model's. Unfrozen later (gradual unfreezing), the trunk trains
-    as under torch."""
+    the size of what trains, not of the model: with the head alone, with one of the trunk's
+    layers unfrozen (gradual unfreezing), and then with the whole trunk."""
     ours_model, reference_model = paired(_Backbone, target.device)
-    for model in (ours_model, reference_model):
-        model.trunk.requires_grad_(False)
+    if frozen_when == "before building":
+        for model in (ours_model, reference_model):
+            model.trunk.requires_grad_(False)
     ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    if frozen_when == "after building":
+        for model in (ours_model, reference_model):
+            model.trunk.requires_grad_(False)
+    moments = 2  # exp_avg, exp_avg_sq, each segment padded to 128 bytes
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         train(model, optimizer, steps=3, set_to_none=set_to_none)
-    head_bytes = sum(p.numel() * p.element_size() for p in ours_model.head.parameters())
-    for p in ours_model.head.parameters():
-        for key in ("exp_avg", "exp_avg_sq"):
-            # Each segment is padded to 128 bytes; the trunk would be 60 times more.
-            assert ours.state[p][key].untyped_storage().nbytes() <= head_bytes + 2 * 128
+    assert _state_bytes(ours) <= moments * (_bytes_of(ours_model.head) + 2 * 128) + 4 * 1024
     saved = [io.BytesIO() for _ in range(2)]
     for buffer, optimizer in zip(saved, (ours, reference)):
         torch.save(optimizer.state_dict(), buffer)
     assert len(saved[0].getvalue()) < len(saved[1].getvalue()) + 2 * 1024
+
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        model.trunk[2].requires_grad_(True)
+        train(model, optimizer, steps=2, seed=2, set_to_none=set_to_none)
+    trained = _bytes_of(ours_model.head, ours_model.trunk[2])
+    assert _state_bytes(ours) <= moments * (trained + 4 * 128) + 4 * 1024
+    assert list(ours.state_dict()["state"]) == list(reference.state_dict()["state"])  # torch's order
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
 
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         model.trunk.requires_grad_(True)
-        train(model, optimizer, steps=2, seed=2, set_to_none=set_to_none)
+        train(model, optimizer, steps=2, seed=3, set_to_none=set_to_none)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_torch_checkpoint_with_state_for_a_frozen_parameter_costs_only_that_state(target):
+    """A checkpoint may hold state for parameters frozen now (trained in an earlier phase):
+    torch keeps that state, and so do we, without moments for the rest of the trunk."""
+    ours_model, reference_model = paired(_Backbone, target.device)
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2)
+    reference_model.trunk[0].requires_grad_(False)
+    train(reference_model, reference, steps=2)  # everything but trunk[0] has state
+    for model in (ours_model, reference_model):
+        model.trunk.requires_grad_(False)
+    ours_model.load_state_dict(reference_model.state_dict())
+    ours = adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend)
+    ours.load_state_dict(reference.state_dict())
+    with_state = _bytes_of(ours_model.head, ours_model.trunk[2])
+    assert _state_bytes(ours) <= 2 * (with_state + 4 * 128) + 4 * 1024
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, seed=2)
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
 
