@@ -175,16 +175,17 @@ class Engine:
         """Parameters by buffer: (device, storage dtype, precision, complex or not, frozen or
         not) of their local values. Complex parameters get buffers of their own: a storage
         viewed as two dtypes cannot be saved by torch.save. So do frozen parameters, those
-        that require no gradient and have no state (a fine-tuned model's trunk, passed along
-        in ``model.parameters()``): their buffer makes no moments (nor masters) until one
-        of them gets state, so they cost no memory, and the others' state, views of their
-        own buffer's moments, no checkpoint space."""
+        that require no gradient and have neither one nor state (a fine-tuned model's
+        trunk, passed along in ``model.parameters()``): their buffer makes no moments (nor
+        masters) until one of them gets state, so they cost no memory, and the others'
+        state, views of their own buffer's moments, no checkpoint space."""
         keyed: dict[tuple, tuple[list, list]] = {}
         for param, index in zip(params, group_of):
             values = local(param)
             dtype = storage_dtype(values)
             precision = precision_of(self._options(groups[index]), dtype)
-            frozen = not param.requires_grad and not state.get(param)
+            # (A gradient given by hand to a parameter that requires none is still used.)
+            frozen = not param.requires_grad and param.grad is None and not state.get(param)
             key = (values.device, dtype, precision, values.is_complex(), frozen)
             members = keyed.setdefault(key, ([], []))
             members[0].append(param)

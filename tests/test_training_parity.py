@@ -220,6 +220,32 @@ def test_frozen_parameters_cost_no_state_until_they_train(target, set_to_none, f
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_gradient_given_by_hand_to_a_frozen_parameter_costs_only_its_state(target, set_to_none):
+    """torch updates any parameter with a ``.grad``, even one that requires none. Given one
+    by hand, a frozen parameter leaves the frozen buffer before it gets state: a new one
+    each step, and the optimizer's state stays the size of what trained."""
+    ours_model, reference_model = paired(_Backbone, target.device)
+    for model in (ours_model, reference_model):
+        model.trunk.requires_grad_(False)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    generator = torch.Generator().manual_seed(4)
+    trunk = [0, 2]
+    for step in range(4):
+        x = torch.randn(8, generator=generator).to(target.device)
+        extra = torch.randn(ours_model.trunk[trunk[step % 2]].bias.shape, generator=generator).to(target.device)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            model(x).backward()
+            model.trunk[trunk[step % 2]].bias.grad = extra.clone()
+            optimizer.step()
+    trained = _bytes_of(ours_model.head) + sum(ours_model.trunk[i].bias.numel() * 4 for i in trunk)
+    assert _state_bytes(ours) <= 2 * (trained + 4 * 128) + 4 * 1024
+    assert list(ours.state_dict()["state"]) == list(reference.state_dict()["state"])
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_torch_checkpoint_with_state_for_a_frozen_parameter_costs_only_that_state(target):
     """A checkpoint may hold state for parameters frozen now (trained in an earlier phase):
     torch keeps that state, and so do we, without moments for the rest of the trunk."""
