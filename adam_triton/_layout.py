@@ -3,10 +3,11 @@
 All parameters of one (device, storage dtype) share one contiguous buffer; each parameter
 is a *segment* of it, and its ``.data`` becomes that segment, so the model keeps its
 Parameter objects. ``exp_avg``, ``exp_avg_sq`` and ``max_exp_avg_sq`` are buffers of the
-same layout. The parameters' segments have storages of their own over the buffer's memory
-(``own_storage_view``); ``optimizer.state[p]`` holds views of the state buffers. Complex
-parameters have buffers of their own, stored as their real view (two reals per element), as
-torch's Adam updates them.
+same layout, made with the first state (``ensure_moments``). The parameters' segments have
+storages of their own over the buffer's memory (``own_storage_view``); ``optimizer.state[p]``
+holds views of the state buffers. Complex parameters have buffers of their own, stored as
+their real view (two reals per element), as torch's Adam updates them, and so do frozen
+parameters (the engine decides which parameters share a buffer).
 
 Segments start on ``SEGMENT_ALIGNMENT_BYTES`` boundaries so that the kernel's 16-byte
 accesses stay aligned. Each segment is cut into *chunks* (one kernel program each); every
