@@ -15,23 +15,17 @@ while one flat span is both cores'.
 """
 
 import sys
-import time
 
 import torch
+
+from benchmarks.timing import median_seconds
 
 TENSORS, SIZE = 2000, 8000
 ARGS = dict(lr=1e-3, beta1=0.9, beta2=0.999, weight_decay=0.01, eps=1e-8, amsgrad=False, maximize=False)
 
 
 def median_ms(call, repeats=20):
-    for _ in range(3):
-        call()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return sorted(times)[repeats // 2] * 1e3
+    return median_seconds(call, torch.device("cpu"), repeats) * 1e3
 
 
 def adam_tensors(sizes):
