@@ -388,9 +388,20 @@ class Engine:
         {}``): those parameters start afresh, or from the tensors put there, as in torch."""
         if self._state_unchanged(state):
             return
+        entries_of = {id(buffer): list(map(state.get, buffer.params)) for buffer in self.buffers}
+        replaced = {
+            id(buffer)
+            for buffer in self.buffers
+            if any(map(_entry_replaced, entries_of[id(buffer)], buffer.state_entries))
+        }
+        if replaced and not self._buffers_match(groups, state):
+            # State put there for a frozen parameter (ZeroRedundancyOptimizer loads a
+            # checkpoint so), or taken from one: it belongs in another buffer now.
+            self.rebuild(groups, state)
+            return
         for buffer in self.buffers:
-            entries = list(map(state.get, buffer.params))
-            if any(map(_entry_replaced, entries, buffer.state_entries)):
+            entries = entries_of[id(buffer)]
+            if id(buffer) in replaced:
                 self.import_state(groups, state, [buffer])
             else:
                 # Empty entries of parameters without state yet (a defaultdict lookup leaves

@@ -246,6 +246,43 @@ def test_gradient_given_by_hand_to_a_frozen_parameter_costs_only_its_state(targe
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+@pytest.mark.parametrize("change", ["state given to frozen", "frozen and state dropped"])
+def test_state_edited_in_place_keeps_frozen_parameters_free(target, change):
+    """``optimizer.state`` edited by hand, as ZeroRedundancyOptimizer.load_state_dict
+    edits it: state given to a frozen parameter costs that parameter's state, and a
+    parameter frozen with its state dropped (as one stops training part of a model) costs
+    none from then on, as under torch."""
+    ours_model, reference_model = paired(_Backbone, target.device)
+    if change == "state given to frozen":
+        for model in (ours_model, reference_model):
+            model.trunk.requires_grad_(False)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+    generator = torch.Generator().manual_seed(6)
+    if change == "state given to frozen":
+        given = [
+            {"step": torch.tensor(4.0), "exp_avg": torch.randn(p.shape, generator=generator),
+             "exp_avg_sq": torch.rand(p.shape, generator=generator)}
+            for p in ours_model.trunk[2].parameters()
+        ]
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            for p, entry in zip(model.trunk[2].parameters(), given):
+                optimizer.state[p] = {k: v.clone().to(target.device if k != "step" else "cpu") for k, v in entry.items()}
+        with_state = _bytes_of(ours_model.head, ours_model.trunk[2])
+    else:
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            model.trunk.requires_grad_(False)
+            for p in model.trunk.parameters():
+                del optimizer.state[p]
+        with_state = _bytes_of(ours_model.head)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, seed=2)
+    assert _state_bytes(ours) <= 2 * (with_state + 4 * 128) + 4 * 1024
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_torch_checkpoint_with_state_for_a_frozen_parameter_costs_only_that_state(target):
     """A checkpoint may hold state for parameters frozen now (trained in an earlier phase):
     torch keeps that state, and so do we, without moments for the rest of the trunk."""
