@@ -16,13 +16,11 @@ from numbers import Number
 
 import torch
 
+from ._engine import ENGINE_STATE_KEYS
 from ._layout import PRECISION_KEYS
 
 _PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
 _REQUIRED_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
-
-
-_ENGINE_KEYS = ("step", *_PER_ELEMENT)  # cast by the engine as its buffers need
 
 
 def _cast_like(param: torch.Tensor, value):
@@ -113,7 +111,8 @@ def validated(groups: list[dict], state_dict: dict) -> tuple[list[dict], default
         if key in id_map:
             param = id_map[key]
             _check_entry(param, value, f"state of parameter {key}")
-            state[param] = {k: v if k in _ENGINE_KEYS else _cast_like(param, v) for k, v in value.items()}
+            # The engine casts its own keys as its buffers need.
+            state[param] = {k: v if k in ENGINE_STATE_KEYS else _cast_like(param, v) for k, v in value.items()}
         else:
             state[key] = value
 

@@ -138,7 +138,8 @@ class FlatBuffer:
         """``in_place`` marks parameters updated where they live (see ``_in_place``) rather
         than re-homed; ``stage_in_place`` gives them room in ``param`` anyway, for an
         implementation that works on the flat buffer (the torch backend's working copies).
-        ``frozen``: the parameters did not require gradients when the buffer was made."""
+        ``frozen``: the parameters required no gradient, and had none and no state, when the
+        buffer was made (``Engine._keys``)."""
         self.device = device
         self.dtype = dtype
         self.precision = precision or Precision(dtype)
