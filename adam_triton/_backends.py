@@ -168,7 +168,9 @@ def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gra
         working.write_back(grad_scale is not None)
         buffer.stage_out()
     else:
+        buffer.stage_in()  # parameters left in place that are not dense, or not laid out as their segment
         _update_fused(buffer, plan, groups, grad_scale, found_inf, _Direct(buffer, plan))
+        buffer.stage_out()
 
 
 def needs_working_copies(dtype: torch.dtype, precision) -> bool:

@@ -17,7 +17,7 @@ import torch
 from . import _backends
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import in_shared_memory, is_dtensor, local
-from ._layout import PRECISION_KEYS, FlatBuffer, precision_of, storage_dtype
+from ._layout import PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
 from ._tables import HyperTable, order_chunks, upload, variant_of
 from ._validation import check_precision_options
 
@@ -38,6 +38,11 @@ def check_parameters(groups: list[dict], params: list, group_of: list[int], opti
         )
     for param, index in zip(params, group_of):
         group = groups[index]
+        if torch.nn.parameter.is_lazy(param):
+            raise ValueError(
+                f"{optimizer_name} got an uninitialized parameter (a lazy module's): run a forward pass "
+                "first to materialize it (the 'dry run' torch's lazy modules ask for), then build the optimizer"
+            )
         if param.dtype not in SUPPORTED_DTYPES:
             raise TypeError(
                 f"{optimizer_name} supports parameters of dtype {', '.join(map(str, SUPPORTED_DTYPES))}; "
@@ -47,6 +52,13 @@ def check_parameters(groups: list[dict], params: list, group_of: list[int], opti
             raise TypeError(f"{optimizer_name} supports dense (strided) parameters, got layout {param.layout}")
         if param.device.type == "meta":
             raise ValueError(f"{optimizer_name} cannot hold parameters on the meta device: materialize them first")
+        if (param.requires_grad or param.grad is not None) and overlaps_itself(param):
+            raise ValueError(
+                f"{optimizer_name}: a parameter of shape {tuple(param.shape)} (param group {index}) has elements "
+                f"that share memory (strides {param.stride()}, as from expand()). torch cannot update such a "
+                "tensor in place, and a segment of its own would untie its elements; give it memory of its "
+                "own (.clone()) or freeze it"
+            )
         state_dtype = group.get("state_dtype")
         if state_dtype is not None and param.is_complex() and state_dtype != storage_dtype(param):
             raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
@@ -235,7 +247,11 @@ class Engine:
         departed = [(b, s) for b in self.buffers for s, p in enumerate(b.params) if id(p) not in kept]
         buffers = []
         for key, (members, member_groups) in keyed.items():
-            in_place = [is_dtensor(p) or id(p) in self._left_in_place or in_shared_memory(p) for p in members]
+            # (Frozen parameters whose elements share memory stay as they are: never updated.)
+            in_place = [
+                is_dtensor(p) or id(p) in self._left_in_place or in_shared_memory(p) or overlaps_itself(local(p))
+                for p in members
+            ]
             working = backends[key] == "torch" and _backends.needs_working_copies(key[1], key[2])
             buffer = FlatBuffer(
                 key[0], key[1], members, member_groups,

@@ -82,6 +82,18 @@ def is_gradient_buffer(tensor: torch.Tensor) -> bool:
     return getattr(tensor, "_adam_triton_gradients", False)
 
 
+def overlaps_itself(values: torch.Tensor) -> bool:
+    """Whether two elements of ``values`` may share memory (a stride of 0, as ``expand()``
+    makes). Dimensions taken in order of stride must each step past the previous ones'
+    reach; layouts interleaved otherwise count as overlapping (no view torch makes has them)."""
+    reach = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(values.shape, values.stride()) if size > 1):
+        if stride < reach:
+            return True
+        reach = stride * size
+    return False
+
+
 def _preserved_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     # The strides torch gives state created with memory_format=preserve_format: the
     # parameter's own when it is dense (channels_last, transposed), contiguous otherwise.
@@ -292,12 +304,12 @@ class FlatBuffer:
 
     def real_views(self, name: str) -> list:
         """Per-segment views of buffer ``name`` as torch's kernels take them (complex as real).
-        For ``"param"``, parameters left in place are their own tensors."""
+        For ``"param"``, what the update writes (``update_values``)."""
         views = self._real_views.get(name)
         if views is None:
             flat = getattr(self, name)
             if name == "param":
-                views = [self.model_values(i) for i in range(len(self.params))]
+                views = [self.update_values(i) for i in range(len(self.params))]
             else:
                 views = [self.segment_view(flat, i) for i in range(len(self.params))]
             views = [torch.view_as_real(v) if v.is_complex() else v for v in views]
@@ -361,6 +373,8 @@ class FlatBuffer:
                 view = self.segment_view(self.param, segment)
                 view.copy_(param.data)
                 param.data = self.own_storage_view(self.param, segment)
+            elif overlaps_itself(local(param)):
+                pass  # frozen (Engine.check refuses others): never updated, so never staged
             elif not self.addressable[segment] or self.stage_in_place:
                 self.staged_params.append((self.segment_view(self.param, segment), local(param)))
             elif self.lengths[segment]:
@@ -378,6 +392,14 @@ class FlatBuffer:
         """The model's own values of ``segment``: its view of ``param``, or the tensor it was
         left in place as."""
         if self.in_place[segment]:
+            return local(self.params[segment])
+        return self.segment_view(self.param, segment)
+
+    def update_values(self, segment: int) -> torch.Tensor:
+        """Where the update reads and writes ``segment``'s values: the parameter's own tensor
+        when it is addressed where it lives, else its segment of ``param`` (re-homed there, or
+        staged there around the update: a kernel over a list of tensors takes each as dense)."""
+        if self.in_place[segment] and self.addressable[segment] and not self.stage_in_place:
             return local(self.params[segment])
         return self.segment_view(self.param, segment)
 

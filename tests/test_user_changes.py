@@ -596,3 +596,95 @@ def test_model_converted_in_swap_mode_after_a_step(target, set_to_none):
     assert all(p.dtype == torch.float64 for p in ours_model.parameters())
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def _column_slice_of_a_wider_tensor(param, extra_columns=7):
+    """A tensor wider than ``param`` whose first columns hold its values, and the rest
+    random values that are no part of it."""
+    generator = torch.Generator().manual_seed(11)
+    rows, columns = param.shape
+    wider = torch.randn(rows, columns + extra_columns, generator=generator).to(param.device)
+    wider[:, :columns] = param.detach()
+    return wider
+
+
+@pytest.mark.parametrize("how", ["data re-pointed after some steps", "a Parameter of a slice in shared memory"])
+def test_a_parameter_left_in_place_that_is_not_dense_is_updated_as_in_torch(target, how):
+    """Parameters that stay where they are (``.data`` re-pointed at storage of the same kind,
+    or shared memory) may be column slices of a wider tensor. Only their own elements are
+    updated, as torch updates them; the rest of the wider tensor is not touched."""
+    if how == "a Parameter of a slice in shared memory" and target.device != "cpu":
+        pytest.skip("shared memory is for CPU tensors")
+    ours_model, reference_model = paired(lambda: OddModel(shapes=[(5,), (7, 13), (3, 4)]), target.device)
+    wider = {}
+
+    def make_slice(model):
+        wider[model] = _column_slice_of_a_wider_tensor(model.weights[1])
+        return wider[model][:, :13]
+
+    if how == "a Parameter of a slice in shared memory":
+        for model in (ours_model, reference_model):
+            model.weights[1] = torch.nn.Parameter(make_slice(model))
+            model.share_memory()
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        if how == "data re-pointed after some steps":
+            model.weights[1].data = make_slice(model)
+        train(model, optimizer, steps=3, seed=2)
+    assert ours_model.weights[1].data_ptr() == wider[ours_model].data_ptr()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    assert torch.equal(wider[ours_model][:, 13:], wider[reference_model][:, 13:])
+
+
+@pytest.mark.parametrize("when", ["at construction", "re-pointed after some steps"])
+def test_a_parameter_whose_elements_share_memory_is_refused_before_anything_changes(target, when):
+    """An expanded tensor (stride 0) cannot be updated in place (torch raises at its step),
+    and a segment of its own would untie its elements: a clear error, with nothing moved or
+    counted. Frozen, it is harmless and accepted, as torch accepts it."""
+    model = OddModel(shapes=[(5,), (7, 13)]).to(target.device)
+    expanded = torch.randn(1, device=target.device).expand(5)
+    if when == "at construction":
+        model.weights[0] = torch.nn.Parameter(expanded)
+        with pytest.raises(ValueError, match="share memory"):
+            adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+        model.weights[0].requires_grad_(False)
+        optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+        train(model, optimizer, steps=2)
+        assert model.weights[0].data_ptr() == expanded.data_ptr() and model.weights[0].stride() == (0,)
+        assert optimizer.state.get(model.weights[0]) is None
+        model.weights[0].requires_grad_(True)  # and unfrozen later: refused at the step that would train it
+        steps = float(optimizer.state[model.weights[1]]["step"])
+        model(torch.randn(8, device=target.device)).backward()
+        with pytest.raises(ValueError, match="share memory"):
+            optimizer.step()
+        assert float(optimizer.state[model.weights[1]]["step"]) == steps
+        return
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    model.weights[0].data = expanded
+    model(torch.randn(8, device=target.device)).backward()
+    with pytest.raises(ValueError, match="share memory"):
+        optimizer.step()
+    assert [float(optimizer.state[p]["step"]) for p in model.parameters()] == [2.0, 2.0]
+    assert torch.equal(model.weights[1], before[1]) and model.weights[0].data_ptr() == expanded.data_ptr()
+
+
+def test_a_lazy_modules_parameters_are_refused_until_materialized(target):
+    """torch's lazy modules want a forward pass before the optimizer is built; before it,
+    a clear error (not torch's from deep inside a copy), and after it the usual numbers."""
+    ours_model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).to(target.device)
+    with pytest.raises(ValueError, match="forward pass"):
+        adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend)
+    ours_model(torch.randn(2, 9, device=target.device))
+    reference_model = copy.deepcopy(ours_model)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        generator = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(6, 9, generator=generator).to(target.device)).square().mean().backward()
+            optimizer.step()
+    assert_close_params(ours_model, reference_model)
