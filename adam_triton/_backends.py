@@ -134,7 +134,8 @@ def _values_for_fused_kernel(group: dict, device: torch.device) -> tuple:
     values = []
     for value in group_values(group):
         if isinstance(value, torch.Tensor):
-            value = float(value) if value.device.type == "cpu" else value.to(device=device, dtype=torch.float64)
+            # (torch's CUDA kernel reads a tensor lr as float32, as torch's own Adam passes it)
+            value = float(value) if value.device.type == "cpu" else value.to(device=device, dtype=torch.float32)
         values.append(value)
     return tuple(values)
 
@@ -307,7 +308,9 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
             steps = _step_views(buffer, segments)
         fused(*spans, maxima, steps, **arguments)
         if found_inf is not None:
-            torch._foreach_sub_(_step_views(buffer, segments), found_inf.reshape(()))
+            # One tensor per counter: a lone tensor would bind as a Scalar and be read on the host.
+            views = _step_views(buffer, segments)
+            torch._foreach_sub_(views, [found_inf.reshape(())] * len(views))
             buffer.steps_version = buffer.steps._version
 
 

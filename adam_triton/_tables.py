@@ -85,12 +85,17 @@ class HyperTable:
 def refuse_upload_while_capturing(device: torch.device, what: str) -> None:
     """A CUDA graph replays copies from host memory that may be gone by then: a table that
     has to change while a graph is being captured is an error, not a silent hazard."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+    if device.type == "cuda" and _capturing_on(device):
         raise RuntimeError(
             f"{what} changed while a CUDA graph was being captured. Capture the step only after a "
             "warm-up step with the same gradient tensors, parameter groups and hyperparameters; keep "
             "lr and betas in device tensors (capturable=True) to change them between replays."
         )
+
+
+def _capturing_on(device: torch.device) -> bool:
+    with torch.cuda.device(device):  # the device's own current stream, not the current device's
+        return torch.cuda.is_current_stream_capturing()
 
 
 def variant_of(group: dict) -> tuple[bool, bool, bool]:

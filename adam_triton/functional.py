@@ -68,6 +68,18 @@ def _check_hyperparameters(**values) -> None:
 
 
 @torch.no_grad()
+def _hyper_table(values: tuple, device: torch.device) -> torch.Tensor:
+    """The kernel's one-row table of hyperparameters on ``device``; values held in device
+    tensors are copied there on the device (reading them would wait for it)."""
+    on_device = [isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values]
+    numbers = [0.0 if device_held else float(v) for v, device_held in zip(values, on_device)]
+    table = upload(np.array([numbers], dtype=np.float64), device)
+    for column, (value, device_held) in enumerate(zip(values, on_device)):
+        if device_held:
+            table[0, column].copy_(value.reshape(()), non_blocking=True)
+    return table
+
+
 def adam(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -116,7 +128,7 @@ def adam(
                 if target is not grad:
                     target.copy_(result)
         return
-    hyper = upload(np.array([[lr, beta1, beta2, eps, weight_decay]], dtype=np.float64), param.device)
+    hyper = _hyper_table((lr, beta1, beta2, eps, weight_decay), param.device)
     if param.device not in _zero_shift:
         _zero_shift[param.device] = upload(np.zeros(1, dtype=np.int64), param.device)
     _backends.kernels().adam_chunked_update(

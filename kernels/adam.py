@@ -6,6 +6,8 @@ optimizers, parameter groups or checkpoints.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton.language as tl
 
@@ -30,6 +32,9 @@ NO_GRADIENT: int = _adam_kernel.NO_GRADIENT.value
 _ACCESS_BYTES = 16  # one vector load per thread
 _UNROLL = 2  # vectors per thread per tile
 _NUM_WARPS = 4
+#: Contract a * b + c into FMAs, as triton 3.6 to 3.9 do by default (3.10 turns the default
+#: off): the kernel compiles, and rounds, the same whichever triton runs it.
+ENABLE_FP_FUSION = True
 _SUPPORTED = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -198,31 +203,35 @@ def adam_chunked_update(
         return
     compute_dtype = tl.float64 if param.dtype == torch.float64 else tl.float32
     model_dtype = param.dtype if param_copy is None else param_copy.dtype
-    _adam_chunk_kernel[(n_chunks,)](
-        param,
-        param if param_copy is None else param_copy,
-        grad_base,
-        exp_avg,
-        exp_avg_sq,
-        max_exp_avg_sq if amsgrad else exp_avg_sq,
-        grad_shifts,
-        torch.zeros_like(grad_shifts) if param_shifts is None else param_shifts,
-        chunks,
-        steps,
-        hyper,
-        steps if grad_scale is None else grad_scale,
-        steps if found_inf is None else found_inf,
-        0 if stochastic_rounding_seed is None else stochastic_rounding_seed,
-        BLOCK=block_size(model_dtype),
-        VEC=_ACCESS_BYTES // model_dtype.itemsize,
-        AMSGRAD=amsgrad,
-        MAXIMIZE=maximize,
-        DECOUPLED_WEIGHT_DECAY=decoupled_weight_decay,
-        BUMP_STEPS=bump_steps,
-        COMPUTE_DTYPE=compute_dtype,
-        HAS_GRAD_SCALE=grad_scale is not None,
-        HAS_FOUND_INF=found_inf is not None,
-        WRITE_PARAM_COPY=param_copy is not None,
-        STOCHASTIC_ROUNDING=stochastic_rounding_seed is not None,
-        num_warps=_NUM_WARPS,
-    )
+    # Triton launches on the current device's current stream: tensors on another GPU (model
+    # parallelism without set_device) would get the wrong device and an unordered stream.
+    with torch.cuda.device(param.device) if param.device.type == "cuda" else contextlib.nullcontext():
+        _adam_chunk_kernel[(n_chunks,)](
+            param,
+            param if param_copy is None else param_copy,
+            grad_base,
+            exp_avg,
+            exp_avg_sq,
+            max_exp_avg_sq if amsgrad else exp_avg_sq,
+            grad_shifts,
+            torch.zeros_like(grad_shifts) if param_shifts is None else param_shifts,
+            chunks,
+            steps,
+            hyper,
+            steps if grad_scale is None else grad_scale,
+            steps if found_inf is None else found_inf,
+            0 if stochastic_rounding_seed is None else stochastic_rounding_seed,
+            BLOCK=block_size(model_dtype),
+            VEC=_ACCESS_BYTES // model_dtype.itemsize,
+            AMSGRAD=amsgrad,
+            MAXIMIZE=maximize,
+            DECOUPLED_WEIGHT_DECAY=decoupled_weight_decay,
+            BUMP_STEPS=bump_steps,
+            COMPUTE_DTYPE=compute_dtype,
+            HAS_GRAD_SCALE=grad_scale is not None,
+            HAS_FOUND_INF=found_inf is not None,
+            WRITE_PARAM_COPY=param_copy is not None,
+            STOCHASTIC_ROUNDING=stochastic_rounding_seed is not None,
+            num_warps=_NUM_WARPS,
+            enable_fp_fusion=ENABLE_FP_FUSION,
+        )

@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from adam_triton.kernels import _adam_kernel
-from adam_triton.kernels.adam import block_size
+from adam_triton.kernels.adam import ENABLE_FP_FUSION, block_size
 
 TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
@@ -47,7 +47,7 @@ def compile_variant(dtype, amsgrad, maximize, decoupled, arch, master=False, sto
     # As the JIT does for 16-byte aligned pointers.
     attrs = {(index,): [["tt.divisibility", 16]] for index in range(13)}
     source = ASTSource(fn=_adam_kernel._adam_chunk_kernel, signature=signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": ENABLE_FP_FUSION})
     ptx = compiled.asm["ptx"]
     memory = collections.Counter(re.findall(r"((?:ld|st)\.global[\.\w]*)", ptx))
     return {

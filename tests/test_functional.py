@@ -7,9 +7,10 @@ from torch.optim.adam import _single_tensor_adam
 from adam_triton import functional
 
 
+@pytest.mark.parametrize("held", ["numbers", "tensors on the device"])
 @pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
-def test_matches_torch_over_several_steps(target, decoupled, amsgrad):
+def test_matches_torch_over_several_steps(target, decoupled, amsgrad, held):
     generator = torch.Generator().manual_seed(0)
     n = 3000
     param = torch.randn(n, generator=generator)
@@ -17,11 +18,12 @@ def test_matches_torch_over_several_steps(target, decoupled, amsgrad):
     ours = [t.clone().to(target.device) for t in (param, torch.zeros(n), torch.zeros(n), torch.zeros(n))]
     step = torch.zeros(1, device=target.device)
     hyper = dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    given = hyper if held == "numbers" else {k: torch.tensor(v, device=target.device) for k, v in hyper.items()}
     for _ in range(5):
         grad = torch.randn(n, generator=generator)
         functional.adam(
             ours[0], grad.to(target.device), ours[1], ours[2], step, ours[3],
-            amsgrad=amsgrad, decoupled_weight_decay=decoupled, backend=target.backend, **hyper,
+            amsgrad=amsgrad, decoupled_weight_decay=decoupled, backend=target.backend, **given,
         )
         p, m, v, vmax, s = reference
         _single_tensor_adam(

@@ -502,3 +502,18 @@ def test_cpu_fallback_is_torch_fused_bit_for_bit_on_a_parameter_list(cls_name, a
         assert ours.state[p].keys() == reference.state[q].keys()
         for key in reference.state[q]:
             assert torch.equal(ours.state[p][key], reference.state[q][key]), key
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_a_model_on_another_gpu_than_the_current_one_trains_there(backend):
+    """Model parallelism without torch.cuda.set_device: the update must run on the
+    parameters' GPU (Triton launches on the current device unless told otherwise)."""
+    ours_model, reference_model = paired(OddModel, "cuda:1")
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", backend, lr=1e-2, amsgrad=True)
+    with torch.cuda.device(0):
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            train(model, optimizer, steps=4)
+    torch.cuda.synchronize(1)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
