@@ -18,7 +18,8 @@ class _SourceTreeKernels(importlib.abc.MetaPathFinder):
 
     The Triton code lives in the top-level ``kernels/`` directory; setup.py installs it as
     ``adam_triton.kernels`` (``package_dir``), and editable installs map it the same way. Run
-    straight from the repository root, nothing maps it, so this finder does, last in line.
+    straight from a source tree, nothing maps it, or an editable install of another tree
+    maps it there; this finder, first in line, takes the one beside this adam_triton.
     """
 
     def __init__(self, directory: Path):
@@ -38,7 +39,7 @@ def _map_source_tree_kernels() -> None:
     if (here / "kernels").is_dir() or not (beside / "_adam_kernel.py").is_file():
         return
     if not any(isinstance(finder, _SourceTreeKernels) for finder in sys.meta_path):
-        sys.meta_path.append(_SourceTreeKernels(beside))
+        sys.meta_path.insert(0, _SourceTreeKernels(beside))
 
 
 _map_source_tree_kernels()

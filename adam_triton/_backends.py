@@ -12,8 +12,11 @@
 
 from __future__ import annotations
 
+import functools
 import operator
 import os
+import re
+import warnings
 
 import numpy as np
 import torch
@@ -40,12 +43,35 @@ def kernels():
     return module
 
 
-def triton_importable() -> bool:
+#: The oldest triton the kernel is built and tested for.
+MIN_TRITON = (3, 6)
+
+
+def triton_unusable() -> str | None:
+    """Why the Triton kernel cannot run in this process, or None if it can."""
     try:
-        kernels()
-    except ImportError:
-        return False
-    return True
+        import triton
+    except ImportError as error:
+        return f"the triton package cannot be imported ({error})"
+    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+    if version < MIN_TRITON:
+        return f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest adam-triton supports"
+    return None
+
+
+def triton_importable() -> bool:
+    return triton_unusable() is None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_falling_back(reason: str) -> None:
+    warnings.warn(
+        f"adam-triton: {reason}, so CUDA parameters are updated by the pure-PyTorch backend "
+        "(torch's fused kernel over the flat buffers: the same numbers, without the single launch). "
+        'Install triton >= 3.6, or pass backend="torch" to choose this deliberately.',
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def resolve_backend(requested: str, device: torch.device) -> str:
@@ -55,23 +81,26 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     if requested == "torch":
         return "torch"
     if requested == "auto":
-        return "triton" if device.type == "cuda" and triton_importable() else "torch"
-    # requested == "triton"
-    if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError(f'backend="triton" got parameters on the CPU: {_INTERPRET_HINT}.')
-        if not kernels().is_interpreted():
-            raise RuntimeError(
-                'backend="triton" got parameters on the CPU, but triton was imported before '
-                f"TRITON_INTERPRET=1 was set, so its kernels cannot run on the CPU: {_INTERPRET_HINT}."
-            )
+        if device.type != "cuda":
+            return "torch"
+        reason = triton_unusable()
+        if reason is not None:
+            _warn_falling_back(reason)
+            return "torch"
         return "triton"
-    if device.type != "cuda":
+    # requested == "triton"
+    if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f'backend="triton" supports CUDA (and ROCm) devices, not {device.type}.')
-    try:
-        kernels()
-    except ImportError as error:
-        raise RuntimeError(f'backend="triton" needs the triton package: {error}') from error
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f'backend="triton" got parameters on the CPU: {_INTERPRET_HINT}.')
+    reason = triton_unusable()
+    if reason is not None:
+        raise RuntimeError(f'backend="triton" needs triton >= 3.6: {reason}.')
+    if device.type == "cpu" and not kernels().is_interpreted():
+        raise RuntimeError(
+            'backend="triton" got parameters on the CPU, but adam_triton\'s kernels were loaded before '
+            f"TRITON_INTERPRET=1 was set, so they cannot run on the CPU: {_INTERPRET_HINT}."
+        )
     return "triton"
 
 

@@ -240,6 +240,33 @@ def test_triton_backend_on_cpu_without_the_interpreter_says_how(tmp_path):
     assert "TRITON_INTERPRET=1" in out.stdout, out.stdout + out.stderr
 
 
+@pytest.mark.parametrize("triton_here", ["not installed", "3.5.0", "3.6.0"])
+def test_without_a_usable_triton_auto_warns_and_falls_back_and_triton_says_why(monkeypatch, triton_here):
+    """An older torch brings an older triton (adam-triton does not make pip replace it): CUDA
+    parameters then get the pure-PyTorch backend with a warning that says why, and an
+    explicit backend="triton" refuses with the reason."""
+    from types import SimpleNamespace
+
+    from adam_triton import _backends
+
+    fake = None if triton_here == "not installed" else SimpleNamespace(__version__=triton_here)
+    monkeypatch.setitem(sys.modules, "triton", fake)  # None: importing it raises ImportError
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _backends._warn_falling_back.cache_clear()
+    cuda = torch.device("cuda")
+    if triton_here == "3.6.0":
+        assert _backends.resolve_backend("auto", cuda) == "triton"
+        assert _backends.resolve_backend("triton", cuda) == "triton"
+        return
+    reason = "cannot be imported" if triton_here == "not installed" else "3.5.0 is older than 3.6"
+    with pytest.warns(RuntimeWarning, match=f"{reason}.*pure-PyTorch backend"):
+        assert _backends.resolve_backend("auto", cuda) == "torch"
+    for device in (cuda, torch.device("cpu")):
+        with pytest.raises(RuntimeError, match=f"needs triton >= 3.6: .*{reason}"):
+            _backends.resolve_backend("triton", device)
+    assert _backends.resolve_backend("auto", torch.device("cpu")) == "torch"
+
+
 def test_auto_backend_uses_the_fallback_on_cpu():
     optimizer = adam_triton.Adam(OddModel().parameters())
     assert set(optimizer.backends().values()) == {"torch"}

@@ -32,6 +32,7 @@ def test_wheel_installs_kernels_inside_the_package(tmp_path):
 def test_kernels_resolve_beside_the_package_from_a_source_checkout():
     """Run from the repository root: adam_triton.kernels is the kernels/ directory of the
     same tree as the adam_triton that was imported (installed or not)."""
+    pytest.importorskip("triton")
     script = (
         "import pathlib, adam_triton, adam_triton.kernels as k\n"
         "a = pathlib.Path(adam_triton.__file__).resolve().parent\n"
@@ -42,3 +43,34 @@ def test_kernels_resolve_beside_the_package_from_a_source_checkout():
     env = dict(os.environ)
     result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     assert result.stdout.split() == ["True", "True"], result.stdout + result.stderr
+
+
+def test_the_checkouts_kernels_folder_is_inert_under_the_top_level_name():
+    """From a checkout's root, ``import kernels`` finds our folder, not PyPI's ``kernels``
+    (transformers imports that name to read its version). There it must define and import
+    nothing: no triton, no second copy of the kernel."""
+    script = "import sys, kernels\nprint(kernels.__all__, 'triton' in sys.modules, 'kernels.adam' in sys.modules)\n"
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.stdout.split() == ["[]", "False", "False"], result.stdout + result.stderr
+
+
+def test_the_sdist_carries_what_its_tests_need(tmp_path):
+    """Packagers test from the sdist: the tests' helpers, the benchmarks' tooling they import,
+    the README and CI script they check, and the license text must all be in it."""
+    import shutil
+    import tarfile
+
+    # A copy without build leftovers: setuptools adds what an old egg-info's SOURCES.txt lists.
+    source = tmp_path / "source"
+    leftovers = shutil.ignore_patterns("*.egg-info", "build", "dist", ".git", "__pycache__", ".*cache", ".benchmarks")
+    shutil.copytree(ROOT, source, ignore=leftovers)
+    result = subprocess.run(
+        [sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=source, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    (sdist,) = tmp_path.glob("adam_triton-*.tar.gz")
+    names = {name.split("/", 1)[1] for name in tarfile.open(sdist).getnames() if "/" in name}
+    needed = {"LICENSE", "README.md", ".ci/run", "tests/conftest.py", "tests/helpers.py", "benchmarks/__init__.py",
+              "kernels/_adam_kernel.py", "setup.py"}
+    assert needed <= names, needed - names
+    assert not any("__pycache__" in name for name in names)
