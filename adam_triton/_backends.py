@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import functools
 import operator
 import os
 import re
@@ -63,12 +62,12 @@ def triton_importable() -> bool:
     return triton_unusable() is None
 
 
-@functools.lru_cache(maxsize=None)
 def _warn_falling_back(reason: str) -> None:
-    warnings.warn(
+    warnings.warn(  # (the warnings registry shows it once per process, unless filters say otherwise)
         f"adam-triton: {reason}, so CUDA parameters are updated by the pure-PyTorch backend "
         "(torch's fused kernel over the flat buffers: the same numbers, without the single launch). "
-        'Install triton >= 3.6, or pass backend="torch" to choose this deliberately.',
+        "Upgrade torch (CUDA builds of torch 2.11 and newer bring triton 3.6 or newer), or pass "
+        'backend="torch" to choose this deliberately.',
         RuntimeWarning,
         stacklevel=2,
     )

@@ -53,18 +53,22 @@ def check_parameters(groups: list[dict], params: list, group_of: list[int], opti
         if param.device.type == "meta":
             raise ValueError(f"{optimizer_name} cannot hold parameters on the meta device: materialize them first")
         if (param.requires_grad or param.grad is not None) and overlaps_itself(param):
-            raise ValueError(
-                f"{optimizer_name}: a parameter of shape {tuple(param.shape)} (param group {index}) has elements "
-                f"that share memory (strides {param.stride()}, as from expand()). torch cannot update such a "
-                "tensor in place, and a segment of its own would untie its elements; give it memory of its "
-                "own (.clone()) or freeze it"
-            )
+            raise _self_overlapping_error(optimizer_name, param, index)
         state_dtype = group.get("state_dtype")
         if state_dtype is not None and param.is_complex() and state_dtype != storage_dtype(param):
             raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
         if group.get("stochastic_rounding") and param.dtype == torch.float16:
             raise ValueError("stochastic_rounding supports bfloat16 parameters; use master_weights=True for float16")
     _check_no_shared_memory(params, group_of, optimizer_name)
+
+
+def _self_overlapping_error(optimizer_name: str, param: torch.Tensor, group_index: int) -> ValueError:
+    return ValueError(
+        f"{optimizer_name}: a parameter of shape {tuple(param.shape)} (param group {group_index}) has elements "
+        f"that share memory (strides {param.stride()}, as from expand()). torch cannot update such a "
+        "tensor in place, and a segment of its own would untie its elements; give it memory of its "
+        "own (.clone()) or freeze it"
+    )
 
 
 def _memory_span(values: torch.Tensor) -> tuple | None:
@@ -256,6 +260,7 @@ class Engine:
             buffer = FlatBuffer(
                 key[0], key[1], members, member_groups,
                 precision=key[2], in_place=in_place, stage_in_place=working, frozen=key[4],
+                vector_aligned=backends[key] == "triton",
             )
             buffer.adopt_parameters()
             buffers.append(buffer)
@@ -481,6 +486,12 @@ class Engine:
             self.rebuild(groups, state)
             plans = [plan_gradients(b, None, self.name) for b in self.buffers]
             new_state = self._new_state_segments(plans)
+        for buffer, plan in zip(self.buffers, plans):
+            overlapping = np.flatnonzero(buffer.self_overlapping & plan.has_grad)
+            if len(overlapping):
+                segment = int(overlapping[0])
+                group_index = int(buffer.group_of_segment[segment])
+                raise _self_overlapping_error(self.name, local(buffer.params[segment]), group_index)
         variants = [variant_of(group) for group in groups]
         self.hyper.refresh(groups)
         self.found_inf = found_inf

@@ -86,6 +86,8 @@ def overlaps_itself(values: torch.Tensor) -> bool:
     """Whether two elements of ``values`` may share memory (a stride of 0, as ``expand()``
     makes). Dimensions taken in order of stride must each step past the previous ones'
     reach; layouts interleaved otherwise count as overlapping (no view torch makes has them)."""
+    if values.numel() <= 1:
+        return False
     reach = 1
     for stride, size in sorted((stride, size) for size, stride in zip(values.shape, values.stride()) if size > 1):
         if stride < reach:
@@ -146,12 +148,15 @@ class FlatBuffer:
         in_place: list[bool] | None = None,
         stage_in_place: bool = False,
         frozen: bool = False,
+        vector_aligned: bool = True,
     ):
         """``in_place`` marks parameters updated where they live (see ``_in_place``) rather
         than re-homed; ``stage_in_place`` gives them room in ``param`` anyway, for an
         implementation that works on the flat buffer (the torch backend's working copies).
         ``frozen``: the parameters required no gradient, and had none and no state, when the
-        buffer was made (``Engine._keys``)."""
+        buffer was made (``Engine._keys``). ``vector_aligned``: parameters left in place must
+        be 16-byte aligned to be updated where they are (the Triton kernel's vector accesses;
+        torch's kernels need not), else they are staged."""
         self.device = device
         self.dtype = dtype
         self.precision = precision or Precision(dtype)
@@ -189,11 +194,13 @@ class FlatBuffer:
         self._build_chunks()
 
         # A parameter left in place is addressed where it is if it is dense, laid out as its
-        # segment and 16-byte aligned; others (a packed bucket's views) are staged: copied
-        # into their segment of `param` before the update and back after it.
+        # segment and (for the Triton kernel) 16-byte aligned; others (a column slice, or a
+        # packed bucket's views for the kernel) are staged: copied into their segment of
+        # `param` before the update and back after it.
+        alignment = 16 if vector_aligned else 1
         self.addressable = np.array(
             [
-                not here or v.numel() == 0 or (v.stride() == stride and v.data_ptr() % 16 == 0 and not c)
+                not here or v.numel() == 0 or (v.stride() == stride and v.data_ptr() % alignment == 0 and not c)
                 for v, here, stride, c in zip(values, self.in_place, self.strides, self.is_complex)
             ],
             dtype=bool,
@@ -207,6 +214,7 @@ class FlatBuffer:
         self.param_shifts = np.zeros(len(params), dtype=np.int64)
         self.param_shifts_on_device: torch.Tensor | None = None
         self.staged_params: list = []  # (segment of `param`, the parameter's own tensor)
+        self.self_overlapping = np.zeros(len(params), dtype=bool)  # left as they are (adopt_parameters)
         # The masters and moments are made with the first state, as torch makes its state at
         # the first step: a buffer of frozen parameters never needs them.
         self.master: torch.Tensor | None = None
@@ -368,13 +376,16 @@ class FlatBuffer:
         the parameters in place that are to stay where they are, and note where they are."""
         shifts = np.zeros(len(self.params), dtype=np.int64)
         self.staged_params = []
+        self.self_overlapping = np.zeros(len(self.params), dtype=bool)
         for segment, param in enumerate(self.params):
             if not self.in_place[segment]:
                 view = self.segment_view(self.param, segment)
                 view.copy_(param.data)
                 param.data = self.own_storage_view(self.param, segment)
             elif overlaps_itself(local(param)):
-                pass  # frozen (Engine.check refuses others): never updated, so never staged
+                # Frozen (Engine.check refuses others), so never staged; the engine refuses
+                # a gradient for it should one come (unfrozen after it got state).
+                self.self_overlapping[segment] = True
             elif not self.addressable[segment] or self.stage_in_place:
                 self.staged_params.append((self.segment_view(self.param, segment), local(param)))
             elif self.lengths[segment]:

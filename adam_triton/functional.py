@@ -119,6 +119,12 @@ def adam(
         compute = torch.float64 if param.dtype == torch.float64 else torch.float32
         mixed = len({t.dtype for t in stored}) > 1
         working = [t.to(compute) for t in stored] if mixed else stored
+        # torch's kernel takes numbers, or lr as a float32 tensor on the device (read there).
+        if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
+            lr = lr.to(device=param.device, dtype=torch.float32).reshape(())
+        else:
+            lr = float(lr)
+        beta1, beta2, eps, weight_decay = map(float, (beta1, beta2, eps, weight_decay))
         fused(
             [working[0]], [working[1]], [working[2]], [working[3]], working[4:], [step.view(())],
             lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,

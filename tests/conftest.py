@@ -15,15 +15,16 @@ if not CUDA:
 
 import pytest  # noqa: E402
 
-from helpers import INTERPRETER, Target  # noqa: E402
+from helpers import INTERPRETER, TRITON, Target  # noqa: E402
 
 
 def _targets():
     targets = [pytest.param(Target("cpu", "torch"), id="cpu-torch")]
     if INTERPRETER:
         targets.append(pytest.param(Target("cpu", "triton"), id="cpu-triton"))
-    if CUDA:
+    if CUDA and TRITON:
         targets.append(pytest.param(Target("cuda", "triton"), id="cuda-triton"))
+    if CUDA:
         targets.append(pytest.param(Target("cuda", "torch"), id="cuda-torch"))
     return targets
 
@@ -32,7 +33,7 @@ def _kernel_targets():
     targets = []
     if INTERPRETER:
         targets.append(pytest.param("cpu", id="cpu-triton"))
-    if CUDA:
+    if CUDA and TRITON:
         targets.append(pytest.param("cuda", id="cuda-triton"))
     return targets or [pytest.param(None, marks=pytest.mark.skip(reason="no triton"), id="no-triton")]
 

@@ -12,15 +12,9 @@ from torch import nn
 import adam_triton
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and _triton_importable()
+#: triton is installed and new enough for the kernel (>= 3.6).
+TRITON = adam_triton._backends.triton_importable()
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and TRITON
 FP32_EPS = torch.finfo(torch.float32).eps
 
 

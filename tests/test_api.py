@@ -252,7 +252,6 @@ def test_without_a_usable_triton_auto_warns_and_falls_back_and_triton_says_why(m
     fake = None if triton_here == "not installed" else SimpleNamespace(__version__=triton_here)
     monkeypatch.setitem(sys.modules, "triton", fake)  # None: importing it raises ImportError
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    _backends._warn_falling_back.cache_clear()
     cuda = torch.device("cuda")
     if triton_here == "3.6.0":
         assert _backends.resolve_backend("auto", cuda) == "triton"

@@ -7,7 +7,7 @@ from torch.optim.adam import _single_tensor_adam
 from adam_triton import functional
 
 
-@pytest.mark.parametrize("held", ["numbers", "tensors on the device"])
+@pytest.mark.parametrize("held", ["numbers", "0-dim tensors", "1-element tensors"])
 @pytest.mark.parametrize("decoupled", [False, True])
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_matches_torch_over_several_steps(target, decoupled, amsgrad, held):
@@ -18,7 +18,9 @@ def test_matches_torch_over_several_steps(target, decoupled, amsgrad, held):
     ours = [t.clone().to(target.device) for t in (param, torch.zeros(n), torch.zeros(n), torch.zeros(n))]
     step = torch.zeros(1, device=target.device)
     hyper = dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
-    given = hyper if held == "numbers" else {k: torch.tensor(v, device=target.device) for k, v in hyper.items()}
+    # Tensors on the parameters' device (on CUDA, the kernel's table is filled there).
+    shape = () if held == "0-dim tensors" else (1,)
+    given = hyper if held == "numbers" else {k: torch.full(shape, v, device=target.device) for k, v in hyper.items()}
     for _ in range(5):
         grad = torch.randn(n, generator=generator)
         functional.adam(

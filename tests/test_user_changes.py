@@ -638,7 +638,7 @@ def test_a_parameter_left_in_place_that_is_not_dense_is_updated_as_in_torch(targ
     assert torch.equal(wider[ours_model][:, 13:], wider[reference_model][:, 13:])
 
 
-@pytest.mark.parametrize("when", ["at construction", "re-pointed after some steps"])
+@pytest.mark.parametrize("when", ["at construction", "re-pointed after some steps", "unfrozen after loading its state"])
 def test_a_parameter_whose_elements_share_memory_is_refused_before_anything_changes(target, when):
     """An expanded tensor (stride 0) cannot be updated in place (torch raises at its step),
     and a segment of its own would untie its elements: a clear error, with nothing moved or
@@ -660,6 +660,21 @@ def test_a_parameter_whose_elements_share_memory_is_refused_before_anything_chan
         with pytest.raises(ValueError, match="share memory"):
             optimizer.step()
         assert float(optimizer.state[model.weights[1]]["step"]) == steps
+        return
+    if when == "unfrozen after loading its state":
+        # A checkpoint with state for it puts it among the trained parameters' buffer.
+        reference_model = copy.deepcopy(model)
+        reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2)
+        train(reference_model, reference, steps=2)
+        model.weights[0] = torch.nn.Parameter(expanded, requires_grad=False)
+        optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+        optimizer.load_state_dict(reference.state_dict())
+        model.weights[0].requires_grad_(True)
+        model(torch.randn(8, device=target.device)).backward()
+        with pytest.raises(ValueError, match="share memory"):
+            optimizer.step()
+        assert [float(optimizer.state[p]["step"]) for p in model.parameters()] == [2.0, 2.0]
+        assert model.weights[0].data_ptr() == expanded.data_ptr()
         return
     optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
     train(model, optimizer, steps=2)
@@ -688,3 +703,28 @@ def test_a_lazy_modules_parameters_are_refused_until_materialized(target):
             model(torch.randn(6, 9, generator=generator).to(target.device)).square().mean().backward()
             optimizer.step()
     assert_close_params(ours_model, reference_model)
+
+
+def test_dense_parameters_left_in_place_off_the_vector_alignment_are_copied_only_for_the_kernel(target):
+    """Views of a packed bucket in shared memory (left in place) at an odd offset: torch's
+    kernels update them where they are; only the Triton kernel, whose accesses are 16-byte
+    vectors, needs them copied into their segment and back. Both give torch's numbers."""
+    if target.device != "cpu":
+        pytest.skip("shared memory is for CPU tensors")
+    generator = torch.Generator().manual_seed(3)
+    bucket = torch.randn(40, generator=generator).share_memory_()
+    ours_params = [torch.nn.Parameter(bucket[3:13]), torch.nn.Parameter(bucket[16:33])]  # 12 and 64 bytes in
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = adam_triton.AdamW(ours_params, lr=1e-2, backend=target.backend)
+    reference = torch.optim.AdamW(reference_params, lr=1e-2)
+    for params, optimizer in ((ours_params, ours), (reference_params, reference)):
+        data = torch.Generator().manual_seed(4)
+        for _ in range(3):
+            optimizer.zero_grad()
+            sum(((p - torch.randn(p.shape, generator=data)) ** 2).sum() for p in params).backward()
+            optimizer.step()
+    (buffer,) = ours._engine.buffers
+    assert len(buffer.staged_params) == (1 if target.backend == "triton" else 0)
+    for a, b in zip(ours_params, reference_params):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+    assert ours_params[0].data_ptr() == bucket.data_ptr() + 12
