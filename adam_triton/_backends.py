@@ -66,7 +66,7 @@ def _warn_falling_back(reason: str) -> None:
     warnings.warn(  # (the warnings registry shows it once per process, unless filters say otherwise)
         f"adam-triton: {reason}, so CUDA parameters are updated by the pure-PyTorch backend "
         "(torch's fused kernel over the flat buffers: the same numbers, without the single launch). "
-        "Upgrade torch (CUDA builds of torch 2.11 and newer bring triton 3.6 or newer), or pass "
+        "Upgrade torch (a CUDA build brings the triton it was built with: torch 2.11's is 3.6), or pass "
         'backend="torch" to choose this deliberately.',
         RuntimeWarning,
         stacklevel=2,
