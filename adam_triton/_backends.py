@@ -190,16 +190,16 @@ def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gra
         if float(found_inf) != 0.0:
             return  # GradScaler skipped this step: nothing is updated or counted
         found_inf = None
+    # Parameters left in place that the kernel cannot take where they are (not dense, laid
+    # out otherwise than their segment, or all of them for working copies) go through `param`.
+    buffer.stage_in()
     if needs_working_copies(buffer.dtype, buffer.precision):
-        buffer.stage_in()
         working = _WorkingCopies(buffer, plan)
         _update_fused(buffer, plan, groups, grad_scale, found_inf, working)
         working.write_back(grad_scale is not None)
-        buffer.stage_out()
     else:
-        buffer.stage_in()  # parameters left in place that are not dense, or not laid out as their segment
         _update_fused(buffer, plan, groups, grad_scale, found_inf, _Direct(buffer, plan))
-        buffer.stage_out()
+    buffer.stage_out()
 
 
 def needs_working_copies(dtype: torch.dtype, precision) -> bool:
