@@ -54,7 +54,8 @@ class HyperTable:
             for column, value in enumerate(group_values(group)):
                 if isinstance(value, torch.Tensor):
                     if value.device.type != "cpu":
-                        device_values.append((row, column, value))
+                        # (a 1-element tensor may have shape (1,): copied into one cell, as ())
+                        device_values.append((row, column, value.reshape(())))
                         value = 0.0
                     else:
                         value = float(value)
