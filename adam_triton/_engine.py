@@ -251,11 +251,7 @@ class Engine:
         departed = [(b, s) for b in self.buffers for s, p in enumerate(b.params) if id(p) not in kept]
         buffers = []
         for key, (members, member_groups) in keyed.items():
-            # (Frozen parameters whose elements share memory stay as they are: never updated.)
-            in_place = [
-                is_dtensor(p) or id(p) in self._left_in_place or in_shared_memory(p) or overlaps_itself(local(p))
-                for p in members
-            ]
+            in_place = [is_dtensor(p) or id(p) in self._left_in_place or in_shared_memory(p) for p in members]
             working = backends[key] == "torch" and _backends.needs_working_copies(key[1], key[2])
             buffer = FlatBuffer(
                 key[0], key[1], members, member_groups,

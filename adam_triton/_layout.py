@@ -164,6 +164,10 @@ class FlatBuffer:
         self.params = params
         self.group_of_segment = np.asarray(groups, dtype=np.int64)
         self.in_place = np.zeros(len(params), dtype=bool) if in_place is None else np.asarray(in_place, dtype=bool)
+        # Parameters whose elements share memory are frozen (Engine.check refuses others): they
+        # stay as they are, never staged; the engine refuses a gradient for one should it come.
+        self.self_overlapping = np.array([overlaps_itself(local(p)) for p in params], dtype=bool)
+        self.in_place = self.in_place | self.self_overlapping
         self.dtensor_specs = [DTensorSpec(p) if is_dtensor(p) else None for p in params]
         self.has_dtensor = any(spec is not None for spec in self.dtensor_specs)
         values = [local(p) for p in params]  # a DTensor's geometry is its local shard's
@@ -214,7 +218,6 @@ class FlatBuffer:
         self.param_shifts = np.zeros(len(params), dtype=np.int64)
         self.param_shifts_on_device: torch.Tensor | None = None
         self.staged_params: list = []  # (segment of `param`, the parameter's own tensor)
-        self.self_overlapping = np.zeros(len(params), dtype=bool)  # left as they are (adopt_parameters)
         # The masters and moments are made with the first state, as torch makes its state at
         # the first step: a buffer of frozen parameters never needs them.
         self.master: torch.Tensor | None = None
@@ -376,16 +379,13 @@ class FlatBuffer:
         the parameters in place that are to stay where they are, and note where they are."""
         shifts = np.zeros(len(self.params), dtype=np.int64)
         self.staged_params = []
-        self.self_overlapping = np.zeros(len(self.params), dtype=bool)
         for segment, param in enumerate(self.params):
             if not self.in_place[segment]:
                 view = self.segment_view(self.param, segment)
                 view.copy_(param.data)
                 param.data = self.own_storage_view(self.param, segment)
-            elif overlaps_itself(local(param)):
-                # Frozen (Engine.check refuses others), so never staged; the engine refuses
-                # a gradient for it should one come (unfrozen after it got state).
-                self.self_overlapping[segment] = True
+            elif self.self_overlapping[segment]:
+                pass  # never updated: nothing to stage or address
             elif not self.addressable[segment] or self.stage_in_place:
                 self.staged_params.append((self.segment_view(self.param, segment), local(param)))
             elif self.lengths[segment]:

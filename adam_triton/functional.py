@@ -13,7 +13,7 @@ import torch
 
 from . import _backends
 from ._layout import CHUNK_COLUMNS, chunk_elements_for
-from ._tables import upload
+from ._tables import HyperTable, upload
 
 __all__ = ["adam"]
 
@@ -68,18 +68,6 @@ def _check_hyperparameters(**values) -> None:
 
 
 @torch.no_grad()
-def _hyper_table(values: tuple, device: torch.device) -> torch.Tensor:
-    """The kernel's one-row table of hyperparameters on ``device``; values held in device
-    tensors are copied there on the device (reading them would wait for it)."""
-    on_device = [isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values]
-    numbers = [0.0 if device_held else float(v) for v, device_held in zip(values, on_device)]
-    table = upload(np.array([numbers], dtype=np.float64), device)
-    for column, (value, device_held) in enumerate(zip(values, on_device)):
-        if device_held:
-            table[0, column].copy_(value.reshape(()), non_blocking=True)
-    return table
-
-
 def adam(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -134,7 +122,10 @@ def adam(
                 if target is not grad:
                     target.copy_(result)
         return
-    hyper = _hyper_table((lr, beta1, beta2, eps, weight_decay), param.device)
+    # One group's row, device-held values copied on the device, as the optimizer's own table.
+    table = HyperTable()
+    table.refresh([{"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay}])
+    hyper = table.on(param.device)
     if param.device not in _zero_shift:
         _zero_shift[param.device] = upload(np.zeros(1, dtype=np.int64), param.device)
     _backends.kernels().adam_chunked_update(
