@@ -71,6 +71,16 @@ def _self_overlapping_error(optimizer_name: str, param: torch.Tensor, group_inde
     )
 
 
+def _inference_tensor_error(optimizer_name: str, param: torch.Tensor, group_index: int) -> RuntimeError:
+    # RuntimeError, as torch's optimizer raises when it tries the in-place update
+    return RuntimeError(
+        f"{optimizer_name}: a parameter of shape {tuple(param.shape)} (param group {group_index}) is an "
+        "inference tensor (made under torch.inference_mode()) and has a gradient; an inference tensor "
+        "cannot be updated in place outside inference mode. Make it a normal tensor (.clone() it, "
+        "outside inference mode) to train it, or freeze it"
+    )
+
+
 def _memory_span(values: torch.Tensor) -> tuple | None:
     """(device, first byte, end byte) of a dense tensor's elements; None for an empty or a
     gappy one (whose byte range may interleave with another tensor's without sharing)."""
@@ -361,7 +371,7 @@ class Engine:
             per_chunk = step_values[buffer.chunk_segment].astype(np.float32)
             buffer.steps.copy_(torch.from_numpy(per_chunk))
             buffer.steps_version = buffer.steps._version
-            buffer.param_versions = [v._version for v in buffer.version_sources]
+            buffer.param_versions = buffer.param_versions_now()
             buffer.last_plan = None
             buffer.variant_key = None
         # Drop the empty entries a defaultdict lookup may have left behind, as torch has none.
@@ -483,11 +493,12 @@ class Engine:
             plans = [plan_gradients(b, None, self.name) for b in self.buffers]
             new_state = self._new_state_segments(plans)
         for buffer, plan in zip(self.buffers, plans):
-            overlapping = np.flatnonzero(buffer.self_overlapping & plan.has_grad)
-            if len(overlapping):
-                segment = int(overlapping[0])
+            refused = np.flatnonzero(buffer.left_alone & plan.has_grad)
+            if len(refused):
+                segment = int(refused[0])
                 group_index = int(buffer.group_of_segment[segment])
-                raise _self_overlapping_error(self.name, local(buffer.params[segment]), group_index)
+                error = _self_overlapping_error if buffer.self_overlapping[segment] else _inference_tensor_error
+                raise error(self.name, local(buffer.params[segment]), group_index)
         variants = [variant_of(group) for group in groups]
         self.hyper.refresh(groups)
         self.found_inf = found_inf

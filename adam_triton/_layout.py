@@ -46,6 +46,8 @@ CHUNK_COLUMNS = 5  # start, end, segment, hyper row (param group), step counter
 
 
 _version_of = operator.attrgetter("_version")
+# Stands in for an inference tensor, which keeps no version counter; nothing writes it.
+_UNVERSIONED = torch.empty(0)
 _local_tensor_of = operator.attrgetter("_local_tensor")
 
 
@@ -93,6 +95,19 @@ def overlaps_itself(values: torch.Tensor) -> bool:
         if stride < reach:
             return True
         reach = stride * size
+    return False
+
+
+def is_inference_tensor(tensor: torch.Tensor) -> bool:
+    """Made under ``torch.inference_mode()``: it keeps no version counter, and nothing may
+    write it outside inference mode. (A tensor given such a tensor as its ``.data`` reports
+    ``is_inference()`` too, but keeps its own counter and may be written.)"""
+    if not tensor.is_inference():
+        return False
+    try:
+        tensor._version
+    except RuntimeError:
+        return True
     return False
 
 
@@ -164,10 +179,15 @@ class FlatBuffer:
         self.params = params
         self.group_of_segment = np.asarray(groups, dtype=np.int64)
         self.in_place = np.zeros(len(params), dtype=bool) if in_place is None else np.asarray(in_place, dtype=bool)
-        # Parameters whose elements share memory are frozen (Engine.check refuses others): they
-        # stay as they are, never staged; the engine refuses a gradient for one should it come.
+        # Parameters the update must never write stay as they are, never staged; the engine
+        # refuses a gradient for one should it come. Those whose elements share memory are
+        # frozen (Engine.check refuses others); inference tensors (torch.inference_mode())
+        # may be trainable, but nothing may write them outside inference mode, and torch's
+        # optimizer accepts them until one has a gradient.
         self.self_overlapping = np.array([overlaps_itself(local(p)) for p in params], dtype=bool)
-        self.in_place = self.in_place | self.self_overlapping
+        self.inference = np.array([is_inference_tensor(local(p)) for p in params], dtype=bool)
+        self.left_alone = self.self_overlapping | self.inference
+        self.in_place = self.in_place | self.left_alone
         self.dtensor_specs = [DTensorSpec(p) if is_dtensor(p) else None for p in params]
         self.has_dtensor = any(spec is not None for spec in self.dtensor_specs)
         values = [local(p) for p in params]  # a DTensor's geometry is its local shard's
@@ -384,7 +404,7 @@ class FlatBuffer:
                 view = self.segment_view(self.param, segment)
                 view.copy_(param.data)
                 param.data = self.own_storage_view(self.param, segment)
-            elif self.self_overlapping[segment]:
+            elif self.left_alone[segment]:
                 pass  # never updated: nothing to stage or address
             elif not self.addressable[segment] or self.stage_in_place:
                 self.staged_params.append((self.segment_view(self.param, segment), local(param)))
@@ -395,7 +415,10 @@ class FlatBuffer:
         self.param_shifts_on_device = None
         # Whose version counter tells that a parameter was written: the Parameter's own
         # (a `.data =` view does not share the buffer's), or a DTensor's local shard's.
-        self.version_sources = [local(p) if spec is not None else p for p, spec in zip(self.params, self.dtensor_specs)]
+        self.version_sources = [
+            _UNVERSIONED if inference else local(p) if spec is not None else p
+            for p, spec, inference in zip(self.params, self.dtensor_specs, self.inference)
+        ]
         self.param_ptrs = self._current_pointers()
         self.sync_master_weights(force=True)
 
@@ -439,7 +462,7 @@ class FlatBuffer:
         the re-seeding touches only the parameters that changed."""
         if self.master is None:
             return
-        versions = list(map(_version_of, self.version_sources))
+        versions = self.param_versions_now()
         if force:
             for segment in range(len(self.params)):
                 self.master_views[segment].copy_(self.model_values(segment))
@@ -448,6 +471,9 @@ class FlatBuffer:
             for segment in changed.tolist():
                 self.reseed_master(segment)
         self.param_versions = versions
+
+    def param_versions_now(self) -> list[int]:
+        return list(map(_version_of, self.version_sources))
 
     @torch.no_grad()
     def reseed_master(self, segment: int) -> None:

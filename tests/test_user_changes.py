@@ -728,3 +728,114 @@ def test_dense_parameters_left_in_place_off_the_vector_alignment_are_copied_only
     for a, b in zip(ours_params, reference_params):
         torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
     assert ours_params[0].data_ptr() == bucket.data_ptr() + 12
+
+
+@pytest.mark.parametrize("when", ["at construction", "in a group added after some steps"])
+def test_inference_tensors_stay_as_they_are_and_are_refused_once_they_have_a_gradient(target, when):
+    """A feature extractor made under torch.inference_mode() and run under no_grad, given to
+    the optimizer with the rest of the model (torch's accepts it): nothing may write an
+    inference tensor outside inference mode, so it stays where it is and keeps working while
+    the head trains to torch's numbers. A gradient for it is refused before anything
+    changes; torch's default raises at that step too."""
+    device = target.device
+
+    def build():
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            extractor = torch.nn.Linear(6, 5, device=device)
+        return extractor, torch.nn.Linear(5, 3, device=device)
+
+    def run(extractor, head, optimizer, steps, seed):
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            with torch.no_grad():
+                features = extractor(torch.randn(8, 6, generator=generator).to(device))
+            head(features).square().mean().backward()
+            optimizer.step()
+
+    runs = []
+    for cls, options in ((adam_triton.AdamW, {"backend": target.backend}), (torch.optim.AdamW, {})):
+        extractor, head = build()
+        pointers = [p.data_ptr() for p in extractor.parameters()]
+        if when == "at construction":
+            optimizer = cls([*extractor.parameters(), *head.parameters()], lr=1e-2, **options)
+            run(extractor, head, optimizer, steps=3, seed=1)
+        else:
+            optimizer = cls(head.parameters(), lr=1e-2, **options)
+            run(extractor, head, optimizer, steps=2, seed=1)
+            optimizer.add_param_group({"params": list(extractor.parameters())})
+            run(extractor, head, optimizer, steps=2, seed=2)
+        assert [p.data_ptr() for p in extractor.parameters()] == pointers
+        runs.append((extractor, head, optimizer))
+    (extractor, head, ours), (reference_extractor, reference_head, reference) = runs
+    assert all(torch.equal(a, b) for a, b in zip(extractor.parameters(), reference_extractor.parameters()))
+    assert_close_params(head, reference_head)
+    extractor(torch.randn(2, 6, device=device))  # still a working module
+
+    # Outside no_grad the extractor's bias gets a gradient (its weight cannot: autograd
+    # keeps no inference tensor for backward).
+    for model, optimizer in ((extractor, ours), (reference_extractor, reference)):
+        optimizer.zero_grad()
+        head(model(torch.randn(4, 6, device=device))).sum().backward()
+    assert extractor.bias.grad is not None
+    with pytest.raises(RuntimeError, match="Inplace update to inference tensor"):
+        reference.step()
+    head_before = [p.detach().clone() for p in head.parameters()]
+    steps_before = [float(ours.state[p]["step"]) for p in head.parameters()]
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        ours.step()
+    assert all(torch.equal(p, b) for p, b in zip(head.parameters(), head_before))
+    assert [float(ours.state[p]["step"]) for p in head.parameters()] == steps_before
+
+
+def test_a_parameter_given_an_inference_tensors_data_trains_as_in_torch(target):
+    """``p.data = t`` with ``t`` made under inference mode: ``p`` reports is_inference() but
+    keeps its own version counter and may be written, so torch trains it, and so must we."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        with torch.inference_mode():
+            loaded = torch.randn(model.weights[3].shape, generator=torch.Generator().manual_seed(5))
+        model.weights[3].data = loaded.to(target.device)
+        train(model, optimizer, steps=2, seed=2)
+    assert ours_model.weights[3].is_inference()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+@pytest.mark.parametrize("how", ["shorter", "longer", "of another rank", "a shorter view where it was"])
+def test_a_gradient_given_data_of_another_shape_is_refused_before_anything_changes(target, how):
+    """``p.grad = g`` checks the shape, ``p.grad.data = g`` does not. torch's for-loop raises
+    at the step and its fused kernel reads past the gradient; we raise before any buffer (here
+    a float64 one comes first) is updated or counted, also when the odd gradient lies where
+    the last step's gradient was, with the same strides."""
+    device = target.device
+    generator = torch.Generator().manual_seed(7)
+    first = torch.nn.Parameter(torch.randn(4, dtype=torch.float64, generator=generator).to(device))
+    params = [torch.nn.Parameter(torch.randn(n, generator=generator).to(device)) for n in (3, 7, 5)]
+    ours = adam_triton.AdamW([first, *params], lr=1e-2, backend=target.backend)
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    reference = torch.optim.AdamW(reference_params, lr=1e-2, foreach=False)
+    for group, optimizer in (([first, *params], ours), (reference_params, reference)):
+        gradients = torch.Generator().manual_seed(8)
+        for p in group:
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gradients).to(device)
+        optimizer.step()
+    for bad in (params[1], reference_params[1]):
+        if how == "shorter":
+            bad.grad.data = torch.randn(6, device=device)
+        elif how == "longer":
+            bad.grad.data = torch.randn(8, device=device)
+        elif how == "of another rank":
+            bad.grad.data = torch.randn(7, 1, device=device)
+        else:
+            bad.grad.data = bad.grad.data[:6]
+    with pytest.raises(RuntimeError):
+        reference.step()
+    before = [p.detach().clone() for p in (first, *params)]
+    with pytest.raises(RuntimeError, match=r"a gradient of shape \(.*\) cannot update a parameter of shape \(7,\)"):
+        ours.step()
+    assert all(torch.equal(p, b) for p, b in zip((first, *params), before))
+    assert [float(ours.state[p]["step"]) for p in (first, *params)] == [1.0] * 4
