@@ -157,13 +157,16 @@ def _pick(items: list, indices: np.ndarray) -> list:
 
 
 def _values_for_fused_kernel(group: dict, device: torch.device) -> tuple:
-    """lr, beta1, beta2, eps, weight_decay as numbers, or as tensors on ``device`` when the
-    group holds them in device tensors (reading those would wait for the device)."""
+    """lr, beta1, beta2, eps, weight_decay as floats, or as tensors on ``device`` when the
+    group holds them in device tensors (reading those would wait for the device). The
+    values passed ``HyperTable.refresh``'s check: each is a real number or a tensor."""
     values = []
     for value in group_values(group):
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
             # (torch's CUDA kernel reads a tensor lr as float32, as torch's own Adam passes it)
-            value = float(value) if value.device.type == "cpu" else value.to(device=device, dtype=torch.float32)
+            value = value.to(device=device, dtype=torch.float32)
+        else:
+            value = float(value.item() if isinstance(value, np.ndarray) else value)
         values.append(value)
     return tuple(values)
 

@@ -7,6 +7,8 @@ allocator keeps a pinned block alive until the copy that reads it has run.
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
 
@@ -47,6 +49,8 @@ class HyperTable:
         self._fresh: set = set()
 
     def refresh(self, groups: list[dict]) -> None:
+        """Read every group's values; raise for one that is not a number before anything is
+        updated (torch's fused kernel would raise mid-step, after counting the step)."""
         rows = []
         device_values = []  # (row, column, tensor) read on the device itself
         for row, group in enumerate(groups):
@@ -59,7 +63,9 @@ class HyperTable:
                         value = 0.0
                     else:
                         value = float(value)
-                values.append(float(value))
+                elif type(value) is not float:
+                    value = _real(value, HYPER_COLUMNS[column], row)
+                values.append(value)
             rows.append(tuple(values))
         rows = tuple(rows)
         if rows != self._host_rows:
@@ -81,6 +87,19 @@ class HyperTable:
             table[row, column].copy_(value, non_blocking=True)
         self._fresh.add(device)
         return table
+
+
+def _real(value, name: str, group_index: int) -> float:
+    """A hyperparameter held as a real number of any kind (int, numpy, Fraction): torch's
+    arithmetic takes them all, and rejects strings, Decimals and complex numbers."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":
+        return float(value.item())
+    raise TypeError(
+        f"param group {group_index}: {name} must be a real number or a 1-element tensor, "
+        f"got {type(value).__name__} {value!r}"
+    )
 
 
 def refuse_upload_while_capturing(device: torch.device, what: str) -> None:

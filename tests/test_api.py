@@ -5,11 +5,15 @@ import os
 import subprocess
 import sys
 import warnings
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 import torch
-from helpers import OddModel, train
+from helpers import OddModel, assert_close_params, optimizers, paired, train
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -286,3 +290,55 @@ def test_optimizer_built_under_inference_mode_trains(target):
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         train(model, optimizer, steps=3)
     assert_close_params(ours_model, reference_model)
+
+
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("lr", np.float32(0.01)),
+        ("lr", np.array(0.01)),
+        ("lr", Fraction(1, 100)),
+        ("weight_decay", 1),
+        ("eps", np.float64(1e-3)),
+        ("betas", (np.float64(0.8), np.float32(0.99))),
+    ],
+    ids=["lr numpy float32", "lr 0-d numpy array", "lr Fraction", "weight_decay int", "eps numpy", "betas numpy"],
+)
+def test_hyperparameters_of_any_real_number_type_train_as_in_torch(target, key, value):
+    """Schedulers and configuration files put numpy numbers, Fractions and ints in param
+    groups; torch's arithmetic takes them all (torch's fused kernel alone does not take a
+    numpy lr), and so must both our backends."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        optimizer.param_groups[0][key] = value
+        train(model, optimizer, steps=3)
+    assert_close_params(ours_model, reference_model)
+
+
+@pytest.mark.parametrize(
+    "key, value, column",
+    [("lr", "0.01", "lr"), ("eps", Decimal("1e-8"), "eps"), ("betas", ("0.9", 0.999), "beta1"), ("lr", 0.01j, "lr")],
+    ids=["lr str", "eps Decimal", "beta1 str", "lr complex"],
+)
+def test_a_hyperparameter_that_is_not_a_real_number_is_refused_before_anything_changes(target, key, value, column):
+    """torch raises a TypeError at the step, after updating the groups before (for-loop,
+    foreach) or counting the step (fused); we raise it before any buffer is updated or any
+    step counted, and the next step after the value is fixed is the first."""
+    device = target.device
+    first = nn.Parameter(torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(device))
+    model = OddModel().to(device)
+    optimizer = adam_triton.AdamW(
+        [{"params": [first]}, {"params": model.parameters()}], lr=1e-2, backend=target.backend
+    )
+    optimizer.param_groups[1][key] = value
+    first.grad = torch.ones_like(first)
+    model(torch.randn(8, device=device)).backward()
+    before = [p.detach().clone() for p in (first, *model.parameters())]
+    with pytest.raises(TypeError, match=f"param group 1: {column} must be a real number"):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip((first, *model.parameters()), before))
+    assert not optimizer.state
+    optimizer.param_groups[1][key] = (0.9, 0.999) if key == "betas" else 1e-2 if key == "lr" else 1e-8
+    optimizer.step()
+    assert {float(s["step"]) for s in optimizer.state.values()} == {1.0}
