@@ -62,10 +62,12 @@ class GradientPlan:
         self.shifts = shifts  # element shift from the flat parameter buffer, or NO_GRADIENT
         self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
         self.staged = staged  # segments whose gradient is copied into buffer.grad each step
-        # Where each present gradient started, its shape, strides and dtype: the same tensor
-        # object may have had its ``.data`` swapped since (``p.grad.data = g``), and then it
-        # is elsewhere; other tensors laid out the same way are read the same way.
-        self.pointers, self.shapes, self.strides, self.dtypes = layout
+        # Where each present gradient started, its strides and dtype: the same tensor object
+        # may have had its ``.data`` swapped since (``p.grad.data = g``), and then it is
+        # elsewhere; other tensors laid out the same way are read the same way. (Shapes are
+        # checked when a plan is made: a gradient gets another shape only through ``.data``,
+        # and one re-pointed where it was with its strides, as a parameter's, is not noticed.)
+        self.pointers, self.strides, self.dtypes = layout
         self._by_layout = by_layout  # False where a gradient's conj/neg bits matter (complex)
         # Staged segments read our views too, but their gradients (``raw``) are someone else's.
         self._only_our_views = not staged and bool((in_grad_buffer | ~has_grad).all())
@@ -87,7 +89,6 @@ class GradientPlan:
         try:
             return (
                 all(map(operator.eq, map(torch.Tensor.data_ptr, present), self.pointers))
-                and all(map(operator.eq, map(_shape_of, present), self.shapes))
                 and all(map(operator.eq, map(torch.Tensor.stride, present), self.strides))
                 and all(map(operator.is_, map(_dtype_of, present), self.dtypes))
             )
@@ -155,7 +156,6 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     grads = list(raw)
     staged: list[int] = []
     raw_pointers: list[int] = []
-    shapes: list = []
     strides: list = []
     dtypes: list = []
     if present:
@@ -169,8 +169,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 raise _sparse_error(optimizer_name) from None
             raise
         segments = np.flatnonzero(has_grad)
-        shapes = list(map(_shape_of, present))
-        if shapes != list(compress(buffer.shapes, has_grad)):
+        if list(map(_shape_of, present)) != list(compress(buffer.shapes, has_grad)):
             _check_gradient_shapes(present, segments, buffer, optimizer_name)
         expected_strides = list(compress(buffer.strides, has_grad))
         needs_copy = pointers % _ACCESS_BYTES != 0
@@ -214,7 +213,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         where = np.full(count, -1, dtype=np.int64)
         where[segments] = pointers
         in_grad_buffer &= where == np.asarray(buffer.grad_view_pointers, dtype=np.int64)
-    layout = (raw_pointers, shapes, strides, dtypes)
+    layout = (raw_pointers, strides, dtypes)
     return GradientPlan(raw, grads, has_grad, shifts, in_grad_buffer, staged, layout, not buffer.has_complex)
 
 
