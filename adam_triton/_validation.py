@@ -50,8 +50,14 @@ def _to_scalar(value):
     return value
 
 
-def check_implementation_flags(*, foreach, fused, differentiable, backend) -> None:
-    """Raise for flag combinations torch rejects, for differentiable mode, and bad backends."""
+def check_backend(backend) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def check_implementation_flags(*, foreach, fused, differentiable) -> None:
+    """Raise for flag combinations torch rejects (it checks them after the parameters, so
+    the optimizer checks them there too), and for differentiable mode."""
     if fused and differentiable:
         raise RuntimeError("`fused` does not support `differentiable`")
     if fused and foreach:
@@ -62,8 +68,6 @@ def check_implementation_flags(*, foreach, fused, differentiable, backend) -> No
             "outside autograd. Use torch.optim.Adam(differentiable=True) to differentiate "
             "through the optimizer step."
         )
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
 def check_precision_options(master_weights, state_dtype, stochastic_rounding, stochastic_rounding_seed) -> None:

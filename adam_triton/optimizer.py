@@ -14,7 +14,7 @@ from torch.optim import Optimizer
 
 from . import _checkpoint
 from ._engine import Engine
-from ._validation import check_hyperparameters, check_implementation_flags, check_precision_options
+from ._validation import check_backend, check_hyperparameters, check_implementation_flags, check_precision_options
 
 __all__ = ["Adam", "AdamW"]
 
@@ -59,7 +59,7 @@ class _FlatAdam(Optimizer):
         stochastic_rounding_seed,
     ) -> None:
         betas = check_hyperparameters(lr, betas, eps, weight_decay, foreach=foreach, capturable=capturable)
-        check_implementation_flags(foreach=foreach, fused=fused, differentiable=differentiable, backend=backend)
+        check_backend(backend)
         check_precision_options(master_weights, state_dtype, stochastic_rounding, stochastic_rounding_seed)
         defaults = {
             "lr": lr,
@@ -84,7 +84,8 @@ class _FlatAdam(Optimizer):
         }
         self._backend = backend
         self._engine = None  # add_param_group below must not re-home before we are ready
-        super().__init__(params, defaults)
+        super().__init__(params, defaults)  # checks the parameters; moves nothing yet
+        check_implementation_flags(foreach=foreach, fused=fused, differentiable=differentiable)
         self._engine = Engine(type(self).__name__, backend, self._precision)
         self._engine.rebuild(self.param_groups, self.state)
 

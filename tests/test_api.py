@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -100,6 +101,25 @@ def test_bad_arguments_raise_before_anything_changes(kwargs, error, message):
     with pytest.raises(error, match=message):
         adam_triton.Adam(model.parameters(), **kwargs)
     assert [p.data_ptr() for p in model.parameters()] == before
+
+
+@pytest.mark.parametrize(
+    "params, kwargs",
+    [
+        ([], dict(fused=True, foreach=True)),
+        ([torch.randn(2)], dict(fused=True, foreach=True)),  # a tensor that is not a leaf
+        ({"not": "iterable of tensors"}, dict(fused=True, differentiable=True)),
+        ([{"params": [nn.Parameter(torch.randn(2))]}, {"params": []}], dict(fused=True, foreach=True)),
+    ],
+    ids=["empty list", "non-leaf", "a dict", "an empty group"],
+)
+def test_several_errors_at_once_raise_torchs_first(params, kwargs):
+    """torch checks the parameters (in Optimizer.__init__) before fused/foreach/differentiable:
+    with both wrong, code that catches torch's error gets the same one from ours."""
+    with pytest.raises(Exception) as expected:
+        torch.optim.Adam(params, **kwargs)
+    with pytest.raises(expected.type, match=re.escape(str(expected.value))):
+        adam_triton.Adam(params, **kwargs)
 
 
 def test_lr_and_betas_as_tensors(target):
