@@ -3,14 +3,18 @@
 The Triton kernel reads every gradient where autograd (or the user, or a wrapper) left it:
 each step we record, per segment, where its gradient lives relative to the flat parameter
 buffer (a *shift*). The pure-PyTorch fallback hands torch's fused kernel the same
-gradients as a list. Neither copies a gradient, with two exceptions:
+gradients as a list. Neither copies a gradient, except:
 
-* a gradient whose strides differ from its parameter's, or that is not 16-byte aligned,
-  is copied into the buffer's own gradient buffer first (the kernel walks parameter,
-  state and gradient in one memory order);
+* a gradient whose strides, dtype (torch's ``grad_dtype``) or device differ from its
+  parameter's, or (for the Triton kernel's 16-byte accesses) that is not 16-byte aligned,
+  is copied into the buffer's own gradient buffer first (the kernel walks parameter, state
+  and gradient in one memory order);
 * ``zero_grad(set_to_none=False)`` replaces gradients with views of that gradient buffer,
   zeroed in one operation; backward then accumulates into them in place, and the CPU
-  fallback can update whole parameter groups as single flat tensors.
+  fallback can update whole parameter groups as single flat tensors;
+* on the CPU fallback (``_backends``), many small fresh gradients are gathered into that
+  buffer when there are threads to share one flat update, and master weights or another
+  state dtype read every gradient through a float32 (float64) copy.
 
 Everything on the per-step path works on whole lists (``map`` over C-level accessors and
 numpy arrays); only the rare copies above loop in Python.
@@ -28,7 +32,6 @@ from ._in_place import local_grad
 from ._layout import FlatBuffer, is_gradient_buffer
 
 NO_GRADIENT = -1  # must equal adam_triton.kernels.NO_GRADIENT (checked by the tests)
-_ACCESS_BYTES = 16
 
 _grad_of = operator.attrgetter("grad")
 
@@ -172,7 +175,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         if list(map(_shape_of, present)) != list(compress(buffer.shapes, has_grad)):
             _check_gradient_shapes(present, segments, buffer, optimizer_name)
         expected_strides = list(compress(buffer.strides, has_grad))
-        needs_copy = pointers % _ACCESS_BYTES != 0
+        needs_copy = pointers % buffer.access_alignment != 0
         # Gradients may differ from their parameter in dtype (torch's grad_dtype) or device
         # (a .data assignment): such gradients are copied into place.
         kinds = set(torch._C._group_tensors_by_device_and_dtype([present], False).keys())

@@ -169,9 +169,9 @@ class FlatBuffer:
         than re-homed; ``stage_in_place`` gives them room in ``param`` anyway, for an
         implementation that works on the flat buffer (the torch backend's working copies).
         ``frozen``: the parameters required no gradient, and had none and no state, when the
-        buffer was made (``Engine._keys``). ``vector_aligned``: parameters left in place must
-        be 16-byte aligned to be updated where they are (the Triton kernel's vector accesses;
-        torch's kernels need not), else they are staged."""
+        buffer was made (``Engine._keys``). ``vector_aligned``: parameters left in place, and
+        gradients, must be 16-byte aligned to be used where they are (the Triton kernel's
+        vector accesses; torch's kernels need not), else they are staged."""
         self.device = device
         self.dtype = dtype
         self.precision = precision or Precision(dtype)
@@ -221,7 +221,7 @@ class FlatBuffer:
         # segment and (for the Triton kernel) 16-byte aligned; others (a column slice, or a
         # packed bucket's views for the kernel) are staged: copied into their segment of
         # `param` before the update and back after it.
-        alignment = 16 if vector_aligned else 1
+        alignment = self.access_alignment = 16 if vector_aligned else 1
         self.addressable = np.array(
             [
                 not here or v.numel() == 0 or (v.stride() == stride and v.data_ptr() % alignment == 0 and not c)

@@ -360,7 +360,7 @@ def test_a_step_count_edited_in_place_counts_for_the_whole_parameter(target):
 
 def test_a_gradient_off_the_vector_alignment_is_copied_and_still_correct(target):
     """The kernel reads gradients with 16-byte accesses: one 8 bytes off goes through the
-    gradient buffer, and the result is unchanged."""
+    gradient buffer (torch's kernel reads it where it is), and the result is unchanged."""
     ours_model, reference_model = paired(OddModel, target.device)
     ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
     for step in range(2):
@@ -373,7 +373,8 @@ def test_a_gradient_off_the_vector_alignment_is_copied_and_still_correct(target)
             optimizer.step()
     assert_close_params(ours_model, reference_model)
     (buffer,) = ours._engine.buffers
-    assert sorted(buffer.last_plan.staged) == list(range(len(buffer.params)))
+    expected = list(range(len(buffer.params))) if target.backend == "triton" else []
+    assert sorted(buffer.last_plan.staged) == expected
 
 
 @pytest.mark.parametrize("removal", ["parameter removed from its group", "group popped"])
