@@ -15,11 +15,13 @@ setup(
     # PyPI package is already called "kernels", so nothing may land in site-packages/kernels.
     packages=["adam_triton", "adam_triton.demo", "adam_triton.kernels"],
     package_dir={"adam_triton.kernels": "kernels"},
-    # No triton here: CUDA builds of torch pin the triton they were built with, and asking
-    # for another would make pip replace the user's torch. Without triton >= 3.6 the
-    # pure-PyTorch backend runs, with a warning on CUDA.
+    # torch 2.11 is the oldest tested (the optimizer base class's graph-capture check took
+    # its current name there). No triton here: CUDA builds of torch bring the triton they
+    # were built with (3.6 from torch 2.11), CPU builds need none, and asking for another
+    # would make pip replace the user's torch. Without triton >= 3.6 the pure-PyTorch
+    # backend runs, with a warning on CUDA.
     install_requires=[
-        "torch>=2.4",
+        "torch>=2.11",
         "numpy",
     ],
     extras_require={

@@ -2,12 +2,13 @@
 
 * ``triton``: the fused kernel in ``adam_triton.kernels``, one launch per buffer (per kernel
   variant present in it), reading gradients in place through the shift table.
-* ``torch``: pure PyTorch over views of the same flat buffers. When parameters and state
-  share one dtype it is torch's own fused Adam kernel (``torch._fused_adam_`` /
-  ``torch._fused_adamw_``), one call per parameter group per buffer, on a single flat span
-  when the gradients are in the buffer's gradient buffer, else on the list of segment
-  views. Master weights, a separate state dtype or stochastic rounding (which torch's
-  kernel cannot do) take the same math written out in torch operations over the buffer.
+* ``torch``: pure PyTorch over views of the same flat buffers: torch's own fused Adam
+  kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``), one call per parameter group
+  per buffer, on a single flat span when the gradients are in the buffer's gradient buffer
+  (or, for many small fresh gradients on several threads, gathered into it), else on the
+  list of segment views. Master weights, a separate state dtype or stochastic rounding
+  (which torch's kernel cannot do) run it on float32 (float64) working copies, whose
+  results are then rounded back (stochastically, for stochastic rounding).
 """
 
 from __future__ import annotations

@@ -90,8 +90,9 @@ class HyperTable:
 
 
 def _real(value, name: str, group_index: int) -> float:
-    """A hyperparameter held as a real number of any kind (int, numpy, Fraction): torch's
-    arithmetic takes them all, and rejects strings, Decimals and complex numbers."""
+    """A hyperparameter held as a real number of any kind (int, numpy, Fraction), as torch's
+    arithmetic takes most of them; strings, Decimals and complex numbers, which it rejects
+    (after updating the groups before), are refused before anything is updated."""
     if isinstance(value, numbers.Real):
         return float(value)
     if isinstance(value, np.ndarray) and value.size == 1 and value.dtype.kind in "biuf":

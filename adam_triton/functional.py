@@ -93,7 +93,8 @@ def adam(
     (a one-element float32 tensor on that device, like ``state["step"]``) and is incremented.
     The math is that of :class:`adam_triton.Adam`. With ``backend="triton"`` or ``"auto"`` on
     CUDA this is one kernel launch plus the increment of ``step``; with ``"torch"`` it is
-    ``torch._fused_adam_``.
+    torch's fused kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``), on float32
+    (float64) copies when the tensors' dtypes differ.
     """
     _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)
     _check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)

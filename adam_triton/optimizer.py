@@ -252,13 +252,26 @@ _ARGS = r"""
             as in torch.
         maximize (bool, optional): maximize the objective instead of minimizing (default: False).
         capturable (bool, optional): accepted and stored in the param groups as in torch; the
-            step never synchronises with the device either way (default: False).
+            Triton backend's step never synchronises with the device either way (the
+            pure-PyTorch backend on CUDA reads betas, eps and weight decay held in device
+            tensors on the host, as torch's fused Adam does) (default: False).
         differentiable (bool, optional): not supported; ``True`` raises ``RuntimeError``.
         fused (bool, optional): accepted for compatibility; has no effect (default: None).
         backend (str, optional): ``"auto"`` (Triton kernel for CUDA parameters, pure PyTorch
             elsewhere), ``"triton"`` (always the kernel; CPU parameters need
             ``TRITON_INTERPRET=1`` set before triton is imported), or ``"torch"`` (always the
             pure-PyTorch implementation) (default: "auto").
+        master_weights (bool, optional): keep a float32 master copy of each float16/bfloat16
+            parameter, updated in place of it; the parameter receives the master rounded to
+            nearest (default: False).
+        state_dtype (torch.dtype, optional): the dtype of ``exp_avg``, ``exp_avg_sq`` and
+            ``max_exp_avg_sq`` whatever the parameters' (default: None, the parameter's
+            dtype, or float32 with master weights).
+        stochastic_rounding (bool, optional): round bfloat16 parameters without masters up
+            or down at random, in proportion to the distance (default: False).
+        stochastic_rounding_seed (int, optional): seeds the random bits, with the step count
+            (default: 0).
+        A param group dict may override any of these four.
 
     ``state_dict()`` has torch's exact layout, so checkpoints move freely between this class
     and ``torch.optim.{torch_name}``.

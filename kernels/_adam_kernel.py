@@ -1,7 +1,8 @@
 """Triton device code: one Adam/AdamW update over a flat buffer cut into chunks.
 
 Only ``triton`` is imported here, so the kernel can be compiled ahead of time for a GPU
-target on a machine that has neither a GPU nor torch (see ``tests/test_kernel_compiles.py``).
+target on a machine without one (``tests/test_kernel_compiles.py`` does so, through the
+package, which imports torch too).
 The host-side launcher that validates inputs and picks the variant lives in ``adam.py``.
 
 Layout contract (built by the host):
