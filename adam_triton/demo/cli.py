@@ -263,8 +263,9 @@ def set_threads(requested: int | None, device: torch.device) -> None:
     """Set torch's intra-op threads for this command.
 
     On a CPU the demo's tensors are small: a second thread gains little, and where another
-    program holds a core every parallel operation waits for it (measured on a busy 2-core
-    machine: a 300-step demo took 45 s with one thread and 10 minutes with two).
+    program holds a core every parallel operation waits for it (benchmarks/NOTES.md, on a
+    busy 2-core machine: a step over 148 tensors took 1.8 s with two threads instead of
+    15 to 40 ms).
     """
     if requested is not None:
         torch.set_num_threads(requested)
