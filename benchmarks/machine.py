@@ -66,7 +66,9 @@ def git_commit() -> dict:
     try:
         return {"id": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
     except (OSError, subprocess.CalledProcessError):
-        return {"id": None, "dirty": None}
+        # A copy of the tree without git's metadata (what a lent GPU machine receives): the
+        # sender names the commit in ADAM_TRITON_COMMIT (benchmarks/gpu_session.sh).
+        return {"id": os.environ.get("ADAM_TRITON_COMMIT"), "dirty": None}
 
 
 def describe(devices: list[str]) -> dict:

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # benchmarks/ i
 import adam_triton  # noqa: E402
 from benchmarks.byte_model import bytes_per_parameter, bytes_per_step, working_set_bytes  # noqa: E402
 from benchmarks.cases import DEFAULT_CONFIGS, FULL_CONFIGS, select_cases, shape_sets  # noqa: E402
+from benchmarks import machine  # noqa: E402
 from benchmarks.machine import machine_slug  # noqa: E402
 from benchmarks.summary import summarize  # noqa: E402
 from benchmarks.timing import RoundsPolicy  # noqa: E402
@@ -203,3 +204,17 @@ def test_split_list_experiment_shares_cover_every_element_once(sizes, count):
         assert all(first % ALIGNMENT == 0 for first, _ in pieces)
     lengths = [sum(end - first for _, first, end in run) for run in runs]
     assert max(lengths) - min(lengths) <= 2 * ALIGNMENT
+
+
+def test_a_tree_without_git_metadata_records_the_commit_its_sender_names(tmp_path, monkeypatch):
+    """A lent GPU machine receives a copy of the tree without .git: results made there must
+    still name the commit measured (benchmarks/gpu_session.sh passes it)."""
+    monkeypatch.setattr(machine, "REPOSITORY", tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.delenv("ADAM_TRITON_COMMIT", raising=False)
+    assert machine.git_commit() == {"id": None, "dirty": None}
+    monkeypatch.setenv("ADAM_TRITON_COMMIT", "0123abc")
+    assert machine.git_commit() == {"id": "0123abc", "dirty": None}
+    monkeypatch.setattr(machine, "REPOSITORY", Path(__file__).resolve().parents[1])
+    if (machine.REPOSITORY / ".git").exists():  # a checkout's own metadata wins
+        assert machine.git_commit()["id"] != "0123abc"
