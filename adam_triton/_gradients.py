@@ -118,7 +118,6 @@ class GradientPlan:
 
 
 _dtype_of = operator.attrgetter("dtype")
-_shape_of = operator.attrgetter("shape")
 
 
 def _sparse_error(name: str) -> RuntimeError:
@@ -172,7 +171,10 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 raise _sparse_error(optimizer_name) from None
             raise
         segments = np.flatnonzero(has_grad)
-        if list(map(_shape_of, present)) != list(compress(buffer.shapes, has_grad)):
+        # Element counts cost one C-level pass (shapes, twice as much): with the strides
+        # compared below, they catch every gradient given .data of another shape, but for
+        # an as_strided one with its parameter's strides and count.
+        if list(map(torch.Tensor.numel, present)) != list(compress(buffer.numels, has_grad)):
             _check_gradient_shapes(present, segments, buffer, optimizer_name)
         expected_strides = list(compress(buffer.strides, has_grad))
         needs_copy = pointers % buffer.access_alignment != 0
@@ -181,6 +183,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         kinds = set(torch._C._group_tensors_by_device_and_dtype([present], False).keys())
         if strides != expected_strides or not kinds <= buffer.param_kinds:
             # Rare: find the culprits one by one.
+            _check_gradient_shapes(present, segments, buffer, optimizer_name)
             present_params = list(compress(buffer.params, has_grad))
             for g, p in zip(present, present_params):
                 if g.dtype != p.dtype:

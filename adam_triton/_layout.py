@@ -198,6 +198,7 @@ class FlatBuffer:
         self.key = (device, dtype, self.precision, self.has_complex, frozen)
         self.param_dtype = _complex_of(dtype) if self.has_complex else dtype
         self.shapes = [tuple(v.shape) for v in values]
+        self.numels = [v.numel() for v in values]
         # Complex parameters are laid out contiguously so that their real view is too.
         self.strides = [
             _contiguous_strides(shape) if complex_ else _preserved_strides(v)
