@@ -23,7 +23,7 @@ import torch
 
 from ._gradients import GradientPlan
 from ._layout import FlatBuffer
-from ._tables import HyperTable, group_values, refuse_upload_while_capturing, upload
+from ._tables import HyperTable, refuse_upload_while_capturing, upload
 from ._validation import BACKENDS
 
 __all__ = ["kernels", "refuse_upload_while_capturing", "resolve_backend", "update_torch", "update_triton"]
@@ -157,21 +157,6 @@ def _pick(items: list, indices: np.ndarray) -> list:
     return list(operator.itemgetter(*indices.tolist())(items))
 
 
-def _values_for_fused_kernel(group: dict, device: torch.device) -> tuple:
-    """lr, beta1, beta2, eps, weight_decay as floats, or as tensors on ``device`` when the
-    group holds them in device tensors (reading those would wait for the device). The
-    values passed ``HyperTable.refresh``'s check: each is a real number or a tensor."""
-    values = []
-    for value in group_values(group):
-        if isinstance(value, torch.Tensor) and value.device.type != "cpu":
-            # (torch's CUDA kernel reads a tensor lr as float32, as torch's own Adam passes it)
-            value = value.to(device=device, dtype=torch.float32)
-        else:
-            value = float(value.item() if isinstance(value, np.ndarray) else value)
-        values.append(value)
-    return tuple(values)
-
-
 def _step_views(buffer: FlatBuffer, segments: np.ndarray | slice) -> list:
     return buffer.step_views[segments] if isinstance(segments, slice) else _pick(buffer.step_views, segments)
 
@@ -189,7 +174,9 @@ def _count(buffer: FlatBuffer, segments: np.ndarray | slice) -> None:
 
 
 @torch.no_grad()
-def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale=None, found_inf=None) -> None:
+def update_torch(
+    buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], hyper: HyperTable, grad_scale=None, found_inf=None
+) -> None:
     if found_inf is not None and found_inf.device.type == "cpu":
         if float(found_inf) != 0.0:
             return  # GradScaler skipped this step: nothing is updated or counted
@@ -199,10 +186,10 @@ def update_torch(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gra
     buffer.stage_in()
     if needs_working_copies(buffer.dtype, buffer.precision):
         working = _WorkingCopies(buffer, plan)
-        _update_fused(buffer, plan, groups, grad_scale, found_inf, working)
+        _update_fused(buffer, plan, groups, hyper, grad_scale, found_inf, working)
         working.write_back(grad_scale is not None)
     else:
-        _update_fused(buffer, plan, groups, grad_scale, found_inf, _Direct(buffer, plan))
+        _update_fused(buffer, plan, groups, hyper, grad_scale, found_inf, _Direct(buffer, plan))
     buffer.stage_out()
 
 
@@ -286,8 +273,8 @@ class _WorkingCopies:
 
 
 def _groups_to_update(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]):
-    """(group, first segment, last segment, which have a gradient, amsgrad) for every param
-    group with something to update in this buffer."""
+    """(group index, group, first segment, last segment, which have a gradient, amsgrad) for
+    every param group with something to update in this buffer."""
     for group_index, first, last in buffer.group_ranges:
         has_grad = plan.has_grad[first : last + 1]
         if not has_grad.any():
@@ -296,10 +283,12 @@ def _groups_to_update(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]
         amsgrad = bool(group["amsgrad"])
         if amsgrad:
             buffer.ensure_max_exp_avg_sq()
-        yield group, first, last, has_grad, amsgrad
+        yield group_index, group, first, last, has_grad, amsgrad
 
 
-def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], grad_scale, found_inf, tensors) -> None:
+def _update_fused(
+    buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], hyper: HyperTable, grad_scale, found_inf, tensors
+) -> None:
     """torch's fused kernel over ``tensors`` (the buffer's own, or working copies): one call
     per parameter group, on flat spans where the gradients are flat too, else on the list
     of segment views."""
@@ -307,11 +296,11 @@ def _update_fused(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], gr
     counts = buffer.steps.numpy() if on_cpu else None
     scaler = {"grad_scale": grad_scale, "found_inf": found_inf}
     working = isinstance(tensors, _WorkingCopies)
-    for group, first, last, has_grad, amsgrad in _groups_to_update(buffer, plan, groups):
+    for group_index, group, first, last, has_grad, amsgrad in _groups_to_update(buffer, plan, groups):
         if amsgrad and working and tensors.max_exp_avg_sq is None:  # AMSGrad switched on this step
             tensors.max_exp_avg_sq = buffer.max_exp_avg_sq.to(tensors.exp_avg.dtype)
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
-        lr, beta1, beta2, eps, weight_decay = _values_for_fused_kernel(group, buffer.device)
+        lr, beta1, beta2, eps, weight_decay = hyper.row(group_index, buffer.device)
         arguments = dict(
             lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
             amsgrad=amsgrad, maximize=bool(group["maximize"]), **scaler,

@@ -525,7 +525,7 @@ class Engine:
                 if self.backend_of[id(buffer)] == "triton":
                     _backends.update_triton(buffer, plan, self.hyper, scale, inf)
                 else:
-                    _backends.update_torch(buffer, plan, groups, scale, inf)
+                    _backends.update_torch(buffer, plan, groups, self.hyper, scale, inf)
                 if scale is not None and plan.staged:
                     _backends.return_unscaled_gradients(buffer, plan)
         finally:

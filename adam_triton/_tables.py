@@ -74,6 +74,16 @@ class HyperTable:
         self._device_values = device_values
         self._fresh = set()
 
+    def row(self, index: int, device: torch.device) -> tuple:
+        """Group ``index``'s (lr, beta1, beta2, eps, weight_decay) as refreshed: floats, and
+        a float32 tensor on ``device`` where the group holds the value in a tensor on a
+        device (torch's CUDA kernel reads a tensor lr as float32, as torch's Adam passes it)."""
+        values = list(self._host_rows[index])
+        for row, column, value in self._device_values:
+            if row == index:
+                values[column] = value.to(device=device, dtype=torch.float32)
+        return tuple(values)
+
     def on(self, device: torch.device) -> torch.Tensor:
         """The table on ``device``, current for this step."""
         if device in self._fresh:
