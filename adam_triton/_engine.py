@@ -478,6 +478,9 @@ class Engine:
         """One update of every buffer. ``grad_scale`` and ``found_inf`` are GradScaler's: the
         gradients are divided by the scale, and nothing is updated or counted where
         ``found_inf`` is not zero, without the host ever reading it."""
+        # Read first: a hyperparameter that is not a number raises before anything (a
+        # re-homing, the adoption of fresh gradients) is done.
+        self.hyper.refresh(groups)
         self.ensure_current(groups, state)
         self._notice_replaced_state(groups, state)
         for buffer in self.buffers:
@@ -500,7 +503,6 @@ class Engine:
                 error = _self_overlapping_error if buffer.self_overlapping[segment] else _inference_tensor_error
                 raise error(self.name, local(buffer.params[segment]), group_index)
         variants = [variant_of(group) for group in groups]
-        self.hyper.refresh(groups)
         self.found_inf = found_inf
         on_device: dict = {}
 

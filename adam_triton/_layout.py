@@ -206,7 +206,7 @@ class FlatBuffer:
         ]
 
         align = SEGMENT_ALIGNMENT_BYTES // dtype.itemsize
-        lengths = np.array([v.numel() * (2 if c else 1) for v, c in zip(values, self.is_complex)], dtype=np.int64)
+        lengths = np.array([n * (2 if c else 1) for n, c in zip(self.numels, self.is_complex)], dtype=np.int64)
         padded = (lengths + align - 1) // align * align
         starts = np.zeros(len(params), dtype=np.int64)
         if len(params) > 1:

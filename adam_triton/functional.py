@@ -99,6 +99,9 @@ def adam(
     _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)
     _check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     implementation = _backends.resolve_backend(backend, param.device)
+    # One group's row, device-held values copied on the device, as the optimizer's own table.
+    table = HyperTable()
+    table.refresh([{"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay}])
     if implementation == "torch":
         step += 1
         fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
@@ -109,10 +112,7 @@ def adam(
         mixed = len({t.dtype for t in stored}) > 1
         working = [t.to(compute) for t in stored] if mixed else stored
         # torch's kernel takes numbers, or lr as a float32 tensor on the device (read there).
-        if isinstance(lr, torch.Tensor) and lr.device.type != "cpu":
-            lr = lr.to(device=param.device, dtype=torch.float32).reshape(())
-        else:
-            lr = float(lr)
+        lr, beta1, beta2, eps, weight_decay = table.row(0, param.device)
         beta1, beta2, eps, weight_decay = map(float, (beta1, beta2, eps, weight_decay))
         fused(
             [working[0]], [working[1]], [working[2]], [working[3]], working[4:], [step.view(())],
@@ -123,9 +123,6 @@ def adam(
                 if target is not grad:
                     target.copy_(result)
         return
-    # One group's row, device-held values copied on the device, as the optimizer's own table.
-    table = HyperTable()
-    table.refresh([{"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay}])
     hyper = table.on(param.device)
     if param.device not in _zero_shift:
         _zero_shift[param.device] = upload(np.zeros(1, dtype=np.int64), param.device)
