@@ -103,7 +103,7 @@ class GradientPlan:
         if self.raw is None:
             self.raw, self.grads = raw, list(raw)
             for segment in self.staged:
-                self.grads[segment] = buffer.grad_views[segment]
+                self.grads[segment] = buffer.current_grad_view(segment)
 
     def lived_in_grad_buffer(self) -> bool:
         """Every gradient of the step was one of our gradient buffer's views, as placed by
@@ -204,7 +204,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
             for position in np.flatnonzero(needs_copy).tolist():
                 segment = int(segments[position])
                 staged.append(segment)
-                grads[segment] = buffer.grad_views[segment]
+                grads[segment] = buffer.current_grad_view(segment)
                 pointers[position] = grads[segment].data_ptr()
             _restage_segments(buffer, raw, staged)
         shifts_present = (pointers - buffer.param.data_ptr()) // buffer.dtype.itemsize - buffer.starts[segments]
@@ -254,26 +254,24 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
         foreign = [grad for grad in raw if grad is not None]
     else:
         buffer.ensure_grad()
-        foreign, adopted, swapped = [], [], []
+        foreign, adopted = [], []
         views, pointers = buffer.grad_views, buffer.grad_view_pointers
         if not (all(map(operator.is_, raw, views)) and list(map(torch.Tensor.data_ptr, raw)) == pointers):
             for segment, (grad, view, pointer) in enumerate(zip(raw, views, pointers)):
                 if grad is None:
                     continue
                 if grad is view:
-                    if grad.data_ptr() != pointer:  # our view, its .data swapped for a copy
-                        swapped.append(segment)
+                    if grad.data_ptr() != pointer:  # our view, its .data swapped: a new view
                         adopted.append(segment)
                     continue
                 if _fits_gradient_buffer(grad, buffer):
                     adopted.append(segment)
                 else:
                     foreign.append(grad)
-        # Decided for every gradient first: nothing below can fail half-way.
-        for segment in swapped:
-            buffer.renew_grad_view(segment)
+        # Decided for every gradient first: nothing below can fail half-way. A view swapped
+        # while it was a gradient and dropped since is made anew here too (current_grad_view).
         for segment in adopted:
-            buffer.params[segment].grad = buffer.grad_views[segment]
+            buffer.params[segment].grad = buffer.current_grad_view(segment)
         buffer.grad.zero_()
     for grad in foreign:
         if grad.grad_fn is not None:
@@ -296,9 +294,10 @@ def adopt_fresh_gradients(buffer: FlatBuffer, segments: np.ndarray) -> None:
     if not fresh:
         return
     buffer.ensure_grad()
-    torch._foreach_copy_([buffer.grad_views[s] for s, _ in fresh], [g for _, g in fresh])
-    for s, _ in fresh:
-        buffer.params[s].grad = buffer.grad_views[s]
+    views = [buffer.current_grad_view(s) for s, _ in fresh]
+    torch._foreach_copy_(views, [g for _, g in fresh])
+    for (s, _), view in zip(fresh, views):
+        buffer.params[s].grad = view
 
 
 def _fits_gradient_buffer(grad: torch.Tensor, buffer: FlatBuffer) -> bool:

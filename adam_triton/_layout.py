@@ -384,8 +384,13 @@ class FlatBuffer:
             # in model.half() or model.to(memory_format=...)) is the same object elsewhere.
             self.grad_view_pointers = list(map(torch.Tensor.data_ptr, self.grad_views))
 
-    def renew_grad_view(self, segment: int) -> None:
-        self.grad_views[segment] = self.segment_view(self.grad, segment)
+    def current_grad_view(self, segment: int) -> torch.Tensor:
+        """The segment's view of the gradient buffer. A view that was some parameter's
+        ``.grad`` may have had its ``.data`` swapped since (``p.grad.data = g``), even if it
+        is no one's gradient now: that object is elsewhere, so a new view is made."""
+        if self.grad_views[segment].data_ptr() != self.grad_view_pointers[segment]:
+            self.grad_views[segment] = self.segment_view(self.grad, segment)
+        return self.grad_views[segment]
 
     def release_grad(self) -> None:
         """Let the gradient buffer go (it is made again, zeroed, when next needed)."""

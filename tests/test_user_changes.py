@@ -117,6 +117,41 @@ def test_gradients_given_new_data_between_backward_and_step_are_the_ones_used(ta
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+@pytest.mark.parametrize(
+    "later",
+    ["zero_grad(set_to_none=False)", "staged", "adopted at the step"],
+    ids=["zeroed into the buffer", "copied into the buffer", "moved into the buffer at the step"],
+)
+def test_a_kept_gradient_given_new_data_and_dropped_is_not_reused_later(target, later):
+    """``p.grad.data = g`` on a kept gradient (one of our views), then ``zero_grad()`` drops
+    it. The view object now points at ``g`` and the user may still hold it: no later step
+    may hand it out as a gradient again (it would not be zeroed, and backward would add to
+    ``g``'s values) or copy gradients into it, whichever way later gradients reach the
+    gradient buffer. Found by a random scenario test."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        generator = torch.Generator().manual_seed(0)
+        for step in range(4):
+            optimizer.zero_grad(set_to_none=step == 2)
+            if step == 2 and later == "adopted at the step":
+                optimizer.zero_grad(set_to_none=False)  # no gradients: they join at the step
+            model(torch.randn(8, generator=generator).to(target.device)).backward()
+            if step == 1:  # kept gradients by now: ours are views of the gradient buffer
+                for p in model.parameters():
+                    p.grad.data = torch.randn(p.shape, generator=generator).to(target.device)
+                held = [(p.grad, p.grad.clone()) for p in model.parameters()]
+            if step == 2 and later == "staged":
+                for p in model.parameters():  # transposed fresh gradients: copied into the buffer
+                    if p.dim() == 2:
+                        p.grad = p.grad.t().contiguous().t()
+            optimizer.step()
+        for tensor, values in held:
+            assert torch.equal(tensor, values)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_a_parameter_swapped_into_a_group_is_the_one_updated(target):
     ours_model, reference_model = paired(OddModel, target.device)
     ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
