@@ -46,9 +46,9 @@ BFLOAT16_TOLERANCE = dict(rtol=2**-7, atol=1e-6)
 class Side:
     """One model's parameters and its optimizer: ours or torch's."""
 
-    def __init__(self, name: str, cls_name: str, backend: str, initial: list, device: str):
+    def __init__(self, name: str, cls_name: str, backend: str, initial: list):
         self.name, self.cls_name, self.backend = name, cls_name, backend
-        self.params = [torch.nn.Parameter(t.clone().to(device)) for t in initial]
+        self.params = [torch.nn.Parameter(t.clone()) for t in initial]
         self.optimizer = None
 
     def make_optimizer(self, groups: list) -> torch.optim.Optimizer:
@@ -67,10 +67,10 @@ class Scenario:
         self.shapes = self.rng.sample(SHAPES, count)
         # Mostly float32; a float64 or bfloat16 parameter puts a buffer of its own beside it.
         self.dtypes = self.rng.choices(list(DTYPES), weights=list(DTYPES.values()), k=count)
-        initial = [torch.randn(shape, generator=self.generator).to(dtype) * 0.5 for shape, dtype in zip(self.shapes, self.dtypes)]
+        initial = [self.randn(shape, dtype) * 0.5 for shape, dtype in zip(self.shapes, self.dtypes)]
         self.mixes = [self.randn(shape, dtype) for shape, dtype in zip(self.shapes, self.dtypes)]
         cls_name = self.rng.choice(["Adam", "AdamW"])
-        self.sides = [Side(name, cls_name, target.backend, initial, self.device) for name in ("ours", "reference")]
+        self.sides = [Side(name, cls_name, target.backend, initial) for name in ("ours", "reference")]
         self.late = self.rng.sample(range(count), self.rng.randint(0, 2))  # added by add_param_group
         early = [i for i in range(count) if i not in self.late]
         self.rng.shuffle(early)
