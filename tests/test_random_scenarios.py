@@ -5,11 +5,14 @@ The tests elsewhere take one user action at a time. Bugs hide in their combinati
 gradient view swapped in one step and handed out again three steps later, a checkpoint
 loaded after a group was added, a bucket gradient after a frozen parameter thawed. Each
 scenario here draws a model of awkward sizes (mostly float32, at times a float64 or
-bfloat16 parameter, which gets a buffer of its own), groups with their own hyperparameters,
-and a sequence of steps, each with a few of those actions; the seed fixes all of it, so a
-failure names its seed and replays. After every step the parameters and the state must
-agree with ``torch.optim.Adam``/``AdamW(fused=True)``. torch's fused kernel is the reference because ours
-calls it (CPU backend) or follows its order of operations (Triton); the reference gets
+bfloat16 parameter, which gets a buffer of its own), groups with their own hyperparameters
+(a float or a tensor lr), and a sequence of steps, each with a few of those actions:
+gradients assigned, dropped, swapped, clipped or moved into buckets; hyperparameters
+edited; parameters re-pointed, frozen, thawed or added late; checkpoints loaded into new
+optimizers, or rolled back in the same one. The seed fixes all of it, so a failure names
+its seed and replays. After every step the parameters, the state and the groups must agree
+with ``torch.optim.Adam``/``AdamW(fused=True)``. torch's fused kernel is the reference
+because ours calls it (CPU backend) or follows its order of operations (Triton); the reference gets
 contiguous copies of the gradients, as ours makes for itself, because torch 2.13's CPU fused
 kernel reads a gradient with other strides in the wrong order.
 """
@@ -78,14 +81,17 @@ class Scenario:
         groups = [(early[g::group_count], self.hyperparameters()) for g in range(group_count)]
         for side in self.sides:
             side.optimizer = side.make_optimizer(
-                [dict(params=[side.params[i] for i in members], **hyper) for members, hyper in groups]
+                [dict(params=[side.params[i] for i in members], **_own(hyper)) for members, hyper in groups]
             )
+        self.snapshot = None  # for a rollback: (step number, each side's saved state)
         self.note(f"{cls_name}, shapes {self.shapes}, groups {groups}, added later {self.late}")
 
     def hyperparameters(self) -> dict:
         choice = self.rng.choice
+        lr = choice([1e-3, 3e-2, 0.1])
         return dict(
-            lr=choice([1e-3, 3e-2, 0.1]),
+            # A tensor lr, as torch.compile users keep it so that schedulers edit it in place.
+            lr=torch.tensor(lr) if self.rng.random() < 0.2 else lr,
             betas=(choice([0.9, 0.8, 0.0]), choice([0.999, 0.95, 0.5])),
             eps=choice([1e-8, 1e-3]),
             weight_decay=choice([0.0, 0.01, 0.5]),
@@ -117,15 +123,16 @@ class Scenario:
         self.change_gradients()
         self.change_parameters_or_groups()
         if self.late and self.rng.random() < 0.25:
-            index = self.late.pop()
-            hyper = self.hyperparameters()
-            self.note(f"  add_param_group([{index}], {hyper})")
-            self.both(lambda side: side.optimizer.add_param_group(dict(params=[side.params[index]], **hyper)))
+            self.add_late_parameter()
+        if self.rng.random() < 0.1:
+            self.note("  clip_grad_norm_(all parameters, 0.5)")
+            self.both(lambda side: torch.nn.utils.clip_grad_norm_(side.params, 0.5))
         with_closure = self.rng.random() < 0.3
         self.note(f"  step({'closure' if with_closure else ''})")
         self.both(lambda side: side.optimizer.step((lambda: None) if with_closure else None))
         self.check(f"step {number}")
         self.maybe_reload(number)
+        self.maybe_roll_back(number)
 
     def backward(self, side: Side, used: list, x: torch.Tensor) -> None:
         terms = [
@@ -156,6 +163,20 @@ class Scenario:
         elif roll < 0.41:
             self.gradients_into_a_bucket()
 
+    def add_late_parameter(self) -> None:
+        """A parameter joins after training began: through add_param_group, or appended to
+        an existing group's list, as progressive unfreezing code does."""
+        index = self.late.pop()
+        self.snapshot = None  # a checkpoint from before no longer fits the groups
+        if self.rng.random() < 0.3:
+            group = self.rng.randrange(len(self.sides[0].optimizer.param_groups))
+            self.note(f"  param_groups[{group}]['params'].append(p[{index}])")
+            self.both(lambda side: side.optimizer.param_groups[group]["params"].append(side.params[index]))
+            return
+        hyper = self.hyperparameters()
+        self.note(f"  add_param_group([{index}], {hyper})")
+        self.both(lambda side: side.optimizer.add_param_group(dict(params=[side.params[index]], **_own(hyper))))
+
     def gradients_into_a_bucket(self) -> None:
         """Gradients as views of one flat tensor someone else owns (DDP's buckets), at
         times off the vector alignment."""
@@ -180,11 +201,7 @@ class Scenario:
     def change_parameters_or_groups(self) -> None:
         roll, index = self.rng.random(), self.rng.randrange(len(self.shapes))
         if roll < 0.12:
-            groups = self.sides[0].optimizer.param_groups
-            group, key = self.rng.randrange(len(groups)), self.rng.choice(["lr", "weight_decay", "betas", "eps"])
-            value = {"lr": self.rng.choice([1e-3, 5e-2]), "weight_decay": self.rng.choice([0.0, 0.2]), "betas": (0.7, 0.9), "eps": 1e-6}[key]
-            self.note(f"  param_groups[{group}][{key!r}] = {value}")
-            self.both(lambda side: side.optimizer.param_groups[group].__setitem__(key, value))
+            self.change_hyperparameter()
         elif roll < 0.19:
             self.note(f"  p[{index}].data = a clone")
             self.both(lambda side: setattr(side.params[index], "data", side.params[index].data.clone()))
@@ -199,6 +216,24 @@ class Scenario:
             self.note(f"  p[{index}] halved in place")
             with torch.no_grad():
                 self.both(lambda side: side.params[index].mul_(0.5))
+
+    def change_hyperparameter(self) -> None:
+        groups = self.sides[0].optimizer.param_groups
+        group = self.rng.randrange(len(groups))
+        key = self.rng.choice(["lr", "weight_decay", "betas", "eps", "maximize"])
+        value = {
+            "lr": self.rng.choice([1e-3, 5e-2]),
+            "weight_decay": self.rng.choice([0.0, 0.2]),
+            "betas": (0.7, 0.9),
+            "eps": 1e-6,
+            "maximize": not groups[group]["maximize"],
+        }[key]
+        if key == "lr" and isinstance(groups[group]["lr"], torch.Tensor):
+            self.note(f"  param_groups[{group}]['lr'].fill_({value})")
+            self.both(lambda side: side.optimizer.param_groups[group]["lr"].fill_(value))
+            return
+        self.note(f"  param_groups[{group}][{key!r}] = {value}")
+        self.both(lambda side: side.optimizer.param_groups[group].__setitem__(key, value))
 
     def maybe_reload(self, number: int) -> None:
         """A checkpoint round trip into a new optimizer over the same parameters: ours from
@@ -221,11 +256,46 @@ class Scenario:
         into.optimizer = fresh
         self.check(f"reload after step {number}")
 
+    def maybe_roll_back(self, number: int) -> None:
+        """Training goes back to an earlier checkpoint in the same optimizer, with the model's
+        weights restored in place (as model.load_state_dict does), after a loss spike, say.
+        The state between is discarded, also for parameters that had none back then."""
+        if self.snapshot is None:
+            if self.rng.random() < 0.15:
+                self.note("  checkpoint kept for a rollback")
+                self.snapshot = (number, [self.saved(side) for side in self.sides])
+            return
+        if self.rng.random() >= 0.2:
+            return
+        taken, saved = self.snapshot
+        self.snapshot = None
+        self.note(f"  rolled back to the checkpoint kept after step {taken}")
+        for side, (weights, state) in zip(self.sides, saved):
+            with torch.no_grad():
+                for param, weight in zip(side.params, weights):
+                    param.copy_(weight)
+            side.optimizer.load_state_dict(torch.load(io.BytesIO(state), weights_only=True))
+        self.check(f"rollback after step {number}")
+
+    @staticmethod
+    def saved(side: Side) -> tuple:
+        """A side's weights and its optimizer's state_dict, serialised: a state_dict holds the
+        live state tensors, which later steps would change."""
+        buffer = io.BytesIO()
+        torch.save(side.optimizer.state_dict(), buffer)
+        return [p.detach().clone() for p in side.params], buffer.getvalue()
+
     # -- the comparison ---------------------------------------------------------------------
 
     def check(self, when: str) -> None:
         ours, reference = self.sides
         history = "\n".join(self.log)
+        for number, (mine, theirs) in enumerate(zip(ours.optimizer.param_groups, reference.optimizer.param_groups, strict=True)):
+            for key in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
+                assert _plain(mine[key]) == _plain(theirs[key]), f"seed {self.seed}, {when}, group {number} {key}\n{history}"
+            assert _positions(mine["params"], ours.params) == _positions(theirs["params"], reference.params), (
+                f"seed {self.seed}, {when}, group {number} params\n{history}"
+            )
         for index, (a, b) in enumerate(zip(ours.params, reference.params)):
             where = f"seed {self.seed}, {when}, p[{index}] {tuple(a.shape)} {a.dtype}"
             tolerance = BFLOAT16_TOLERANCE if a.dtype == torch.bfloat16 else TOLERANCE
@@ -245,6 +315,24 @@ class Scenario:
                 for key, value in reference.optimizer.state.get(b, {}).items():
                     if key != "step":
                         value.copy_(ours.optimizer.state[a][key])
+
+
+def _own(hyper: dict) -> dict:
+    """Hyperparameters for one side: a tensor lr of its own, which only its optimizer edits."""
+    return {key: (value.clone() if isinstance(value, torch.Tensor) else value) for key, value in hyper.items()}
+
+
+def _plain(value):
+    """A hyperparameter as a number or tuple of numbers, whether a float or a tensor."""
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return value.item() if isinstance(value, torch.Tensor) else value
+
+
+def _positions(members: list, params: list) -> list:
+    """Which of the model's parameters a group holds, in its order."""
+    where = {id(p): i for i, p in enumerate(params)}
+    return [where[id(p)] for p in members]
 
 
 @pytest.mark.parametrize("seed", range(SCENARIOS))
