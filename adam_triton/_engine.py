@@ -18,6 +18,7 @@ from . import _backends
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import in_shared_memory, is_dtensor, local
 from ._layout import PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
+from ._state_tensors import adopt_state_tensors, replaced_state_tensors
 from ._tables import HyperTable, order_chunks, upload, variant_of
 from ._validation import check_precision_options
 
@@ -158,6 +159,9 @@ class Engine:
         self._state_seen = None
         self._state_entries_seen: list = []
         self._state_sizes_seen: list[int] = []
+        # Each buffer's ``state_references()`` as the last step left them (None: look at
+        # every state tensor at the next step).
+        self._state_references_seen: list | None = None
         # ids of parameters whose .data someone re-pointed at storage of the same kind after
         # they were re-homed (ZeroRedundancyOptimizer's buckets): updated there from now on.
         self._left_in_place: set[int] = set()
@@ -410,11 +414,16 @@ class Engine:
             state[buffer.params[segment]] = buffer.state_entries[segment] = entry
 
     def _notice_replaced_state(self, groups: list[dict], state) -> None:
+        """Take in what someone changed in ``optimizer.state`` since the last step: whole
+        entries reset or replaced, and single state tensors replaced (``_state_tensors``)."""
+        if not self._state_unchanged(state):
+            self._notice_replaced_entries(groups, state)
+        self._notice_replaced_tensors(state)
+
+    def _notice_replaced_entries(self, groups: list[dict], state) -> None:
         """Re-import the state of buffers where someone reset or replaced a parameter's
         entry in ``optimizer.state`` (``state.clear()``, a new ``state`` dict, ``state[p] =
         {}``): those parameters start afresh, or from the tensors put there, as in torch."""
-        if self._state_unchanged(state):
-            return
         entries_of = {id(buffer): list(map(state.get, buffer.params)) for buffer in self.buffers}
         replaced = {
             id(buffer)
@@ -435,6 +444,15 @@ class Engine:
                 # them behind) are no state: the first step with a gradient replaces them.
                 buffer.state_entries = [entry or None for entry in entries]
 
+    def _notice_replaced_tensors(self, state) -> None:
+        references = [buffer.state_references() for buffer in self.buffers]
+        if references == self._state_references_seen and None not in references:
+            return
+        # Every replacement is checked before any is copied in.
+        replaced = [(buffer, replaced_state_tensors(buffer, state, self.name)) for buffer in self.buffers]
+        for buffer, found in replaced:
+            adopt_state_tensors(buffer, found)
+
     def _state_unchanged(self, state) -> bool:
         seen = self._state_entries_seen
         return (
@@ -447,9 +465,11 @@ class Engine:
     def _remember_state(self, state) -> None:
         self._state_seen, self._state_entries_seen = state, list(state.values())
         self._state_sizes_seen = list(map(len, self._state_entries_seen))
+        self._state_references_seen = [buffer.state_references() for buffer in self.buffers]
 
     def _forget_state_seen(self) -> None:
         self._state_seen, self._state_entries_seen, self._state_sizes_seen = None, [], []
+        self._state_references_seen = None
 
     def _prepare_variants(self, buffer: FlatBuffer, variants: list[tuple], state) -> None:
         """When a group's kernel variant changed (or on the first step): a group that
@@ -465,7 +485,7 @@ class Engine:
                 buffer.ensure_max_exp_avg_sq()
                 for segment in np.flatnonzero(initialized[first : last + 1]) + first:
                     entry = state[buffer.params[segment]]
-                    entry.setdefault("max_exp_avg_sq", buffer.moment_view("max_exp_avg_sq", segment))
+                    entry.setdefault("max_exp_avg_sq", buffer.entry_view("max_exp_avg_sq", segment))
         if self.backend_of[id(buffer)] == "triton":
             _backends.refuse_upload_while_capturing(buffer.device, "the kernel variants of the parameter groups")
             rows, ranges = order_chunks(buffer.chunk_rows, variants)

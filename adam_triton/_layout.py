@@ -517,24 +517,60 @@ class FlatBuffer:
 
     def state_views(self, segment: int, amsgrad: bool) -> dict:
         """``optimizer.state[p]`` for the parameter of ``segment``: views, under torch's keys
-        (as DTensors for a DTensor parameter, as torch's optimizer keeps them)."""
+        (``entry_view``)."""
         self.ensure_moments()
-        state = {
-            "step": self.step_views[segment],
-            "exp_avg": self.moment_view("exp_avg", segment),
-            "exp_avg_sq": self.moment_view("exp_avg_sq", segment),
-        }
+        keys = ["step", "exp_avg", "exp_avg_sq"]
         if self.master_views is not None:
-            state["master_param"] = self.moment_view("master", segment)
+            keys.append("master_param")
         if amsgrad:
             self.ensure_max_exp_avg_sq()
-            state["max_exp_avg_sq"] = self.moment_view("max_exp_avg_sq", segment)
-        return state
+            keys.append("max_exp_avg_sq")
+        return {key: self.entry_view(key, segment) for key in keys}
 
-    def moment_view(self, name: str, segment: int):
-        view = getattr(self, f"{name}_views")[segment]
+    def entry_view(self, key: str, segment: int):
+        """A new view of state ``key`` (torch's name) of ``segment``, for ``optimizer.state``:
+        a DTensor for a DTensor parameter, as torch's optimizer keeps its moments.
+
+        Held only by the entry: the optimizer's own views stay out of users' reach (a
+        ``.data`` swap on a state tensor cannot redirect the update), and a state tensor
+        swapped or replaced lets go of its buffer's storage, which ``state_references``
+        notices."""
+        if key == "step":
+            return self.steps[int(self.leaders[segment])]
+        view = self.segment_view(getattr(self, _STATE_BUFFERS[key]), segment)
         spec = self.dtensor_specs[segment]
         return view if spec is None else spec.wrap(view)
+
+    def internal_state_view(self, key: str, segment: int) -> torch.Tensor | None:
+        """The optimizer's own view of state ``key`` (torch's name) of ``segment``, or None
+        where this buffer keeps no such state."""
+        if key == "step":
+            return self.step_views[segment]
+        name = _STATE_BUFFERS.get(key)  # other keys (other libraries' state) are not ours
+        views = None if name is None else getattr(self, f"{name}_views")
+        return None if views is None else views[segment]
+
+    def state_references(self) -> tuple[int, ...] | None:
+        """How many tensors hold each state buffer's memory (None where this torch cannot
+        tell). Between steps only users change these counts: a state tensor replaced in
+        ``optimizer.state`` (and let go) or given other ``.data`` drops one; a view of one
+        kept somewhere adds one."""
+        if _STORAGE_USE_COUNT is None:
+            return None
+        tensors = [self.steps] + [getattr(self, name) for name in _STATE_BUFFERS.values()]
+        return tuple(_STORAGE_USE_COUNT(t.untyped_storage()._cdata) for t in tensors if t is not None)
+
+
+#: optimizer.state keys and the FlatBuffer attributes holding them.
+_STATE_BUFFERS = {
+    "exp_avg": "exp_avg",
+    "exp_avg_sq": "exp_avg_sq",
+    "max_exp_avg_sq": "max_exp_avg_sq",
+    "master_param": "master",
+}
+
+#: How many references a storage has (torch's CUDA graph trees count a storage's users so).
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

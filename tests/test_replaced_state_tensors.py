@@ -1,0 +1,156 @@
+"""State tensors replaced between steps, checked against torch's optimizer doing the same.
+
+torch's optimizer steps on whatever tensors ``optimizer.state[p]`` holds, so code that
+offloads the state to the CPU and brings it back (by assignment, as RLHF trainers do, or
+through ``.data``), or that replaces one moment or step count by hand, changes what the
+next step starts from. Ours must take such tensors in at the next step, and must never let
+a ``.data`` swap on a state tensor redirect its own update.
+"""
+
+import pytest
+import torch
+from helpers import OddModel, assert_close_params, assert_close_state, optimizers, paired, train
+
+import adam_triton
+from adam_triton import _engine, _layout
+
+# A parameter longer than a chunk: its step counter is one per chunk, all of which must
+# take a replaced count.
+SHAPES = [(37,), (5, 3001), (129,), (7, 13)]
+
+
+def _offload_by_assignment(optimizer, device):
+    """Moved to the CPU and back, each tensor replaced in its entry (verl's offloading)."""
+    for target in ("cpu", device):
+        for entry in optimizer.state.values():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    entry[key] = value.to(target, copy=True)
+
+
+def _offload_through_data(optimizer, device):
+    """Moved to the CPU and back, each tensor given new ``.data``."""
+    for target in ("cpu", device):
+        for entry in optimizer.state.values():
+            for value in entry.values():
+                if isinstance(value, torch.Tensor):
+                    value.data = value.data.to(target, copy=True)
+
+
+def _moments_reset_by_assignment(optimizer, device):
+    for entry in list(optimizer.state.values())[1:3]:
+        entry["exp_avg"] = torch.zeros_like(entry["exp_avg"])
+        entry["exp_avg_sq"] = torch.full_like(entry["exp_avg_sq"], 1e-3)
+
+
+def _step_counts_set_by_assignment(optimizer, device):
+    for entry in optimizer.state.values():
+        entry["step"] = torch.tensor(1.0)
+
+
+def _maxima_given_new_data(optimizer, device):
+    for entry in optimizer.state.values():
+        entry["max_exp_avg_sq"].data = entry["max_exp_avg_sq"].data * 4.0
+
+
+CHANGES = [
+    pytest.param(_offload_by_assignment, id="offloaded and back by assignment"),
+    pytest.param(_offload_through_data, id="offloaded and back through .data"),
+    pytest.param(_moments_reset_by_assignment, id="moments replaced"),
+    pytest.param(_step_counts_set_by_assignment, id="step counts replaced"),
+    pytest.param(_maxima_given_new_data, id="AMSGrad maxima given new .data"),
+]
+
+
+def _train_around(change, target, after=None):
+    """Three steps, the change, (``after``), three more: ours and torch's."""
+    ours_model, reference_model = paired(lambda: OddModel(shapes=SHAPES), target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
+    assert len(ours._engine.buffers[0].chunk_rows) > len(SHAPES)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+        change(optimizer, target.device)
+        if after is not None:
+            after(optimizer)
+        train(model, optimizer, steps=3, seed=2)
+    return ours_model, reference_model, ours, reference
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_state_tensors_replaced_between_steps_are_the_ones_used_as_in_torch(target, change):
+    ours_model, reference_model, ours, reference = _train_around(change, target)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    # The entries are views of the buffer again: later steps show in them and in checkpoints.
+    moments = ours._engine.buffers[0].exp_avg.untyped_storage().data_ptr()
+    for p in ours_model.parameters():
+        assert ours.state[p]["exp_avg"].untyped_storage().data_ptr() == moments
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        pytest.param(lambda optimizer: optimizer.state.clear(), id="then the state reset"),
+        pytest.param(lambda optimizer: optimizer.load_state_dict(optimizer.state_dict()), id="then its own checkpoint loaded"),
+    ],
+)
+def test_state_swapped_through_data_then_reset_or_loaded_trains_as_in_torch(target, after):
+    """A reset or a load writes the optimizer's own views: none of them may be one whose
+    ``.data`` a user swapped (which would write the user's tensor, not the buffer)."""
+    ours_model, reference_model, ours, reference = _train_around(_offload_through_data, target, after)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_without_storage_use_counts_replacements_are_still_seen(target, monkeypatch):
+    """Where torch cannot count a storage's users, every step looks at every state tensor."""
+    monkeypatch.setattr(_layout, "_STORAGE_USE_COUNT", None)
+    ours_model, reference_model, ours, reference = _train_around(_moments_reset_by_assignment, target)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_steps_look_at_each_state_tensor_only_after_a_change(monkeypatch):
+    """The pass over every state tensor is not on the hot path: a usual loop (with
+    checkpoints taken and the state read) makes it only at its first step."""
+    looked = []
+    real = _engine.replaced_state_tensors
+    monkeypatch.setattr(_engine, "replaced_state_tensors", lambda *a: looked.append(1) or real(*a))
+    model = OddModel(shapes=SHAPES)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.05, total_steps=20)
+    for step in range(6):
+        optimizer.zero_grad(set_to_none=step % 2 == 0)
+        model(torch.randn(8)).backward()
+        optimizer.step()
+        scheduler.step()
+        checkpoint = optimizer.state_dict()
+        assert all(entry["exp_avg_sq"].min() >= 0 for entry in checkpoint["state"].values())
+    assert len(looked) == 1
+    _moments_reset_by_assignment(optimizer, "cpu")
+    optimizer.step()
+    assert len(looked) == 2
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param(lambda entry: entry.__setitem__("exp_avg", torch.zeros(3)), id="moment of another shape"),
+        pytest.param(lambda entry: entry.__setitem__("exp_avg_sq", 0.0), id="moment as a number"),
+        pytest.param(lambda entry: entry.__setitem__("step", torch.ones(2)), id="step of two elements"),
+    ],
+)
+def test_a_state_tensor_that_cannot_stand_in_is_refused_before_anything_changes(target, bad):
+    model = OddModel(shapes=SHAPES).to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    entries = list(optimizer.state.values())
+    other = entries[0]["exp_avg"]
+    before = [p.detach().clone() for p in model.parameters()], other.clone()
+    bad(entries[2])
+    with pytest.raises(ValueError, match=r"optimizer.state\[p\]\[.*param group 0\) was replaced by"):
+        optimizer.step()
+    for p, value in zip(model.parameters(), before[0]):
+        assert torch.equal(p.detach(), value)
+    assert torch.equal(entries[0]["exp_avg"], before[1])
+    assert float(entries[0]["step"]) == 2.0
