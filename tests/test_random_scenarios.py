@@ -8,8 +8,8 @@ scenario here draws a model of awkward sizes (mostly float32, at times a float64
 bfloat16 parameter, which gets a buffer of its own), groups with their own hyperparameters
 (a float or a tensor lr), and a sequence of steps, each with a few of those actions:
 gradients assigned, dropped, swapped, clipped or moved into buckets; hyperparameters
-edited; parameters re-pointed, frozen, thawed or added late; checkpoints loaded into new
-optimizers, or rolled back in the same one. The seed fixes all of it, so a failure names
+edited; parameters re-pointed, frozen, thawed or added late; the state offloaded and
+brought back; checkpoints loaded into new optimizers, or rolled back in the same one. The seed fixes all of it, so a failure names
 its seed and replays. After every step the parameters, the state and the groups must agree
 with ``torch.optim.Adam``/``AdamW(fused=True)``. torch's fused kernel is the reference
 because ours calls it (CPU backend) or follows its order of operations (Triton); the reference gets
@@ -216,6 +216,23 @@ class Scenario:
             self.note(f"  p[{index}] halved in place")
             with torch.no_grad():
                 self.both(lambda side: side.params[index].mul_(0.5))
+        elif roll < 0.44:
+            through_data = self.rng.random() < 0.5
+            self.note(f"  state offloaded to the CPU and back {'through .data' if through_data else 'by assignment'}")
+            self.both(lambda side: self.offload(side, through_data))
+
+    def offload(self, side: Side, through_data: bool) -> None:
+        """Every state tensor moved to the CPU and back, as trainers that free device memory
+        between phases do: replaced in its entry, or given new ``.data``."""
+        for where in ("cpu", self.device):
+            for entry in side.optimizer.state.values():
+                for key, value in entry.items():
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    if through_data:
+                        value.data = value.data.to(where, copy=True)
+                    else:
+                        entry[key] = value.to(where, copy=True)
 
     def change_hyperparameter(self) -> None:
         groups = self.sides[0].optimizer.param_groups
