@@ -248,6 +248,7 @@ class FlatBuffer:
         self.grad: torch.Tensor | None = None
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
+        self._state_storages: list | None = None  # (storage, its _cdata) for state_references
 
         self.master_views: list | None = None
         self.exp_avg_views: list | None = None
@@ -362,6 +363,7 @@ class FlatBuffer:
             self.exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
             self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(self.params))]
             self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(self.params))]
+            self._state_storages = None
             if self.precision.master_weights:
                 self.master = aligned_zeros(self.total, torch.float32, self.device)
                 self.master_views = [self.segment_view(self.master, i) for i in range(len(self.params))]
@@ -372,6 +374,7 @@ class FlatBuffer:
         if self.max_exp_avg_sq is None:
             self.max_exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
             self.max_exp_avg_sq_views = [self.segment_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
+            self._state_storages = None
 
     @torch.inference_mode(False)
     def ensure_grad(self) -> None:
@@ -557,8 +560,12 @@ class FlatBuffer:
         kept somewhere adds one."""
         if _STORAGE_USE_COUNT is None:
             return None
-        tensors = [self.steps] + [getattr(self, name) for name in _STATE_BUFFERS.values()]
-        return tuple(_STORAGE_USE_COUNT(t.untyped_storage()._cdata) for t in tensors if t is not None)
+        if self._state_storages is None:
+            # Held, so that their addresses stay theirs (each holds one reference, always).
+            tensors = [self.steps] + [getattr(self, name) for name in _STATE_BUFFERS.values()]
+            storages = [t.untyped_storage() for t in tensors if t is not None]
+            self._state_storages = [(storage, storage._cdata) for storage in storages]
+        return tuple(_STORAGE_USE_COUNT(address) for _, address in self._state_storages)
 
 
 #: optimizer.state keys and the FlatBuffer attributes holding them.
