@@ -154,3 +154,26 @@ def test_a_state_tensor_that_cannot_stand_in_is_refused_before_anything_changes(
         assert torch.equal(p.detach(), value)
     assert torch.equal(entries[0]["exp_avg"], before[1])
     assert float(entries[0]["step"]) == 2.0
+
+
+@pytest.mark.parametrize("offload", [_offload_by_assignment, _offload_through_data], ids=["by assignment", "through .data"])
+def test_an_offload_round_trip_changes_nothing_with_master_weights_and_bfloat16_state(target, offload):
+    """torch has no master weights to compare with; the oracle is the same training without
+    the round trip, which must give the same bits (masters and bfloat16 moments included)."""
+    results = []
+    for round_trip in (False, True):
+        model = OddModel(shapes=SHAPES).to(device=target.device, dtype=torch.bfloat16)
+        optimizer = adam_triton.AdamW(
+            model.parameters(), lr=1e-2, backend=target.backend, master_weights=True, state_dtype=torch.bfloat16
+        )
+        train(model, optimizer, steps=3)
+        if round_trip:
+            offload(optimizer, target.device)
+        train(model, optimizer, steps=3, seed=2)
+        results.append(([p.detach().clone() for p in model.parameters()], optimizer.state_dict()["state"]))
+    (params, state), (params_after, state_after) = results
+    assert all(torch.equal(a, b) for a, b in zip(params, params_after))
+    for index, entry in state.items():
+        assert set(entry) == set(state_after[index]) and "master_param" in entry
+        for key, value in entry.items():
+            assert torch.equal(value, state_after[index][key]), (index, key)
