@@ -9,7 +9,8 @@ bfloat16 parameter, which gets a buffer of its own), groups with their own hyper
 (a float or a tensor lr), and a sequence of steps, each with a few of those actions:
 gradients assigned, dropped, swapped, clipped or moved into buckets; hyperparameters
 edited; parameters re-pointed, frozen, thawed or added late; the state offloaded and
-brought back; checkpoints loaded into new optimizers, or rolled back in the same one. The seed fixes all of it, so a failure names
+brought back; checkpoints loaded into new optimizers, or rolled back in the same one; and,
+in some scenarios, a GradScaler, with overflows that skip steps. The seed fixes all of it, so a failure names
 its seed and replays. After every step the parameters, the state and the groups must agree
 with ``torch.optim.Adam``/``AdamW(fused=True)``. torch's fused kernel is the reference
 because ours calls it (CPU backend) or follows its order of operations (Triton); the reference gets
@@ -53,6 +54,7 @@ class Side:
         self.name, self.cls_name, self.backend = name, cls_name, backend
         self.params = [torch.nn.Parameter(t.clone()) for t in initial]
         self.optimizer = None
+        self.scaler = None  # a GradScaler, in scenarios that train with one
 
     def make_optimizer(self, groups: list) -> torch.optim.Optimizer:
         if self.name == "ours":
@@ -84,6 +86,10 @@ class Scenario:
                 [dict(params=[side.params[i] for i in members], **_own(hyper)) for members, hyper in groups]
             )
         self.snapshot = None  # for a rollback: (step number, each side's saved state)
+        if self.rng.random() < 0.25:  # mixed-precision style: scaled losses, skipped steps
+            for side in self.sides:
+                side.scaler = torch.amp.GradScaler(torch.device(self.device).type, init_scale=2.0**10, growth_interval=3)
+            self.note("  with a GradScaler")
         self.note(f"{cls_name}, shapes {self.shapes}, groups {groups}, added later {self.late}")
 
     def hyperparameters(self) -> dict:
@@ -124,12 +130,26 @@ class Scenario:
         self.change_parameters_or_groups()
         if self.late and self.rng.random() < 0.25:
             self.add_late_parameter()
+        # (GradScaler takes no closure, and needs a gradient in the optimizer to check.)
+        scaled = self.sides[0].scaler is not None and bool(self.stepped_with_gradients())
+        if scaled and self.rng.random() < 0.2:
+            self.overflow()
         if self.rng.random() < 0.1:
-            self.note("  clip_grad_norm_(all parameters, 0.5)")
-            self.both(lambda side: torch.nn.utils.clip_grad_norm_(side.params, 0.5))
-        with_closure = self.rng.random() < 0.3
-        self.note(f"  step({'closure' if with_closure else ''})")
-        self.both(lambda side: side.optimizer.step((lambda: None) if with_closure else None))
+            self.note(f"  {'unscale_, ' if scaled else ''}clip_grad_norm_(all parameters, 0.5)")
+            for side in self.sides:
+                if scaled:
+                    side.scaler.unscale_(side.optimizer)
+                torch.nn.utils.clip_grad_norm_(side.params, 0.5)
+        if scaled:
+            self.note("  scaler.step(optimizer), scaler.update()")
+            for side in self.sides:
+                side.scaler.step(side.optimizer)
+                side.scaler.update()
+            assert self.sides[0].scaler.get_scale() == self.sides[1].scaler.get_scale()
+        else:
+            with_closure = self.rng.random() < 0.3
+            self.note(f"  step({'closure' if with_closure else ''})")
+            self.both(lambda side: side.optimizer.step((lambda: None) if with_closure else None))
         self.check(f"step {number}")
         self.maybe_reload(number)
         self.maybe_roll_back(number)
@@ -141,7 +161,26 @@ class Scenario:
             if side.params[i].requires_grad
         ]
         if terms:
-            sum(terms).backward()
+            loss = sum(terms)
+            (loss if side.scaler is None else side.scaler.scale(loss)).backward()
+
+    def stepped_with_gradients(self) -> list[int]:
+        """The parameters in the optimizer that have a gradient now."""
+        members = {id(p) for group in self.sides[0].optimizer.param_groups for p in group["params"]}
+        return [i for i, p in enumerate(self.sides[0].params) if id(p) in members and p.grad is not None]
+
+    def overflow(self) -> None:
+        """An inf in one gradient: GradScaler skips the step (nothing updated or counted).
+        Only in the optimizer's parameters: zero_grad never clears another's gradient, and
+        clipping would spread its inf as NaN into every gradient."""
+        present = [i for i in self.stepped_with_gradients() if self.sides[0].params[i].numel()]
+        if not present:
+            return
+        index = self.rng.choice(present)
+        self.note(f"  an inf in p[{index}].grad")
+        for side in self.sides:
+            grad = side.params[index].grad
+            grad[(0,) * grad.dim()] = float("inf")
 
     def change_gradients(self) -> None:
         roll, index = self.rng.random(), self.rng.randrange(len(self.shapes))
