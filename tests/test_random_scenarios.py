@@ -10,12 +10,13 @@ bfloat16 parameter, which gets a buffer of its own), groups with their own hyper
 gradients assigned, dropped, swapped, clipped or moved into buckets; hyperparameters
 edited; parameters re-pointed, frozen, thawed or added late; the state offloaded and
 brought back; checkpoints loaded into new optimizers, or rolled back in the same one; and,
-in some scenarios, a GradScaler, with overflows that skip steps. The seed fixes all of it, so a failure names
-its seed and replays. After every step the parameters, the state and the groups must agree
-with ``torch.optim.Adam``/``AdamW(fused=True)``. torch's fused kernel is the reference
-because ours calls it (CPU backend) or follows its order of operations (Triton); the reference gets
-contiguous copies of the gradients, as ours makes for itself, because torch 2.13's CPU fused
-kernel reads a gradient with other strides in the wrong order.
+in some scenarios, a GradScaler, with overflows that skip steps. The seed fixes all of it,
+so a failure names its seed and replays. After every step the parameters, the state and
+the groups must agree with ``torch.optim.Adam``/``AdamW(fused=True)``. torch's fused kernel
+is the reference because ours calls it (CPU backend) or follows its order of operations
+(Triton); the reference gets contiguous copies of the gradients, as ours makes for itself,
+because torch 2.13's CPU fused kernel reads a gradient with other strides in the wrong
+order.
 """
 
 from __future__ import annotations
@@ -86,11 +87,11 @@ class Scenario:
                 [dict(params=[side.params[i] for i in members], **_own(hyper)) for members, hyper in groups]
             )
         self.snapshot = None  # for a rollback: (step number, each side's saved state)
+        self.note(f"{cls_name}, shapes {self.shapes}, groups {groups}, added later {self.late}")
         if self.rng.random() < 0.25:  # mixed-precision style: scaled losses, skipped steps
             for side in self.sides:
                 side.scaler = torch.amp.GradScaler(torch.device(self.device).type, init_scale=2.0**10, growth_interval=3)
             self.note("  with a GradScaler")
-        self.note(f"{cls_name}, shapes {self.shapes}, groups {groups}, added later {self.late}")
 
     def hyperparameters(self) -> dict:
         choice = self.rng.choice
