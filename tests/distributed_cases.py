@@ -183,14 +183,31 @@ def assert_close_sharded(ours: nn.Module, reference: nn.Module, rtol=RTOL, atol=
         torch.testing.assert_close(a.full_tensor(), b.full_tensor(), rtol=rtol, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def fsdp2_trains_like_torch(rank, world_size, device, backend, name, mixed_precision=False):
+def _offload_state(optimizer, device) -> None:
+    """The optimizer state moved to the CPU and back, each tensor replaced in its entry, as
+    RLHF trainers (verl) free device memory between phases."""
+    for where in ("cpu", device):
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                state = optimizer.state[param]
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor):
+                        state[key] = value.to(where, copy=True)
+
+
+def fsdp2_trains_like_torch(rank, world_size, device, backend, name, mixed_precision=False, offload=False):
     from torch.distributed.tensor.debug import CommDebugMode
 
     trained = []
     for make_optimizer in optimizer_pair(name, backend):
         model = sharded_net(device, mixed_precision)
         optimizer = make_optimizer(model.parameters(), **CONFIGS[name])
-        _train_sharded(model, optimizer, rank, device, steps=STEPS - 1)
+        if offload:
+            _train_sharded(model, optimizer, rank, device, steps=2)
+            _offload_state(optimizer, device)
+            _train_sharded(model, optimizer, rank, device, steps=STEPS - 3, start=2)
+        else:
+            _train_sharded(model, optimizer, rank, device, steps=STEPS - 1)
         # One more step by hand, to watch the optimizer's part of it alone.
         generator = rank_generator(rank, 999)
         x, y = torch.randn(8, 13, generator=generator).to(device), torch.randn(8, 3, generator=generator).to(device)

@@ -119,6 +119,13 @@ def test_fsdp2_with_a_mixed_precision_policy_trains_like_torch(transport, backen
     run_on_ranks(cases.fsdp2_trains_like_torch, backend, "AdamW", True, transport=transport)
 
 
+@pytest.mark.parametrize("backend", [_case("torch", id="torch"), _case("triton", id="triton")])
+def test_fsdp2_with_the_state_offloaded_and_back_trains_like_torch(transport, backend):
+    """DTensor states replaced by copies on the CPU and back on the device, between steps."""
+    _skip_unrunnable(transport, backend)
+    run_on_ranks(cases.fsdp2_trains_like_torch, backend, "AdamW", False, True, transport=transport)
+
+
 @pytest.mark.parametrize(
     "full_state_dict, backend",
     [
