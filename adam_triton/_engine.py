@@ -17,14 +17,14 @@ import torch
 from . import _backends
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import in_shared_memory, is_dtensor, local
-from ._layout import PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
+from ._layout import PRECISION_KEYS, STATE_BUFFERS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
 from ._state_tensors import adopt_state_tensors, replaced_state_tensors
 from ._tables import HyperTable, order_chunks, upload, variant_of
 from ._validation import check_precision_options
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 #: Per-parameter state keys the engine owns; any other key in a loaded state is kept as is.
-ENGINE_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+ENGINE_STATE_KEYS = ("step", *STATE_BUFFERS)
 
 
 def check_parameters(groups: list[dict], params: list, group_of: list[int], optimizer_name: str) -> None:

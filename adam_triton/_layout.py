@@ -540,7 +540,7 @@ class FlatBuffer:
         notices."""
         if key == "step":
             return self.steps[int(self.leaders[segment])]
-        view = self.segment_view(getattr(self, _STATE_BUFFERS[key]), segment)
+        view = self.segment_view(getattr(self, STATE_BUFFERS[key]), segment)
         spec = self.dtensor_specs[segment]
         return view if spec is None else spec.wrap(view)
 
@@ -549,7 +549,7 @@ class FlatBuffer:
         where this buffer keeps no such state."""
         if key == "step":
             return self.step_views[segment]
-        name = _STATE_BUFFERS.get(key)  # other keys (other libraries' state) are not ours
+        name = STATE_BUFFERS.get(key)  # other keys (other libraries' state) are not ours
         views = None if name is None else getattr(self, f"{name}_views")
         return None if views is None else views[segment]
 
@@ -562,14 +562,15 @@ class FlatBuffer:
             return None
         if self._state_storages is None:
             # Held, so that their addresses stay theirs (each holds one reference, always).
-            tensors = [self.steps] + [getattr(self, name) for name in _STATE_BUFFERS.values()]
+            tensors = [self.steps] + [getattr(self, name) for name in STATE_BUFFERS.values()]
             storages = [t.untyped_storage() for t in tensors if t is not None]
             self._state_storages = [(storage, storage._cdata) for storage in storages]
         return tuple(_STORAGE_USE_COUNT(address) for _, address in self._state_storages)
 
 
-#: optimizer.state keys and the FlatBuffer attributes holding them.
-_STATE_BUFFERS = {
+#: optimizer.state keys held in state buffers, and the FlatBuffer attributes holding them
+#: (``step`` is the other key the optimizer owns: a view of ``steps``).
+STATE_BUFFERS = {
     "exp_avg": "exp_avg",
     "exp_avg_sq": "exp_avg_sq",
     "max_exp_avg_sq": "max_exp_avg_sq",
