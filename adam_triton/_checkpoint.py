@@ -16,10 +16,9 @@ from numbers import Number
 
 import torch
 
-from ._engine import ENGINE_STATE_KEYS
-from ._layout import PRECISION_KEYS
+from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, STATE_BUFFERS
 
-_PER_ELEMENT = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "master_param")
+_PER_ELEMENT = tuple(STATE_BUFFERS)  # the state held per element, in the state buffers
 _REQUIRED_GROUP_KEYS = ("params", "lr", "betas", "eps", "weight_decay")
 
 

@@ -17,14 +17,12 @@ import torch
 from . import _backends
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import in_shared_memory, is_dtensor, local
-from ._layout import PRECISION_KEYS, STATE_BUFFERS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
-from ._state_tensors import adopt_state_tensors, replaced_state_tensors
+from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
+from ._state_tensors import adopt_state_tensors, apart_from_buffers, apart_from_state, replaced_state_tensors
 from ._tables import HyperTable, order_chunks, upload, variant_of
 from ._validation import check_precision_options
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
-#: Per-parameter state keys the engine owns; any other key in a loaded state is kept as is.
-ENGINE_STATE_KEYS = ("step", *STATE_BUFFERS)
 
 
 def check_parameters(groups: list[dict], params: list, group_of: list[int], optimizer_name: str) -> None:
@@ -331,11 +329,13 @@ class Engine:
         longer rounds to its parameter (written while it was out of the optimizer), unless
         ``saved_masters_win`` (a checkpoint, which may be loaded before the model is)."""
         self._forget_state_seen()  # it holds the entries being replaced, and their buffers
-        for buffer in self.buffers if buffers is None else buffers:
+        buffers = self.buffers if buffers is None else buffers
+        apart = apart_from_buffers(buffers, state)
+        for buffer in buffers:
             step_values = np.zeros(len(buffer.params), dtype=np.float64)
             loaded_steps = []
             for segment, param in enumerate(buffer.params):
-                entry = state.get(param)
+                entry = apart.get(id(param)) or state.get(param)
                 has_state = bool(entry) and "exp_avg" in entry
                 if has_state:
                     buffer.ensure_moments()
@@ -436,13 +436,13 @@ class Engine:
             self.rebuild(groups, state)
             return
         for buffer in self.buffers:
-            entries = entries_of[id(buffer)]
-            if id(buffer) in replaced:
-                self.import_state(groups, state, [buffer])
-            else:
+            if id(buffer) not in replaced:
                 # Empty entries of parameters without state yet (a defaultdict lookup leaves
                 # them behind) are no state: the first step with a gradient replaces them.
-                buffer.state_entries = [entry or None for entry in entries]
+                buffer.state_entries = [entry or None for entry in entries_of[id(buffer)]]
+        if replaced:
+            # In one import: an entry moved from one buffer to another is read before either is written.
+            self.import_state(groups, state, [buffer for buffer in self.buffers if id(buffer) in replaced])
 
     def _notice_replaced_tensors(self, state) -> None:
         references = [buffer.state_references() for buffer in self.buffers]
@@ -450,6 +450,8 @@ class Engine:
             return
         # Every replacement is checked before any is copied in.
         replaced = [(buffer, replaced_state_tensors(buffer, state, self.name)) for buffer in self.buffers]
+        # ... and every one that is another entry's view is read before any is copied in.
+        replaced = [(buffer, apart_from_state(self.buffers, found)) for buffer, found in replaced]
         for buffer, found in replaced:
             adopt_state_tensors(buffer, found)
 

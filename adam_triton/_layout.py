@@ -553,6 +553,11 @@ class FlatBuffer:
         views = None if name is None else getattr(self, f"{name}_views")
         return None if views is None else views[segment]
 
+    def state_tensors(self) -> list[torch.Tensor]:
+        """The step counters and every state buffer made so far."""
+        tensors = [getattr(self, name) for name in STATE_BUFFERS.values()]
+        return [self.steps] + [t for t in tensors if t is not None]
+
     def state_references(self) -> tuple[int, ...] | None:
         """How many tensors hold each state buffer's memory (None where this torch cannot
         tell). Between steps only users change these counts: a state tensor replaced in
@@ -562,8 +567,7 @@ class FlatBuffer:
             return None
         if self._state_storages is None:
             # Held, so that their addresses stay theirs (each holds one reference, always).
-            tensors = [self.steps] + [getattr(self, name) for name in STATE_BUFFERS.values()]
-            storages = [t.untyped_storage() for t in tensors if t is not None]
+            storages = [t.untyped_storage() for t in self.state_tensors()]
             self._state_storages = [(storage, storage._cdata) for storage in storages]
         return tuple(_STORAGE_USE_COUNT(address) for _, address in self._state_storages)
 
@@ -576,6 +580,9 @@ STATE_BUFFERS = {
     "max_exp_avg_sq": "max_exp_avg_sq",
     "master_param": "master",
 }
+
+#: Per-parameter state keys the engine owns; any other key in a loaded state is kept as is.
+ENGINE_STATE_KEYS = ("step", *STATE_BUFFERS)
 
 #: How many references a storage has (torch's CUDA graph trees count a storage's users so).
 _STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)

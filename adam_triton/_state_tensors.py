@@ -7,6 +7,11 @@ hand (``state[p]["exp_avg"] = torch.zeros_like(p)``), changes what the next step
 from. Here the update runs on flat buffers, so such tensors are copied into them at the
 next step, and the entry holds a view of the buffer again.
 
+A replacement may be another parameter's state: entries traded between parameters, or a
+checkpoint of the optimizer's own ``state_dict()`` with its entries moved (experts
+reordered together with their state). Such values are views of the buffers about to be
+written, so they are copied out before any is copied in (``apart_from_*``).
+
 Looking at every entry costs a pass over all state tensors. It runs only when a state
 buffer's count of users changed since the last step (``FlatBuffer.state_references``):
 replacing or swapping a view that only its entry held drops the count.
@@ -19,7 +24,7 @@ import numbers
 import torch
 
 from ._in_place import local
-from ._layout import FlatBuffer
+from ._layout import ENGINE_STATE_KEYS, FlatBuffer
 
 
 def replaced_state_tensors(buffer: FlatBuffer, state, optimizer_name: str) -> list[tuple[int, str, object]]:
@@ -49,8 +54,60 @@ def adopt_state_tensors(buffer: FlatBuffer, replaced: list[tuple[int, str, objec
         buffer.state_entries[segment][key] = buffer.entry_view(key, segment)
 
 
-def _is_view_of(value, ours: torch.Tensor) -> bool:
+def apart_from_buffers(buffers: list[FlatBuffer], state) -> dict[int, dict]:
+    """For each parameter of ``buffers`` whose entry holds a state tensor sharing memory with
+    those buffers' state, other than its own segment's: ``id(param)`` -> a copy of the entry
+    with such tensors cloned. The buffers are then written one segment at a time without
+    changing a value before it is read: a checkpoint of the optimizer's own state with its
+    entries moved between parameters (experts reordered with their state), or entries
+    swapped in ``optimizer.state``, hold views of the very memory being written."""
+    spans = _memory_spans(buffers)
+    apart = {}
+    for buffer in buffers:
+        for segment, param in enumerate(buffer.params):
+            entry = state.get(param)
+            if not entry:
+                continue
+            moved = {
+                key: value.clone()
+                for key, value in entry.items()
+                if key in ENGINE_STATE_KEYS
+                and _overlaps(value, spans)
+                and not _is_view_of(value, buffer.internal_state_view(key, segment))
+            }
+            if moved:
+                apart[id(param)] = {**entry, **moved}
+    return apart
+
+
+def apart_from_state(buffers: list[FlatBuffer], replaced: list[tuple[int, str, object]]) -> list:
+    """``replaced`` with each replacement that shares memory with ``buffers``' state (another
+    parameter's entry view, moved here) cloned, for ``adopt_state_tensors``."""
+    spans = _memory_spans(buffers)
+    return [(segment, key, value.clone() if _overlaps(value, spans) else value) for segment, key, value in replaced]
+
+
+def _memory_spans(buffers: list[FlatBuffer]) -> list[tuple[torch.device, int, int]]:
+    """Where each of ``buffers``' state tensors lives: (device, first byte, end)."""
+    tensors = [t for buffer in buffers for t in buffer.state_tensors()]
+    storages = [t.untyped_storage() for t in tensors]
+    return [(t.device, s.data_ptr(), s.data_ptr() + s.nbytes()) for t, s in zip(tensors, storages) if s.nbytes()]
+
+
+def _overlaps(value, spans) -> bool:
     if not isinstance(value, torch.Tensor):
+        return False
+    values = local(value)
+    try:
+        storage = values.untyped_storage()
+    except (RuntimeError, NotImplementedError):  # a subclass without storage holds none of ours
+        return False
+    start, end = storage.data_ptr(), storage.data_ptr() + storage.nbytes()
+    return any(device == values.device and start < last and first < end for device, first, last in spans)
+
+
+def _is_view_of(value, ours: torch.Tensor | None) -> bool:
+    if ours is None or not isinstance(value, torch.Tensor):
         return False
     values = local(value)
     return values.data_ptr() == ours.data_ptr() and values.dtype == ours.dtype and values.shape == ours.shape

@@ -177,3 +177,128 @@ def test_an_offload_round_trip_changes_nothing_with_master_weights_and_bfloat16_
         assert set(entry) == set(state_after[index]) and "master_param" in entry
         for key, value in entry.items():
             assert torch.equal(value, state_after[index][key]), (index, key)
+
+
+# -- state moved from one parameter to another ------------------------------------------------
+# A checkpoint or entry that moves state between parameters (experts reordered together with
+# their optimizer state, entries swapped) holds views of the very buffers it is copied into:
+# each value must be read before any other is written.
+
+SAME_SHAPES = [(5, 3001), (37,), (5, 3001), (5, 3001), (37,)]
+
+
+def _own_checkpoint_permuted(optimizer):
+    """The optimizer's own state_dict(), its entries rotated among equal shapes, loaded back
+    (its tensors are views of the optimizer's state)."""
+    checkpoint = optimizer.state_dict()
+    old = checkpoint["state"]
+    checkpoint["state"] = {**old, 0: old[2], 2: old[3], 3: old[0], 1: old[4], 4: old[1]}
+    optimizer.load_state_dict(checkpoint)
+
+
+def _entries_swapped(optimizer):
+    params = optimizer.param_groups[0]["params"]
+    state = optimizer.state
+    state[params[0]], state[params[2]], state[params[3]] = state[params[2]], state[params[3]], state[params[0]]
+
+
+def _moments_swapped_and_one_replaced(optimizer):
+    """Two entries trade moments (each still held, which alone is not noticed); a third
+    moment replaced is, and then every entry is looked at."""
+    first, _, third, fourth, _ = (optimizer.state[p] for p in optimizer.param_groups[0]["params"])
+    first["exp_avg"], third["exp_avg"] = third["exp_avg"], first["exp_avg"]
+    first["max_exp_avg_sq"], third["max_exp_avg_sq"] = third["max_exp_avg_sq"], first["max_exp_avg_sq"]
+    fourth["exp_avg_sq"] = fourth["exp_avg_sq"] * 0.5
+
+
+MOVES = [
+    pytest.param(_own_checkpoint_permuted, id="own checkpoint permuted and loaded"),
+    pytest.param(_entries_swapped, id="entries swapped"),
+    pytest.param(_moments_swapped_and_one_replaced, id="moments swapped, one replaced"),
+]
+
+
+@pytest.mark.parametrize("move", MOVES)
+def test_state_moved_between_parameters_trains_as_in_torch(target, move):
+    ours_model, reference_model = paired(lambda: OddModel(shapes=SAME_SHAPES), target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+        move(optimizer)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+class _TwoDtypes(torch.nn.Module):
+    """Equal shapes in float32 and float64: two flat buffers."""
+
+    def __init__(self):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.weights = torch.nn.ParameterList(
+            torch.nn.Parameter(torch.randn(3, 1000, generator=generator, dtype=dtype))
+            for dtype in (torch.float32, torch.float64, torch.float32, torch.float64)
+        )
+
+    def forward(self, x):
+        return sum((w.float().sin() * x[i]).sum() + (w.float() ** 2).mean() for i, w in enumerate(self.weights))
+
+
+def test_a_checkpoint_moving_state_across_buffers_loads_as_in_torch(target):
+    """Entries rotated across the float32 and float64 buffers: each buffer written must
+    not change what the next one reads (the step counts included)."""
+    ours_model, reference_model = paired(_TwoDtypes, target.device, dtype=None)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        params = optimizer.param_groups[0]["params"]
+        params[0].grad, params[1].grad = None, None
+        optimizer.step()  # different step counts, for the rotation to show
+        checkpoint = optimizer.state_dict()
+        old = checkpoint["state"]
+        checkpoint["state"] = {0: old[1], 1: old[2], 2: old[3], 3: old[0]}
+        optimizer.load_state_dict(checkpoint)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def _trade_moments(entries, take):
+    first, second, third, _ = entries
+    first["exp_avg"], second["exp_avg"] = take(second["exp_avg"]), take(first["exp_avg"])
+    third["exp_avg_sq"] = third["exp_avg_sq"] * 0.5  # replaced, so that the step looks
+
+
+def _trade_entries(entries, take):
+    first, second, third, fourth = entries
+    # Each entry moves to a parameter of the other dtype: float32 <-> float64.
+    return [{k: take(v) for k, v in entry.items()} for entry in (second, first, fourth, third)]
+
+
+@pytest.mark.parametrize("trade", [_trade_moments, _trade_entries], ids=["moments traded", "entries traded"])
+def test_state_traded_across_buffers_is_read_before_any_is_written(target, trade):
+    """State traded between float32 and float64 parameters: the same as trading copies of
+    it. (torch's step cannot take a float64 moment for a float32 parameter, so the oracle is
+    the trade made with copies.)"""
+    results = []
+    for copies in (False, True):
+        model = _TwoDtypes().to(target.device)
+        optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+        train(model, optimizer, steps=2)
+        params = list(model.parameters())
+        params[0].grad = params[3].grad = None
+        optimizer.step()  # different step counts, for the trade to show
+        take = (lambda t: t.clone()) if copies else (lambda t: t)
+        traded = trade([optimizer.state[p] for p in params], take)
+        if traded is not None:
+            for p, entry in zip(params, traded):
+                optimizer.state[p] = entry
+        train(model, optimizer, steps=2, seed=2)
+        results.append([p.detach().clone() for p in params] + [optimizer.state[p]["step"] for p in params])
+    for ours, expected in zip(*results):
+        assert torch.equal(ours, expected)
