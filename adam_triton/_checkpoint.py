@@ -44,6 +44,8 @@ def _check_step(step, where: str) -> None:
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
             raise _bad(f"{where}: 'step' must be a one-element real tensor, got shape {tuple(step.shape)} {step.dtype}")
+        if step.device.type == "meta":
+            raise _bad(f"{where}: 'step' is on the meta device: it holds no value")
         value = float(step.detach().reshape(()).to("cpu", torch.float64))
     elif isinstance(step, Number) and not isinstance(step, bool):
         value = float(step)

@@ -118,6 +118,8 @@ def _check_replacement(value, ours: torch.Tensor, key: str, buffer: FlatBuffer, 
         f"{optimizer_name}: optimizer.state[p][{key!r}] of a parameter of shape "
         f"{tuple(buffer.shapes[segment])} (param group {int(buffer.group_of_segment[segment])})"
     )
+    if isinstance(value, torch.Tensor) and value.device.type == "meta":
+        raise ValueError(f"{where} was replaced by a tensor on the meta device, which holds no values")
     if key == "step":
         if isinstance(value, torch.Tensor) and value.numel() != 1:
             raise ValueError(f"{where} was replaced by a tensor of {value.numel()} elements; a step is one number")

@@ -138,6 +138,7 @@ def test_steps_look_at_each_state_tensor_only_after_a_change(monkeypatch):
         pytest.param(lambda entry: entry.__setitem__("exp_avg", torch.zeros(3)), id="moment of another shape"),
         pytest.param(lambda entry: entry.__setitem__("exp_avg_sq", 0.0), id="moment as a number"),
         pytest.param(lambda entry: entry.__setitem__("step", torch.ones(2)), id="step of two elements"),
+        pytest.param(lambda entry: entry.__setitem__("exp_avg", torch.empty(entry["exp_avg"].shape, device="meta")), id="moment on the meta device"),
     ],
 )
 def test_a_state_tensor_that_cannot_stand_in_is_refused_before_anything_changes(target, bad):

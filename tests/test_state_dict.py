@@ -132,6 +132,9 @@ def _corruptions():
     def meta_moment(sd):
         sd["state"][2]["exp_avg_sq"] = torch.empty(sd["state"][2]["exp_avg_sq"].shape, device="meta")
 
+    def meta_step(sd):
+        sd["state"][2]["step"] = torch.empty((), device="meta")
+
     def integer_state_dtype(sd):  # a precision option the buffers cannot take
         sd["param_groups"][1]["state_dtype"] = torch.int32
 
@@ -142,7 +145,7 @@ def _corruptions():
         pytest.param(fn, id=fn.__name__)
         for fn in (
             shape, missing_key, not_a_tensor, negative_step, step_vector, integer_state, group_count, group_size,
-            group_lacks_lr, no_state, infinite_step, maximum_shape, complex_state, none_moment, meta_moment,
+            group_lacks_lr, no_state, infinite_step, maximum_shape, complex_state, none_moment, meta_moment, meta_step,
             integer_state_dtype, masters_and_stochastic_rounding,
         )
     ]
