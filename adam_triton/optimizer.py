@@ -33,10 +33,6 @@ _GROUP_DEFAULTS = {
 class _FlatAdam(Optimizer):
     """Everything Adam and AdamW share; the public classes only fix their signatures."""
 
-    # GradScaler hands us its scale and its inf check instead of unscaling and checking
-    # on the host: the kernel unscales, and skips the step on the device.
-    _step_supports_amp_scaling = True
-
     def __init__(
         self,
         params,
@@ -99,10 +95,22 @@ class _FlatAdam(Optimizer):
         return {(b.device, b.param_dtype): self._engine.backend_of[id(b)] for b in self._engine.buffers}
 
     @property
+    def _step_supports_amp_scaling(self) -> bool:
+        """As in torch, only with ``fused=True`` does ``torch.amp.GradScaler`` hand ``step()``
+        its scale and inf check (the update then unscales, and skips on the device, with no
+        host sync). Otherwise GradScaler unscales and checks first, and does not call
+        ``step()`` at all on an inf, which other libraries build on: FSDP's
+        ShardedGradScaler agrees on the check across ranks in ``unscale_``, Lightning clips
+        after it, accelerate and transformers count the skipped steps."""
+        return bool(self.defaults.get("fused"))
+
+    @property
     def last_step_skipped(self) -> torch.Tensor:
-        """Whether ``torch.amp.GradScaler`` skipped the last step (inf or nan gradients): a
-        boolean tensor on the scaler's device, so checking it waits only when you read it
-        (``if not optimizer.last_step_skipped: scheduler.step()``). ``False`` without a scaler."""
+        """With ``fused=True``, whether ``torch.amp.GradScaler`` skipped the last step (inf or
+        nan gradients): a boolean tensor on the scaler's device, so checking it waits only
+        when you read it (``if not optimizer.last_step_skipped: scheduler.step()``). ``False``
+        without a scaler, and without ``fused=True``, where GradScaler skips by not calling
+        ``step()``."""
         return self._engine.last_step_skipped()
 
     # -- torch.optim.Optimizer surface --------------------------------------------------------
@@ -256,7 +264,10 @@ _ARGS = r"""
             pure-PyTorch backend on CUDA reads betas, eps and weight decay held in device
             tensors on the host, as torch's fused Adam does) (default: False).
         differentiable (bool, optional): not supported; ``True`` raises ``RuntimeError``.
-        fused (bool, optional): accepted for compatibility; has no effect (default: None).
+        fused (bool, optional): the update is always fused; as in torch, ``True`` makes
+            ``torch.amp.GradScaler`` hand the step its scale and inf check (unscaled and
+            skipped on the device, no host sync) instead of unscaling first and not calling
+            ``step()`` on an inf (default: None).
         backend (str, optional): ``"auto"`` (Triton kernel for CUDA parameters, pure PyTorch
             elsewhere), ``"triton"`` (always the kernel; CPU parameters need
             ``TRITON_INTERPRET=1`` set before triton is imported), or ``"torch"`` (always the

@@ -440,6 +440,40 @@ def fsdp1_trains_and_resumes_like_torch(rank, world_size, device, backend, use_o
         assert_same_training(ours_resumed, uninterrupted, rtol=0, atol=0)
 
 
+def fsdp1_sharded_grad_scaler_skips_on_every_rank(rank, world_size, device, backend):
+    """FSDP1's ShardedGradScaler agrees across ranks on whether a step saw an inf, inside
+    ``unscale_``: an inf in rank 0's gradient shard alone must skip the step on every rank,
+    as with torch's optimizer. (With ``fused=True``, as with torch's fused Adam, GradScaler
+    hands the step the local check instead; then ranks may disagree, under torch too.)"""
+    from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+    make_ours, make_reference = optimizer_pair("AdamW", backend)
+    trained = []
+    for make_optimizer in (make_ours, make_reference):
+        model = _fsdp1_net(device, use_orig_params=False)
+        optimizer = make_optimizer(model.parameters(), **CONFIGS["AdamW"])
+        scaler = ShardedGradScaler(device=device.type, init_scale=2.0**10, growth_interval=2)
+        for index in range(4):
+            generator = rank_generator(rank, index)
+            x, y = torch.randn(8, 13, generator=generator).to(device), torch.randn(8, 3, generator=generator).to(device)
+            optimizer.zero_grad()
+            scaler.scale(torch.nn.functional.mse_loss(model(x).float(), y)).backward()
+            if index == 1 and rank == 0:
+                next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("inf")
+            scaler.step(optimizer)
+            scaler.update()
+        trained.append((model, optimizer, scaler))
+    (ours, ours_optimizer, ours_scaler), (reference, reference_optimizer, reference_scaler) = trained
+    assert_runs_on(ours_optimizer, backend)
+    assert ours_scaler.get_scale() == reference_scaler.get_scale()
+    scales = [None] * world_size
+    dist.all_gather_object(scales, ours_scaler.get_scale())
+    assert len(set(scales)) == 1, scales
+    for a, b in zip(ours.parameters(), reference.parameters()):
+        assert float(ours_optimizer.state[a]["step"]) == float(reference_optimizer.state[b]["step"]) == 3
+        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL)
+
+
 # -- mixed precision under each engine ---------------------------------------------------------
 def _local(tensor):
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor

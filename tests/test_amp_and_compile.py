@@ -29,26 +29,34 @@ def _scaled_training(model, optimizer, scaler, steps, inf_at=(), clip=False):
     return skipped
 
 
-@pytest.mark.parametrize("clip", [False, True], ids=["scaler-unscales-in-kernel", "unscale_-then-clip"])
-def test_grad_scaler_matches_torch_fused_and_skips_infs(target, clip):
+@pytest.mark.parametrize("fused", [None, True], ids=["default", "fused=True"])
+@pytest.mark.parametrize("clip", [False, True], ids=["scaler-unscales", "unscale_-then-clip"])
+def test_grad_scaler_matches_torch_and_skips_infs(target, clip, fused):
+    """GradScaler drives ours as it drives torch's optimizer with the same ``fused`` flag: by
+    default it unscales first and does not call ``step()`` on an inf; with ``fused=True`` it
+    hands the step its scale and inf check, and the update unscales and skips itself."""
     device_type = target.device
     ours_model = OddModel().to(target.device)
     reference_model = copy.deepcopy(ours_model)
-    ours = adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend)
-    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, fused=True)
+    ours = adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend, fused=fused)
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, fused=fused)
+    assert ours._step_supports_amp_scaling == getattr(reference, "_step_supports_amp_scaling", False)
+    calls = {id(ours): 0, id(reference): 0}
+    for optimizer in (ours, reference):
+        optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.__setitem__(id(opt), calls[id(opt)] + 1))
     ours_scaler = torch.amp.GradScaler(device_type, init_scale=2.0**12, growth_interval=2)
     reference_scaler = torch.amp.GradScaler(device_type, init_scale=2.0**12, growth_interval=2)
     skipped = _scaled_training(ours_model, ours, ours_scaler, 7, inf_at=(1, 4), clip=clip)
     _scaled_training(reference_model, reference, reference_scaler, 7, inf_at=(1, 4), clip=clip)
-    assert skipped == [False, True, False, False, True, False, False]
+    assert calls[id(ours)] == calls[id(reference)] == (7 if fused else 5)
+    assert skipped == ([False, True, False, False, True, False, False] if fused else [False] * 7)
     assert ours_scaler.get_scale() == reference_scaler.get_scale()
     for a, b in zip(ours_model.parameters(), reference_model.parameters()):
         assert float(ours.state[a]["step"]) == float(reference.state[b]["step"]) == 5
     assert_close_params(ours_model, reference_model)
-    if not clip:
-        # As torch's fused kernel: the gradients are left unscaled after the step.
-        for a, b in zip(ours_model.parameters(), reference_model.parameters()):
-            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
+    # Unscaled after the step, by GradScaler.unscale_ or (fused) by the update, as in torch.
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_grad_scaler_leaves_unscaled_gradients_with_compact_states_too(target):
@@ -56,7 +64,9 @@ def test_grad_scaler_leaves_unscaled_gradients_with_compact_states_too(target):
     gradients must still come back unscaled, as torch's fused kernel leaves them."""
     ours_model = OddModel().to(target.device)
     reference_model = copy.deepcopy(ours_model)
-    ours = adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend, state_dtype=torch.bfloat16)
+    ours = adam_triton.AdamW(
+        ours_model.parameters(), lr=1e-2, backend=target.backend, state_dtype=torch.bfloat16, fused=True
+    )
     reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, fused=True)
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         _scaled_training(model, optimizer, torch.amp.GradScaler(target.device, init_scale=2.0**12), 2)
@@ -67,7 +77,7 @@ def test_grad_scaler_leaves_unscaled_gradients_with_compact_states_too(target):
 
 def test_a_skipped_step_changes_nothing(target):
     model = OddModel().to(target.device)
-    optimizer = adam_triton.Adam(model.parameters(), lr=1e-2, backend=target.backend, amsgrad=True)
+    optimizer = adam_triton.Adam(model.parameters(), lr=1e-2, backend=target.backend, amsgrad=True, fused=True)
     scaler = torch.amp.GradScaler(target.device, init_scale=2.0**8)
     _scaled_training(model, optimizer, scaler, 2)
     before = copy.deepcopy(optimizer.state_dict())

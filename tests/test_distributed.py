@@ -160,6 +160,11 @@ def test_fsdp1_trains_and_resumes_like_torch(transport, use_orig_params, backend
     run_on_ranks(cases.fsdp1_trains_and_resumes_like_torch, backend, use_orig_params, transport=transport)
 
 
+def test_fsdp1_sharded_grad_scaler_skips_a_step_on_every_rank_as_with_torch(transport):
+    """Only rank 0 sees the inf; ShardedGradScaler's unscale_ tells every rank."""
+    run_on_ranks(cases.fsdp1_sharded_grad_scaler_skips_on_every_rank, "torch", transport=transport)
+
+
 # -- mixed precision (master weights, bfloat16 states) under every engine ---------------------
 @pytest.mark.parametrize(
     "engine, backend",

@@ -56,10 +56,11 @@ class Side:
         self.params = [torch.nn.Parameter(t.clone()) for t in initial]
         self.optimizer = None
         self.scaler = None  # a GradScaler, in scenarios that train with one
+        self.fused = None  # ours: with fused=True, GradScaler hands the step its scale
 
     def make_optimizer(self, groups: list) -> torch.optim.Optimizer:
         if self.name == "ours":
-            return getattr(adam_triton, self.cls_name)(groups, backend=self.backend)
+            return getattr(adam_triton, self.cls_name)(groups, backend=self.backend, fused=self.fused)
         return getattr(torch.optim, self.cls_name)(groups, fused=True)
 
 
@@ -82,16 +83,20 @@ class Scenario:
         self.rng.shuffle(early)
         group_count = self.rng.randint(1, min(3, len(early)))
         groups = [(early[g::group_count], self.hyperparameters()) for g in range(group_count)]
+        scaled = self.rng.random() < 0.25  # mixed-precision style: scaled losses, skipped steps
+        # GradScaler goes either way: unscale_ and no step() on an inf, or (ours with
+        # fused=True) the scale and the inf check handed to the step.
+        self.sides[0].fused = True if scaled and self.rng.random() < 0.5 else None
         for side in self.sides:
             side.optimizer = side.make_optimizer(
                 [dict(params=[side.params[i] for i in members], **_own(hyper)) for members, hyper in groups]
             )
+            if scaled:
+                side.scaler = torch.amp.GradScaler(torch.device(self.device).type, init_scale=2.0**10, growth_interval=3)
         self.snapshot = None  # for a rollback: (step number, each side's saved state)
         self.note(f"{cls_name}, shapes {self.shapes}, groups {groups}, added later {self.late}")
-        if self.rng.random() < 0.25:  # mixed-precision style: scaled losses, skipped steps
-            for side in self.sides:
-                side.scaler = torch.amp.GradScaler(torch.device(self.device).type, init_scale=2.0**10, growth_interval=3)
-            self.note("  with a GradScaler")
+        if scaled:
+            self.note(f"  with a GradScaler{', ours fused=True' if self.sides[0].fused else ''}")
 
     def hyperparameters(self) -> dict:
         choice = self.rng.choice
