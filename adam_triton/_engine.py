@@ -81,39 +81,58 @@ def _inference_tensor_error(optimizer_name: str, param: torch.Tensor, group_inde
 
 
 def _memory_span(values: torch.Tensor) -> tuple | None:
-    """(device, first byte, end byte) of a dense tensor's elements; None for an empty or a
-    gappy one (whose byte range may interleave with another tensor's without sharing)."""
+    """(device, first byte, end byte, dense) of a tensor's elements; None for an empty one
+    (or one with negative strides, which torch does not make). A gappy tensor's (``W[:, :3]``,
+    a diagonal) range may interleave with another's without sharing an element."""
     if values.numel() == 0 or any(s < 0 for s in values.stride()):
         return None
     extent = 1 + sum((size - 1) * stride for size, stride in zip(values.shape, values.stride()))
-    if extent != values.numel():
-        return None
     start = values.data_ptr()
-    return values.device, start, start + extent * values.element_size()
+    return values.device, start, start + extent * values.element_size(), extent == values.numel()
+
+
+def _element_offsets(values: torch.Tensor) -> torch.Tensor:
+    """The byte address of each element of ``values`` (rare: gappy parameters whose ranges
+    meet another's), as a sorted int64 tensor."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for dim, (size, stride) in enumerate(zip(values.shape, values.stride())):
+        shape = [1] * values.dim()
+        shape[dim] = size
+        offsets = offsets + torch.arange(size, dtype=torch.int64).view(shape) * stride
+    return (offsets.reshape(-1) * values.element_size() + values.data_ptr()).sort().values
+
+
+def _share_an_element(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors whose byte ranges meet (one of them gappy) share memory."""
+    if a.element_size() != b.element_size() or (a.data_ptr() - b.data_ptr()) % a.element_size():
+        return True  # views of one storage as two dtypes, misaligned: taken as sharing
+    return bool(torch.isin(_element_offsets(a), _element_offsets(b)).any())
 
 
 def _check_no_shared_memory(params: list, group_of: list[int], optimizer_name: str) -> None:
-    """Two distinct parameters over the same memory (``Parameter(other)``, or ``b.data =
-    a.data``) would each get a segment of their own and silently stop sharing it."""
+    """Two distinct parameters over the same memory (``Parameter(other)``, ``b.data =
+    a.data``, slices of one tensor that overlap) would each get a segment of their own and
+    silently stop sharing it."""
     spans = sorted(
-        (span[0].type, span[0].index or 0, span[1], span[2], position)
+        (span[0].type, span[0].index or 0, span[1], span[2], span[3], position)
         for position, span in enumerate(map(_memory_span, params))
         if span is not None
     )
-    reach = None  # (device, end byte, position) of the furthest-reaching span so far
-    for device_type, device_index, start, end, position in spans:
+    reaching = []  # (device, end byte, dense, position) of the spans that may reach the next one
+    for device_type, device_index, start, end, dense, position in spans:
         device = (device_type, device_index)
-        if reach is not None and reach[0] == device and start < reach[1]:
-            first, second = sorted((reach[2], position))
-            raise ValueError(
-                f"{optimizer_name}: two parameters share memory (param group {group_of[first]}, shape "
-                f"{tuple(params[first].shape)}, and param group {group_of[second]}, shape "
-                f"{tuple(params[second].shape)}). Each parameter gets a segment of its own in a flat "
-                "buffer, so they would stop sharing it. Tie weights by assigning the same Parameter "
-                "(b.weight = a.weight), or drop the one the model no longer uses from the optimizer."
-            )
-        if reach is None or reach[0] != device or end > reach[1]:
-            reach = (device, end, position)
+        reaching = [r for r in reaching if r[0] == device and r[1] > start]
+        for _, _, other_dense, other in reaching:
+            if (dense and other_dense) or _share_an_element(params[other], params[position]):
+                first, second = sorted((other, position))
+                raise ValueError(
+                    f"{optimizer_name}: two parameters share memory (param group {group_of[first]}, shape "
+                    f"{tuple(params[first].shape)}, and param group {group_of[second]}, shape "
+                    f"{tuple(params[second].shape)}). Each parameter gets a segment of its own in a flat "
+                    "buffer, so they would stop sharing it. Tie weights by assigning the same Parameter "
+                    "(b.weight = a.weight), or drop the one the model no longer uses from the optimizer."
+                )
+        reaching.append((device, end, dense, position))
 
 
 def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:

@@ -474,6 +474,60 @@ def test_distinct_parameters_sharing_memory_are_refused_before_anything_changes(
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+# Slices of one tensor, at least one gappy (its byte range has holes): whether two share an
+# element is told element by element.
+_OVERLAPPING_SLICES = {
+    "columns 0-2 and 2-3": lambda w: (w[:, :3], w[:, 2:]),
+    "the diagonal and a row": lambda w: (w.diagonal(), w[1]),
+    "the whole and two columns": lambda w: (w, w[:, :2]),
+}
+_DISJOINT_SLICES = {
+    "even and odd rows": lambda w: (w[0::2], w[1::2]),
+    "even and odd columns": lambda w: (w[:, 0::2], w[:, 1::2]),
+    "the diagonal and the first row's tail": lambda w: (w.diagonal(), w[0, 1:]),
+}
+
+
+@pytest.mark.parametrize("slices", list(_OVERLAPPING_SLICES), ids=list(_OVERLAPPING_SLICES))
+def test_gappy_slices_sharing_an_element_are_refused_before_anything_changes(target, slices):
+    weights = torch.randn(6, 6, device=target.device)
+    first, second = (torch.nn.Parameter(t) for t in _OVERLAPPING_SLICES[slices](weights))
+    with pytest.raises(ValueError, match="share memory"):
+        adam_triton.AdamW([first, second], lr=1e-2, backend=target.backend)
+    assert first.data_ptr() >= weights.data_ptr() and second.data_ptr() >= weights.data_ptr()
+    # Re-pointed so after the optimizer was built: refused at the next step, nothing changed.
+    first, second = torch.nn.Parameter(torch.randn(6, 6, device=target.device)), torch.nn.Parameter(torch.randn(6, 2, device=target.device))
+    optimizer = adam_triton.AdamW([first, second], lr=1e-2, backend=target.backend)
+    first.grad, second.grad = torch.randn_like(first), torch.randn_like(second)
+    optimizer.step()
+    second.data = first.data[:, 1:3]
+    before = first.detach().clone()
+    with pytest.raises(ValueError, match="share memory"):
+        optimizer.step()
+    assert torch.equal(first.detach(), before) and second.data_ptr() == first[:, 1:].data_ptr()
+
+
+@pytest.mark.parametrize("slices", list(_DISJOINT_SLICES), ids=list(_DISJOINT_SLICES))
+def test_interleaved_slices_sharing_no_element_train_as_in_torch(target, slices):
+    """Their byte ranges interleave, but no element is shared: accepted, trained as torch's
+    for-loop trains them (torch's fused kernel mishandles gappy parameters)."""
+    weights = torch.randn(6, 6, generator=torch.Generator().manual_seed(0)).to(target.device)
+    results = []
+    for make in (
+        lambda params: adam_triton.AdamW(params, lr=1e-2, backend=target.backend),
+        lambda params: torch.optim.AdamW(params, lr=1e-2, foreach=False),
+    ):
+        params = [torch.nn.Parameter(t) for t in _DISJOINT_SLICES[slices](weights.clone())]
+        optimizer = make(params)
+        for step in range(3):
+            optimizer.zero_grad()
+            (params[0].sin().sum() * (step + 1) + params[1].square().sum()).backward()
+            optimizer.step()
+        results.append(params)
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, rtol=2e-5, atol=2e-6)
+
+
 def test_a_group_sharing_memory_with_the_optimizer_is_refused_and_not_added(target):
     """weight_norm applied after the optimizer was built: its new Parameter wraps the old
     weight's memory, which is still in the optimizer. Refused, and nothing changes; once
