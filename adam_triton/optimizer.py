@@ -31,7 +31,13 @@ _GROUP_DEFAULTS = {
 
 
 class _FlatAdam(Optimizer):
-    """Everything Adam and AdamW share; the public classes only fix their signatures."""
+    """Everything Adam and AdamW share; the public classes only fix their signatures.
+
+    The public classes also derive from ``torch.optim.Adam`` / ``AdamW``, so that code
+    that checks ``isinstance(optimizer, torch.optim.AdamW)`` treats them as what they are
+    (accelerate picks DeepSpeed's CPU Adam mode so). None of torch's Adam code runs: every
+    method torch's classes define is defined here, and the base calls name ``Optimizer``.
+    """
 
     def __init__(
         self,
@@ -80,7 +86,7 @@ class _FlatAdam(Optimizer):
         }
         self._backend = backend
         self._engine = None  # add_param_group below must not re-home before we are ready
-        super().__init__(params, defaults)  # checks the parameters; moves nothing yet
+        Optimizer.__init__(self, params, defaults)  # checks the parameters; moves nothing yet
         check_implementation_flags(foreach=foreach, fused=fused, differentiable=differentiable)
         self._engine = Engine(type(self).__name__, backend, self._precision)
         self._engine.rebuild(self.param_groups, self.state)
@@ -115,7 +121,7 @@ class _FlatAdam(Optimizer):
 
     # -- torch.optim.Optimizer surface --------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
+        Optimizer.add_param_group(self, param_group)
         if self._engine is None:
             return
         try:
@@ -157,7 +163,7 @@ class _FlatAdam(Optimizer):
         accumulates straight into the flat buffer.
         """
         if set_to_none:
-            super().zero_grad(set_to_none=True)
+            Optimizer.zero_grad(self, set_to_none=True)
             self._engine.forget_gradients()
             return
         if not hasattr(self, "_zero_grad_profile_name"):
@@ -191,12 +197,17 @@ class _FlatAdam(Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
+    def _init_group(self, *args, **kwargs):
+        # torch's Adam gathers each group's tensors here for its step; ours has none of that
+        # (the state lives in flat buffers), and torch's would put state of its own in ours.
+        raise NotImplementedError(f"{type(self).__name__} keeps its state in flat buffers: it has no _init_group")
+
     def _complete_group(self, group: dict) -> None:
         for key, value in _GROUP_DEFAULTS.items():
             group.setdefault(key, value)
 
     def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
+        state = Optimizer.__getstate__(self)
         state["_backend"] = self._backend
         state["_precision"] = self._precision
         return state
@@ -205,14 +216,14 @@ class _FlatAdam(Optimizer):
         if "_backend" not in state and getattr(self, "_engine", None) is not None:
             # load_state_dict's call on a live optimizer (new groups and state; it then
             # copies the state into the buffers).
-            super().__setstate__(state)
+            Optimizer.__setstate__(self, state)
             for group in self.param_groups:
                 self._complete_group(group)
             return
         # Unpickling and deepcopy: rebuild the flat buffers around the restored parameters.
         backend = state.pop("_backend", "auto")
         precision = state.pop("_precision", {})
-        super().__setstate__(state)
+        Optimizer.__setstate__(self, state)
         for group in self.param_groups:
             self._complete_group(group)
         self._backend = backend
@@ -289,7 +300,7 @@ _ARGS = r"""
 """
 
 
-class Adam(_FlatAdam):
+class Adam(_FlatAdam, torch.optim.Adam):
     __doc__ = (
         """Adam over flat parameter buffers: ``torch.optim.Adam`` with one fused update per buffer.
 """
@@ -346,7 +357,7 @@ class Adam(_FlatAdam):
         )
 
 
-class AdamW(Adam):
+class AdamW(Adam, torch.optim.AdamW):
     __doc__ = (
         """AdamW over flat parameter buffers: ``torch.optim.AdamW`` with one fused update per buffer.
 """

@@ -51,6 +51,22 @@ def test_is_a_torch_optimizer_and_adamw_is_an_adam():
     assert optimizer.defaults == torch.optim.AdamW(nn.Linear(3, 2).parameters()).defaults
 
 
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [("Adam", {}), ("Adam", {"decoupled_weight_decay": True}), ("AdamW", {})],
+    ids=["Adam", "Adam-decoupled", "AdamW"],
+)
+def test_isinstance_of_torchs_classes_answers_as_for_torchs_own(name, kwargs):
+    """Libraries tell optimizers apart so (accelerate sets DeepSpeed's CPU Adam to AdamW mode
+    for ``isinstance(optimizer, torch.optim.AdamW)``); torch's own code must not run in ours."""
+    ours = getattr(adam_triton, name)(nn.Linear(3, 2).parameters(), **kwargs)
+    theirs = getattr(torch.optim, name)(nn.Linear(3, 2).parameters(), **kwargs)
+    for cls in (torch.optim.Adam, torch.optim.AdamW, torch.optim.SGD):
+        assert isinstance(ours, cls) == isinstance(theirs, cls), cls
+    with pytest.raises(NotImplementedError, match="flat buffers"):
+        ours._init_group(ours.param_groups[0], [], [], [], [], [], [])
+
+
 def _torch_error_inputs():
     from torch.testing._internal.common_optimizers import optim_db
 
