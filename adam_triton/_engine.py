@@ -16,7 +16,7 @@ import torch
 
 from . import _backends
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
-from ._in_place import in_shared_memory, is_dtensor, local
+from ._in_place import held_elsewhere, in_shared_memory, is_dtensor, local
 from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
 from ._state_tensors import adopt_state_tensors, apart_from_buffers, apart_from_state, replaced_state_tensors
 from ._tables import HyperTable, order_chunks, upload, variant_of
@@ -326,9 +326,10 @@ class Engine:
             for buffer, segment in moved:
                 param = buffer.params[segment]
                 values = local(param)
-                if (values.device, storage_dtype(values)) == (buffer.device, buffer.dtype):
-                    # Re-pointed at other storage of the same kind (ZeroRedundancyOptimizer's
-                    # buckets, say): its new owner reads it there, so it is updated there.
+                if (values.device, storage_dtype(values)) == (buffer.device, buffer.dtype) and held_elsewhere(values):
+                    # Re-pointed at other storage of the same kind that someone else holds
+                    # (ZeroRedundancyOptimizer's buckets, say): they read it there, so it is
+                    # updated there. Storage only the parameter holds is re-homed.
                     self._left_in_place.add(id(param))
             self.rebuild(groups, state)
 

@@ -8,9 +8,12 @@ of parameters must stay where they are, because someone else reads them there:
   sharded the model (``FSDPParam._sharded_param_data``), not from ``param.data``: a shard
   moved into our buffer would never be gathered again.
 * a parameter whose ``.data`` was re-pointed after the optimizer was built, to storage on
-  the same device and dtype: whoever did it reads it there (``ZeroRedundancyOptimizer``
-  with ``parameters_as_bucket_view=True`` broadcasts from its buckets). A parameter moved to
-  another device or dtype (``model.to``, ``model.double()``) is still re-homed.
+  the same device and dtype that someone else holds too: they read it there
+  (``ZeroRedundancyOptimizer`` with ``parameters_as_bucket_view=True`` broadcasts from its
+  buckets). Storage that only the parameter holds (``p.data = new_tensor``, as
+  ``torch.nn.utils.prune.remove`` does) is nobody else's to read, so the parameter is
+  re-homed: otherwise its segment of the flat buffer would sit unused beside it. So is a
+  parameter moved to another device or dtype (``model.to``, ``model.double()``).
 * a CPU parameter in shared memory (``model.share_memory()``, or one that another process
   sent): the other processes read and write it there (Hogwild training, as in PyTorch's
   multiprocessing examples). Moved into our buffer, this process would train a private copy.
@@ -38,6 +41,20 @@ def _dtensor_class():
 def is_dtensor(tensor) -> bool:
     cls = _dtensor_class()
     return cls is not None and isinstance(tensor, cls)
+
+
+#: How many references a storage has (None where this torch cannot tell).
+_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def held_elsewhere(values: torch.Tensor) -> bool:
+    """Whether anything but this tensor holds its storage (a wrapper's bucket, a tensor the
+    user kept); True where torch cannot tell."""
+    if _STORAGE_USE_COUNT is None:
+        return True
+    # The tensor holds one reference, and the storage's Python object (one per storage,
+    # whoever asks for it) another.
+    return _STORAGE_USE_COUNT(values.untyped_storage()._cdata) > 2
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -728,6 +728,34 @@ def test_a_parameter_left_in_place_that_is_not_dense_is_updated_as_in_torch(targ
     assert torch.equal(wider[ours_model][:, 13:], wider[reference_model][:, 13:])
 
 
+@pytest.mark.parametrize("kept", [False, True], ids=["only the parameter holds it", "the new tensor kept"])
+def test_data_given_storage_of_the_same_kind_is_re_homed_unless_someone_else_holds_it(target, kept):
+    """``p.data = t`` (as ``torch.nn.utils.prune.remove`` does): with ``t`` dropped, nobody
+    else can read it, so the parameter goes back into its flat buffer, whose segment would
+    otherwise sit unused beside it (a second copy of the parameter, for good). With ``t``
+    kept, it is updated there, where ``t`` sees it, as under torch."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
+    new_values = torch.randn(ours_model.weights[2].shape, generator=torch.Generator().manual_seed(5)).to(target.device)
+    held = {}
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        replacement = new_values.clone()
+        if kept:
+            held[model] = replacement
+        model.weights[2].data = replacement
+        del replacement
+        train(model, optimizer, steps=3, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    weight = ours_model.weights[2]
+    buffer = next(b for b in ours._engine.buffers if any(p is weight for p in b.params))
+    in_buffer = buffer.param.data_ptr() <= weight.data_ptr() < buffer.param.data_ptr() + buffer.param.nbytes
+    assert in_buffer != kept
+    if kept:
+        assert torch.equal(held[ours_model], weight.detach())
+
+
 @pytest.mark.parametrize("when", ["at construction", "re-pointed after some steps", "unfrozen after loading its state"])
 def test_a_parameter_whose_elements_share_memory_is_refused_before_anything_changes(target, when):
     """An expanded tensor (stride 0) cannot be updated in place (torch raises at its step),
