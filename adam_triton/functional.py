@@ -12,13 +12,14 @@ import numpy as np
 import torch
 
 from . import _backends
-from ._layout import CHUNK_COLUMNS, chunk_elements_for
+from ._layout import CHUNK_COLUMNS, chunk_elements_for, is_inference_tensor
 from ._tables import HyperTable, upload
 
 __all__ = ["adam"]
 
 _chunk_tables: dict[tuple, torch.Tensor] = {}
 _zero_shift: dict[torch.device, torch.Tensor] = {}
+_hyper_tables: dict[torch.device, HyperTable] = {}
 
 
 def _single_segment_chunks(numel: int, device: torch.device) -> torch.Tensor:
@@ -36,6 +37,9 @@ def _single_segment_chunks(numel: int, device: torch.device) -> torch.Tensor:
     return table
 
 
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what both backends update
+
+
 def _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad):
     tensors = {"param": param, "grad": grad, "exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     if amsgrad:
@@ -49,20 +53,46 @@ def _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad):
             raise ValueError(f"{name} must have param's shape {tuple(param.shape)} and device {param.device}")
         if not tensor.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
-        if not tensor.is_floating_point():
-            raise ValueError(f"{name} must be a floating point tensor, got {tensor.dtype}")
+        if tensor.dtype not in _DTYPES:
+            raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {tensor.dtype}")
     if grad.dtype != param.dtype:
         raise ValueError(f"grad dtype {grad.dtype} differs from param dtype {param.dtype}")
     if not isinstance(step, torch.Tensor) or step.numel() != 1 or step.dtype != torch.float32:
         raise ValueError("step must be a one-element float32 tensor (as torch's state['step'])")
     if step.device != param.device:
         raise ValueError(f"step must be on {param.device}")
+    written = {name: t for name, t in tensors.items() if name != "grad"}
+    written["step"] = step
+    if not torch.is_inference_mode_enabled():
+        for name, tensor in written.items():
+            if is_inference_tensor(tensor):
+                # RuntimeError, as torch raises for the in-place update it would attempt
+                raise RuntimeError(
+                    f"{name} is an inference tensor (made under torch.inference_mode()): it cannot be "
+                    "updated in place outside inference mode"
+                )
+    _check_no_aliasing({**tensors, "step": step})
+
+
+def _check_no_aliasing(tensors: dict) -> None:
+    """Each tensor is read or written as a whole, in one pass: two that share memory (the
+    gradient passed as exp_avg, overlapping slices of one buffer) would give numbers that
+    depend on the order of that pass."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name) for name, t in tensors.items() if t.numel()
+    )
+    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{name} and {other} share memory; each must have memory of its own")
 
 
 def _check_hyperparameters(**values) -> None:
-    # Both backends read each as one number; anything else must fail before the step counts.
+    # Both backends read each as one real number; anything else must fail before the step counts.
     for name, value in values.items():
-        one_number = value.numel() == 1 if isinstance(value, torch.Tensor) else isinstance(value, numbers.Real)
+        if isinstance(value, torch.Tensor):
+            one_number = value.numel() == 1 and not value.is_complex() and value.device.type != "meta"
+        else:
+            one_number = isinstance(value, numbers.Real)
         if not one_number:
             raise ValueError(f"{name} must be a number or a one-element tensor, got {value!r}")
 
@@ -92,18 +122,23 @@ def adam(
     are contiguous tensors of one shape on one device; ``step`` is the completed-step count
     (a one-element float32 tensor on that device, like ``state["step"]``) and is incremented.
     The math is that of :class:`adam_triton.Adam`. With ``backend="triton"`` or ``"auto"`` on
-    CUDA this is one kernel launch plus the increment of ``step``; with ``"torch"`` it is
+    CUDA this is one kernel launch plus the increment of ``step`` (and, when a hyperparameter
+    given as a number changed since the last call on that device, an upload of the small
+    table that holds them, as the optimizer's step does); with ``"torch"`` it is
     torch's fused kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``), on float32
-    (float64) copies when the tensors' dtypes differ.
+    (float64) copies when the tensors' dtypes differ. Flags may be any truthy value. Bad
+    input (another shape, device or dtype, tensors that share memory, an inference tensor
+    outside inference mode) raises before anything is written, ``step`` included.
     """
+    amsgrad, maximize, decoupled_weight_decay = bool(amsgrad), bool(maximize), bool(decoupled_weight_decay)
     _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)
     _check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     implementation = _backends.resolve_backend(backend, param.device)
-    # One group's row, device-held values copied on the device, as the optimizer's own table.
-    table = HyperTable()
+    # One group's row, device-held values copied on the device, as the optimizer's own table;
+    # one table per device, so that unchanged numbers are not uploaded again at every call.
+    table = _hyper_tables.setdefault(param.device, HyperTable())
     table.refresh([{"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay}])
     if implementation == "torch":
-        step += 1
         fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_
         stored = [param, grad, exp_avg, exp_avg_sq] + ([max_exp_avg_sq] if amsgrad else [])
         # torch's kernel wants one dtype: moments of another dtype than the parameter (as
@@ -114,10 +149,15 @@ def adam(
         # torch's kernel takes numbers, or lr as a float32 tensor on the device (read there).
         lr, beta1, beta2, eps, weight_decay = table.row(0, param.device)
         beta1, beta2, eps, weight_decay = map(float, (beta1, beta2, eps, weight_decay))
-        fused(
-            [working[0]], [working[1]], [working[2]], [working[3]], working[4:], [step.view(())],
-            lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
-        )
+        step += 1  # torch's kernel reads the count of the step it takes
+        try:
+            fused(
+                [working[0]], [working[1]], [working[2]], [working[3]], working[4:], [step.view(())],
+                lr=lr, beta1=beta1, beta2=beta2, weight_decay=weight_decay, eps=eps, amsgrad=amsgrad, maximize=maximize,
+            )
+        except Exception:
+            step -= 1  # its checks run before it writes anything
+            raise
         if mixed:
             for target, result in zip(stored, working):
                 if target is not grad:

@@ -93,6 +93,11 @@ def _powers(beta1, beta2, step):
         base1 = base1 * base1
         base2 = base2 * base2
         remaining = remaining >> 1
+    # A NaN count (only the functional form can be handed one) gives NaN, as torch's pow;
+    # tl.minimum above may have made it a number.
+    counted = step.to(tl.float64) == step.to(tl.float64)
+    power1 = tl.where(counted, power1, step.to(tl.float64))
+    power2 = tl.where(counted, power2, step.to(tl.float64))
     return power1, power2
 
 

@@ -1,10 +1,11 @@
 """The functional entry point on flat tensors the caller owns."""
 
+import numpy as np
 import pytest
 import torch
 from torch.optim.adam import _single_tensor_adam
 
-from adam_triton import functional
+from adam_triton import _tables, functional
 
 
 @pytest.mark.parametrize("held", ["numbers", "0-dim tensors", "1-element tensors"])
@@ -92,3 +93,86 @@ def test_moments_of_another_dtype_than_the_parameter(target, param_dtype, state_
         # float32 to its rounding; bfloat16 to one unit in the last place (1/128 relative)
         rtol = 1e-5 if expected.dtype == torch.float32 else 8e-3
         torch.testing.assert_close(actual.cpu().float(), expected.float(), rtol=rtol, atol=1e-7)
+
+
+def _fresh(target, n=33, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    param, grad = (torch.randn(n, generator=generator).to(target.device) for _ in range(2))
+    exp_avg, exp_avg_sq, max_exp_avg_sq = (torch.rand(n, generator=generator).to(target.device) for _ in range(3))
+    return param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, torch.full((1,), 3.0, device=target.device)
+
+
+@pytest.mark.parametrize("flag", [0, 1, np.bool_(True), np.bool_(False)], ids=["0", "1", "np.True_", "np.False_"])
+def test_flags_of_any_truthy_kind_act_as_the_bools_they_mean(target, flag):
+    """torch's functional adam takes 0 and 1 for its flags; torch's fused kernel wants bools."""
+    results = []
+    for given in (flag, bool(flag)):
+        param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step = _fresh(target)
+        functional.adam(
+            param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq,
+            lr=1e-2, amsgrad=given, maximize=given, decoupled_weight_decay=given, backend=target.backend,
+        )
+        results.append((param, exp_avg, exp_avg_sq, max_exp_avg_sq, step))
+    for actual, expected in zip(*results):
+        assert torch.equal(actual, expected)
+
+
+def _share_memory(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step):
+    return dict(param=param, grad=exp_avg, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+
+
+def _overlapping_moments(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step):
+    both = torch.zeros(param.numel() + 5, device=param.device)
+    return dict(param=param, grad=grad, exp_avg=both[:-5], exp_avg_sq=both[5:])
+
+
+def _float8_moments(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step):
+    return dict(param=param, grad=grad, exp_avg=exp_avg.to(torch.float8_e4m3fn), exp_avg_sq=exp_avg_sq)
+
+
+def _inference_moments(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step):
+    with torch.inference_mode():
+        exp_avg_sq = exp_avg_sq.clone()
+    return dict(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+
+
+@pytest.mark.parametrize(
+    "make, error, message",
+    [
+        (_share_memory, ValueError, "share memory"),
+        (_overlapping_moments, ValueError, "share memory"),
+        (_float8_moments, ValueError, "float16, bfloat16, float32 or float64"),
+        (_inference_moments, RuntimeError, "inference tensor"),
+    ],
+    ids=["grad is exp_avg", "overlapping moments", "float8 moments", "inference-mode moments"],
+)
+def test_inputs_neither_backend_can_update_are_refused_before_anything_changes(target, make, error, message):
+    param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step = _fresh(target)
+    given = make(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step)
+    before = {name: t.clone() for name, t in given.items()}
+    with pytest.raises(error, match=message):
+        functional.adam(**given, step=step, lr=1e-2, backend=target.backend)
+    assert float(step) == 3.0
+    for name, tensor in given.items():
+        assert torch.equal(tensor.float(), before[name].float()), name
+
+
+def test_a_nan_step_count_gives_nan_as_torch(target):
+    param, grad, exp_avg, exp_avg_sq, _, step = _fresh(target)
+    step.fill_(float("nan"))
+    functional.adam(param, grad, exp_avg, exp_avg_sq, step, lr=1e-2, backend=target.backend)
+    assert torch.isnan(param).all()
+
+
+def test_unchanged_hyperparameters_are_not_uploaded_at_every_call(target, monkeypatch):
+    """On the kernel's path the numbers go to the device in a small table: only when they
+    change (on CUDA an upload is a copy from pinned memory, and a graph cannot capture it)."""
+    if target.backend != "triton":
+        pytest.skip("the table is the kernel's")
+    uploads = []
+    real = _tables.upload
+    monkeypatch.setattr(_tables, "upload", lambda array, device: uploads.append(array.dtype) or real(array, device))
+    param, grad, exp_avg, exp_avg_sq, _, step = _fresh(target)
+    for lr in (1e-2, 1e-2, 1e-2, 2e-2, 2e-2):
+        functional.adam(param, grad, exp_avg, exp_avg_sq, step, lr=lr, weight_decay=0.0123, backend=target.backend)
+    assert uploads.count(np.float64) == 2

@@ -56,12 +56,16 @@ class Side:
         self.params = [torch.nn.Parameter(t.clone()) for t in initial]
         self.optimizer = None
         self.scaler = None  # a GradScaler, in scenarios that train with one
-        self.fused = None  # ours: with fused=True, GradScaler hands the step its scale
+        self.fused = None  # with fused=True, GradScaler hands the step its scale
 
     def make_optimizer(self, groups: list) -> torch.optim.Optimizer:
         if self.name == "ours":
             return getattr(adam_triton, self.cls_name)(groups, backend=self.backend, fused=self.fused)
-        return getattr(torch.optim, self.cls_name)(groups, fused=True)
+        # torch's fused kernel, which ours matches to the bit, driven by GradScaler as torch's
+        # optimizer with our fused flag is: by default unscaled first, not called on an inf.
+        optimizer = getattr(torch.optim, self.cls_name)(groups, fused=True)
+        optimizer._step_supports_amp_scaling = bool(self.fused)
+        return optimizer
 
 
 class Scenario:
@@ -86,7 +90,9 @@ class Scenario:
         scaled = self.rng.random() < 0.25  # mixed-precision style: scaled losses, skipped steps
         # GradScaler goes either way: unscale_ and no step() on an inf, or (ours with
         # fused=True) the scale and the inf check handed to the step.
-        self.sides[0].fused = True if scaled and self.rng.random() < 0.5 else None
+        fused = True if scaled and self.rng.random() < 0.5 else None
+        for side in self.sides:
+            side.fused = fused
         for side in self.sides:
             side.optimizer = side.make_optimizer(
                 [dict(params=[side.params[i] for i in members], **_own(hyper)) for members, hyper in groups]
@@ -96,7 +102,7 @@ class Scenario:
         self.snapshot = None  # for a rollback: (step number, each side's saved state)
         self.note(f"{cls_name}, shapes {self.shapes}, groups {groups}, added later {self.late}")
         if scaled:
-            self.note(f"  with a GradScaler{', ours fused=True' if self.sides[0].fused else ''}")
+            self.note(f"  with a GradScaler{', fused=True' if fused else ''}")
 
     def hyperparameters(self) -> dict:
         choice = self.rng.choice
