@@ -107,22 +107,16 @@ class _FlatAdam(Optimizer):
         host sync). Otherwise GradScaler unscales and checks first, and does not call
         ``step()`` at all on an inf, which other libraries build on: FSDP's
         ShardedGradScaler agrees on the check across ranks in ``unscale_``, Lightning clips
-        after it, accelerate and transformers count the skipped steps. One exception:
-        GradScaler refuses to unscale float16 gradients itself, so an optimizer holding
-        float16 parameters (master weights' classic case) always takes the scale, as
-        torch's fused Adam does, where torch's others leave GradScaler to raise."""
-        if self.defaults.get("fused"):
-            return True
-        engine = getattr(self, "_engine", None)
-        return engine is not None and any(buffer.param_dtype == torch.float16 for buffer in engine.buffers)
+        after it, accelerate and transformers count the skipped steps."""
+        return bool(self.defaults.get("fused"))
 
     @property
     def last_step_skipped(self) -> torch.Tensor:
-        """Where the step takes ``torch.amp.GradScaler``'s scale (``fused=True``, or float16
-        parameters), whether it skipped the last step (inf or nan gradients): a boolean
-        tensor on the scaler's device, so checking it waits only when you read it
-        (``if not optimizer.last_step_skipped: scheduler.step()``). ``False`` without a
-        scaler, and where GradScaler skips by not calling ``step()`` (the default)."""
+        """With ``fused=True``, whether ``torch.amp.GradScaler`` skipped the last step (inf or
+        nan gradients): a boolean tensor on the scaler's device, so checking it waits only
+        when you read it (``if not optimizer.last_step_skipped: scheduler.step()``). ``False``
+        without a scaler, and without ``fused=True``, where GradScaler skips by not calling
+        ``step()``."""
         return self._engine.last_step_skipped()
 
     # -- torch.optim.Optimizer surface --------------------------------------------------------
