@@ -59,6 +59,34 @@ def test_grad_scaler_matches_torch_and_skips_infs(target, clip, fused):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("master_weights", [False, True], ids=["float16 states", "float32 masters"])
+def test_a_float16_model_with_grad_scaler_needs_fused_as_under_torch(target, master_weights):
+    """GradScaler refuses to unscale float16 gradients itself: torch's default AdamW cannot
+    train a float16 model with it, its fused AdamW can, and so with ours."""
+    models = [OddModel().to(target.device, torch.float16) for _ in range(2)]
+    for model, make in zip(
+        models, (lambda ps: adam_triton.AdamW(ps, lr=1e-2, backend=target.backend, master_weights=master_weights),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2)),
+    ):
+        with pytest.raises(ValueError, match="Attempting to unscale FP16 gradients"):
+            _scaled_training(model, make(model.parameters()), torch.amp.GradScaler(target.device), 1)
+    ours_model = OddModel().to(target.device, torch.float16)
+    reference_model = copy.deepcopy(ours_model)
+    ours = adam_triton.AdamW(
+        ours_model.parameters(), lr=1e-2, backend=target.backend, master_weights=master_weights, fused=True
+    )
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, fused=True)
+    scalers = [torch.amp.GradScaler(target.device, init_scale=2.0**8, growth_interval=2) for _ in range(2)]
+    skipped = _scaled_training(ours_model, ours, scalers[0], 5, inf_at=(2,))
+    _scaled_training(reference_model, reference, scalers[1], 5, inf_at=(2,))
+    assert skipped == [False, False, True, False, False]
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        assert float(ours.state[a]["step"]) == float(reference.state[b]["step"]) == 4
+    if not master_weights:  # the same float16 arithmetic as torch's fused kernel
+        assert_close_params(ours_model, reference_model, rtol=1e-3, atol=1e-4)
+
+
 def test_grad_scaler_leaves_unscaled_gradients_with_compact_states_too(target):
     """bfloat16 states take another path on the CPU backend (float32 working copies); the
     gradients must still come back unscaled, as torch's fused kernel leaves them."""
