@@ -395,7 +395,11 @@ class Engine:
             per_chunk = step_values[buffer.chunk_segment].astype(np.float32)
             buffer.steps.copy_(torch.from_numpy(per_chunk))
             buffer.steps_version = buffer.steps._version
-            buffer.param_versions = buffer.param_versions_now()
+            # A checkpoint's masters may be older than its parameters (saved after an edit of
+            # the weights, or brought back by torch's optimizer, which keeps them untouched):
+            # the next step looks at every segment, and keeps a master only where it still
+            # rounds to its parameter, whichever of the two was loaded first.
+            buffer.param_versions = [-1] * len(buffer.params) if saved_masters_win else buffer.param_versions_now()
             buffer.last_plan = None
             buffer.variant_key = None
         # Drop the empty entries a defaultdict lookup may have left behind, as torch has none.

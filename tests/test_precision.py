@@ -133,6 +133,54 @@ def test_masters_and_bfloat16_states_survive_save_and_load_bit_exactly(target, o
             assert torch.equal(resumed.state[a][key], straight.state[b][key]), key
 
 
+@pytest.mark.parametrize("optimizer_first", [False, True], ids=["model loaded first", "optimizer loaded first"])
+def test_a_checkpoint_whose_masters_are_older_than_its_weights_resumes_onto_the_weights(target, optimizer_first):
+    """Weights written outside the optimizer (loaded from elsewhere, averaged) after its last
+    step, then a checkpoint: its masters are the older ones. The uninterrupted run's next
+    step takes the written weights; so must a run resumed from the checkpoint, whichever of
+    model and optimizer it loads first."""
+    kwargs = dict(lr=1e-2, backend=target.backend, master_weights=True)
+    model = OddModel().to(target.device, BF16)
+    optimizer = adam_triton.AdamW(model.parameters(), **kwargs)
+    train(model, optimizer, steps=3)
+    with torch.no_grad():
+        model.weights[1].fill_(0.25)
+    saved, saved_model = _roundtrip(optimizer.state_dict()), _roundtrip(model.state_dict())
+    assert not torch.equal(saved["state"][1]["master_param"].to(BF16), saved_model["weights.1"])
+    resumed_model = OddModel(seed=9).to(target.device, BF16)
+    resumed = adam_triton.AdamW(resumed_model.parameters(), **kwargs)
+    loads = [lambda: resumed.load_state_dict(saved), lambda: resumed_model.load_state_dict(saved_model)]
+    for load in loads if optimizer_first else loads[::-1]:
+        load()
+    for m, o in ((resumed_model, resumed), (model, optimizer)):
+        train(m, o, steps=2, seed=4)
+    for a, b in zip(resumed_model.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(resumed.state[a]["master_param"], optimizer.state[b]["master_param"])
+
+
+def test_masters_kept_by_torchs_optimizer_do_not_undo_its_training(target):
+    """torch's AdamW keeps our ``master_param`` entries as they were (unknown keys, cast to
+    the parameter's dtype) while it trains: loading its checkpoint back must not take them
+    over the weights it trained."""
+    model = OddModel().to(target.device, BF16)
+    ours = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
+    train(model, ours, steps=2)
+    theirs = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    theirs.load_state_dict(_roundtrip(ours.state_dict()))
+    train(model, theirs, steps=3, seed=3)
+    assert "master_param" in theirs.state_dict()["state"][0]
+    trained_by_torch = [p.detach().clone() for p in model.parameters()]
+    back = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
+    back.load_state_dict(_roundtrip(theirs.state_dict()))
+    model(torch.ones(8, device=target.device, dtype=BF16)).backward()
+    back.step()
+    for p, before in zip(model.parameters(), trained_by_torch):
+        # One step of lr 1e-2 from where torch left the weights (not from the stale masters).
+        assert (p.detach().float() - before.float()).abs().max() <= 1.5e-2
+        assert torch.equal(back.state[p]["master_param"].to(BF16), p.detach())
+
+
 def test_checkpoint_without_masters_initialises_them_and_load_casts_to_the_policy(target):
     model = OddModel().to(target.device, BF16)
     torch_optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
