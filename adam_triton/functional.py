@@ -19,7 +19,6 @@ __all__ = ["adam"]
 
 _chunk_tables: dict[tuple, torch.Tensor] = {}
 _zero_shift: dict[torch.device, torch.Tensor] = {}
-_hyper_tables: dict[torch.device, HyperTable] = {}
 
 
 def _single_segment_chunks(numel: int, device: torch.device) -> torch.Tensor:
@@ -122,9 +121,9 @@ def adam(
     are contiguous tensors of one shape on one device; ``step`` is the completed-step count
     (a one-element float32 tensor on that device, like ``state["step"]``) and is incremented.
     The math is that of :class:`adam_triton.Adam`. With ``backend="triton"`` or ``"auto"`` on
-    CUDA this is one kernel launch plus the increment of ``step`` (and, when a hyperparameter
-    given as a number changed since the last call on that device, an upload of the small
-    table that holds them, as the optimizer's step does); with ``"torch"`` it is
+    CUDA this is one kernel launch plus the increment of ``step``, and the upload of a small
+    table of the hyperparameters (from pinned memory, asynchronous; so the call cannot be
+    captured in a CUDA graph, where the optimizer's step can); with ``"torch"`` it is
     torch's fused kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``), on float32
     (float64) copies when the tensors' dtypes differ. Flags may be any truthy value. Bad
     input (another shape, device or dtype, tensors that share memory, an inference tensor
@@ -134,9 +133,10 @@ def adam(
     _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)
     _check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     implementation = _backends.resolve_backend(backend, param.device)
-    # One group's row, device-held values copied on the device, as the optimizer's own table;
-    # one table per device, so that unchanged numbers are not uploaded again at every call.
-    table = _hyper_tables.setdefault(param.device, HyperTable())
+    # One group's row, device-held values copied on the device, as the optimizer's own table.
+    # A table of its own per call: one shared between calls would be rewritten under a kernel
+    # still reading it on another stream, or under a CUDA graph that captured its address.
+    table = HyperTable()
     table.refresh([{"lr": lr, "betas": (beta1, beta2), "eps": eps, "weight_decay": weight_decay}])
     if implementation == "torch":
         fused = torch._fused_adamw_ if decoupled_weight_decay else torch._fused_adam_

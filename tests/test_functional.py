@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch.optim.adam import _single_tensor_adam
 
-from adam_triton import _tables, functional
+from adam_triton import functional
 
 
 @pytest.mark.parametrize("held", ["numbers", "0-dim tensors", "1-element tensors"])
@@ -162,17 +162,3 @@ def test_a_nan_step_count_gives_nan_as_torch(target):
     step.fill_(float("nan"))
     functional.adam(param, grad, exp_avg, exp_avg_sq, step, lr=1e-2, backend=target.backend)
     assert torch.isnan(param).all()
-
-
-def test_unchanged_hyperparameters_are_not_uploaded_at_every_call(target, monkeypatch):
-    """On the kernel's path the numbers go to the device in a small table: only when they
-    change (on CUDA an upload is a copy from pinned memory, and a graph cannot capture it)."""
-    if target.backend != "triton":
-        pytest.skip("the table is the kernel's")
-    uploads = []
-    real = _tables.upload
-    monkeypatch.setattr(_tables, "upload", lambda array, device: uploads.append(array.dtype) or real(array, device))
-    param, grad, exp_avg, exp_avg_sq, _, step = _fresh(target)
-    for lr in (1e-2, 1e-2, 1e-2, 2e-2, 2e-2):
-        functional.adam(param, grad, exp_avg, exp_avg_sq, step, lr=lr, weight_decay=0.0123, backend=target.backend)
-    assert uploads.count(np.float64) == 2
