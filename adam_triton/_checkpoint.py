@@ -43,41 +43,43 @@ def _bad(message: str) -> ValueError:
 def _check_step(step, where: str) -> None:
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
-            raise _bad(f"{where}: 'step' must be a one-element real tensor, got shape {tuple(step.shape)} {step.dtype}")
+            raise ValueError(f"{where}: 'step' must be a one-element real tensor, got shape {tuple(step.shape)} {step.dtype}")
         if step.device.type == "meta":
-            raise _bad(f"{where}: 'step' is on the meta device: it holds no value")
+            raise ValueError(f"{where}: 'step' is on the meta device: it holds no value")
         value = float(step.detach().reshape(()).to("cpu", torch.float64))
     elif isinstance(step, Number) and not isinstance(step, bool):
         value = float(step)
     else:
-        raise _bad(f"{where}: 'step' must be a number or a tensor, got {type(step).__name__}")
+        raise ValueError(f"{where}: 'step' must be a number or a tensor, got {type(step).__name__}")
     if not math.isfinite(value) or value < 0:
-        raise _bad(f"{where}: 'step' must be a finite count >= 0, got {value}")
+        raise ValueError(f"{where}: 'step' must be a finite count >= 0, got {value}")
 
 
-def _check_entry(param: torch.Tensor, entry, where: str) -> None:
+def check_entry(param: torch.Tensor, entry, where: str) -> None:
+    """One parameter's state, from a checkpoint or put in ``optimizer.state`` by hand: a
+    ``ValueError`` that names ``where`` for one that cannot stand in for ours."""
     if not isinstance(entry, dict):
-        raise _bad(f"{where}: state must be a dict, got {type(entry).__name__}")
+        raise ValueError(f"{where}: state must be a dict, got {type(entry).__name__}")
     if not entry:
         return
     missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if entry.get(k) is None]
     if missing:
-        raise _bad(f"{where}: state lacks {missing}")
+        raise ValueError(f"{where}: state lacks {missing}")
     _check_step(entry["step"], where)
     for key in _PER_ELEMENT:
         value = entry.get(key)
         if value is None:
             continue
         if not isinstance(value, torch.Tensor):
-            raise _bad(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
+            raise ValueError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
         if tuple(value.shape) != tuple(param.shape):
-            raise _bad(f"{where}: {key!r} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
+            raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
         if value.is_complex() != param.is_complex() or not (value.is_floating_point() or value.is_complex()):
-            raise _bad(f"{where}: {key!r} has dtype {value.dtype}, which cannot hold state of a {param.dtype} parameter")
+            raise ValueError(f"{where}: {key!r} has dtype {value.dtype}, which cannot hold state of a {param.dtype} parameter")
         if value.layout != torch.strided:
-            raise _bad(f"{where}: {key!r} must be a dense tensor, got layout {value.layout}")
+            raise ValueError(f"{where}: {key!r} must be a dense tensor, got layout {value.layout}")
         if value.device.type == "meta":
-            raise _bad(f"{where}: {key!r} is on the meta device: it holds no values")
+            raise ValueError(f"{where}: {key!r} is on the meta device: it holds no values")
 
 
 def validated(groups: list[dict], state_dict: dict) -> tuple[list[dict], defaultdict]:
@@ -111,7 +113,10 @@ def validated(groups: list[dict], state_dict: dict) -> tuple[list[dict], default
     for key, value in state_dict["state"].items():
         if key in id_map:
             param = id_map[key]
-            _check_entry(param, value, f"state of parameter {key}")
+            try:
+                check_entry(param, value, f"state of parameter {key}")
+            except ValueError as error:
+                raise _bad(str(error)) from None
             # The engine casts its own keys as its buffers need.
             state[param] = {k: v if k in ENGINE_STATE_KEYS else _cast_like(param, v) for k, v in value.items()}
         else:

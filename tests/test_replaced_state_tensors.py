@@ -303,3 +303,29 @@ def test_state_traded_across_buffers_is_read_before_any_is_written(target, trade
         results.append([p.detach().clone() for p in params] + [optimizer.state[p]["step"] for p in params])
     for ours, expected in zip(*results):
         assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize(
+    "bad_entry",
+    [
+        pytest.param(lambda entry: {**entry, "exp_avg": torch.zeros(3)}, id="moment of another shape"),
+        pytest.param(lambda entry: {**entry, "exp_avg_sq": torch.empty(entry["exp_avg_sq"].shape, device="meta")}, id="moment on the meta device"),
+        pytest.param(lambda entry: {"exp_avg": entry["exp_avg"]}, id="no step"),
+    ],
+)
+def test_a_replaced_entry_that_cannot_stand_in_is_refused_before_anything_changes(target, bad_entry):
+    """Entries traded between parameters, and one replaced by an entry that cannot stand in:
+    refused with the entry's fault before any of them is copied in."""
+    model = OddModel(shapes=SAME_SHAPES).to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    buffer = optimizer._engine.buffers[0]
+    before = [t.clone() for t in (buffer.exp_avg, buffer.exp_avg_sq, buffer.steps)]
+    params = list(model.parameters())
+    state = optimizer.state
+    state[params[0]], state[params[2]] = state[params[2]], state[params[0]]
+    state[params[4]] = bad_entry(dict(state[params[4]]))
+    with pytest.raises(ValueError, match=r"optimizer.state\[p\] of a parameter of shape \(37,\)"):
+        optimizer.step()
+    for now, then in zip((buffer.exp_avg, buffer.exp_avg_sq, buffer.steps), before):
+        assert torch.equal(now, then)
