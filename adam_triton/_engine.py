@@ -353,6 +353,9 @@ class Engine:
         """Re-home if the groups' parameters or precision changed, or a parameter's data moved
         away (``model.to(device)``, ``model.half()``, a ``.data`` assignment)."""
         if not self._groups_unchanged(groups):
+            # Options edited into a group dict are checked as the constructor checks them,
+            # also when they leave every parameter where it is.
+            self.check(groups, state)
             if self._buffers_match(groups, state):
                 self._fingerprint = self._group_fingerprint(groups)
             else:

@@ -442,3 +442,31 @@ def test_loading_a_checkpoint_keeps_or_takes_each_groups_precision(target):
     for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
         assert torch.equal(straight.state[a]["master_param"], resumed.state[b]["master_param"])
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (dict(stochastic_rounding=True), "exclude each other"),
+        (dict(stochastic_rounding_seed=-5), "seed"),
+    ],
+    ids=["stochastic rounding beside masters", "negative seed"],
+)
+def test_precision_options_edited_into_a_group_are_checked_at_the_next_step(target, edit, message):
+    """Refused as the constructor refuses them, even where the edit would leave every
+    parameter in its buffer (masters win over stochastic rounding; a seed matters only to
+    stochastic rounding): accepted, they made the optimizer's own checkpoint unloadable."""
+    model = OddModel().to(target.device, BF16)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
+    train(model, optimizer, steps=1)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.param_groups[0].update(edit)
+    model(torch.ones(8, device=target.device, dtype=BF16)).backward()
+    with pytest.raises(ValueError, match=message):
+        optimizer.step()
+    assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
+    for key in edit:
+        del optimizer.param_groups[0][key]
+    optimizer.step()
+    twin = adam_triton.AdamW(OddModel().to(target.device, BF16).parameters(), lr=1e-2, backend=target.backend, master_weights=True)
+    twin.load_state_dict(optimizer.state_dict())
