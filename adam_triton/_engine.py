@@ -15,11 +15,16 @@ import numpy as np
 import torch
 
 from . import _backends
-from ._checkpoint import check_entry
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import held_elsewhere, in_shared_memory, is_dtensor, local
 from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
-from ._state_tensors import adopt_state_tensors, apart_from_buffers, apart_from_state, replaced_state_tensors
+from ._state_tensors import (
+    adopt_state_tensors,
+    apart_from_buffers,
+    apart_from_state,
+    check_replaced_entries,
+    replaced_state_tensors,
+)
 from ._tables import HyperTable, order_chunks, upload, variant_of
 from ._validation import check_precision_options
 
@@ -496,14 +501,7 @@ class Engine:
         }
         for buffer in self.buffers:
             if id(buffer) in replaced:
-                # Checked as a checkpoint's, before any is copied in.
-                for segment, (param, entry) in enumerate(zip(buffer.params, entries_of[id(buffer)])):
-                    if entry:
-                        where = (
-                            f"{self.name}: optimizer.state[p] of a parameter of shape {tuple(buffer.shapes[segment])} "
-                            f"(param group {int(buffer.group_of_segment[segment])})"
-                        )
-                        check_entry(local(param), {k: local(v) if is_dtensor(v) else v for k, v in entry.items()}, where)
+                check_replaced_entries(buffer, entries_of[id(buffer)], self.name)
         if replaced and not self._buffers_match(groups, state):
             # State put there for a frozen parameter (ZeroRedundancyOptimizer loads a
             # checkpoint so), or taken from one: it belongs in another buffer now.

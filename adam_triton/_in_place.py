@@ -43,7 +43,8 @@ def is_dtensor(tensor) -> bool:
     return cls is not None and isinstance(tensor, cls)
 
 
-#: How many references a storage has (None where this torch cannot tell).
+#: How many references a storage has (None where this torch cannot tell; torch's CUDA graph
+#: trees count a storage's users so).
 _STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 

@@ -27,7 +27,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from ._in_place import DTensorSpec, is_dtensor, local
+from ._in_place import _STORAGE_USE_COUNT, DTensorSpec, is_dtensor, local
 
 #: Must equal ``adam_triton.kernels.SEGMENT_ALIGNMENT_BYTES`` (checked by the tests); kept
 #: here so that building a layout does not import triton.
@@ -584,8 +584,6 @@ STATE_BUFFERS = {
 #: Per-parameter state keys the engine owns; any other key in a loaded state is kept as is.
 ENGINE_STATE_KEYS = ("step", *STATE_BUFFERS)
 
-#: How many references a storage has (torch's CUDA graph trees count a storage's users so).
-_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

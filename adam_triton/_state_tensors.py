@@ -23,6 +23,7 @@ import numbers
 
 import torch
 
+from ._checkpoint import check_entry
 from ._in_place import local
 from ._layout import ENGINE_STATE_KEYS, FlatBuffer
 
@@ -113,11 +114,26 @@ def _is_view_of(value, ours: torch.Tensor | None) -> bool:
     return values.data_ptr() == ours.data_ptr() and values.dtype == ours.dtype and values.shape == ours.shape
 
 
-def _check_replacement(value, ours: torch.Tensor, key: str, buffer: FlatBuffer, segment: int, optimizer_name: str):
-    where = (
-        f"{optimizer_name}: optimizer.state[p][{key!r}] of a parameter of shape "
-        f"{tuple(buffer.shapes[segment])} (param group {int(buffer.group_of_segment[segment])})"
+def check_replaced_entries(buffer: FlatBuffer, entries: list, optimizer_name: str) -> None:
+    """Whole entries put in ``optimizer.state`` (``state[p] = {...}``) for ``buffer``'s
+    parameters, checked as a checkpoint's before any is copied in: ``ValueError`` for one that
+    cannot stand in."""
+    for segment, (param, entry) in enumerate(zip(buffer.params, entries)):
+        if entry:
+            values = {key: local(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
+            check_entry(local(param), values, _where(optimizer_name, buffer, segment))
+
+
+def _where(optimizer_name: str, buffer: FlatBuffer, segment: int, key: str | None = None) -> str:
+    entry = "optimizer.state[p]" + ("" if key is None else f"[{key!r}]")
+    return (
+        f"{optimizer_name}: {entry} of a parameter of shape {tuple(buffer.shapes[segment])} "
+        f"(param group {int(buffer.group_of_segment[segment])})"
     )
+
+
+def _check_replacement(value, ours: torch.Tensor, key: str, buffer: FlatBuffer, segment: int, optimizer_name: str):
+    where = _where(optimizer_name, buffer, segment, key)
     if isinstance(value, torch.Tensor) and value.device.type == "meta":
         raise ValueError(f"{where} was replaced by a tensor on the meta device, which holds no values")
     if key == "step":

@@ -7,6 +7,7 @@ For code that already keeps its parameters, gradients and moments in flat buffer
 from __future__ import annotations
 
 import numbers
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -80,7 +81,7 @@ def _check_no_aliasing(tensors: dict) -> None:
     spans = sorted(
         (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name) for name, t in tensors.items() if t.numel()
     )
-    for (_, end, name), (start, _, other) in zip(spans, spans[1:]):
+    for (_, end, name), (start, _, other) in pairwise(spans):
         if start < end:
             raise ValueError(f"{name} and {other} share memory; each must have memory of its own")
 
