@@ -18,6 +18,7 @@ from . import _backends
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import held_elsewhere, in_shared_memory, is_dtensor, local
 from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
+from ._shared_memory import check_no_shared_memory
 from ._state_tensors import (
     adopt_state_tensors,
     apart_from_buffers,
@@ -64,7 +65,7 @@ def check_parameters(groups: list[dict], params: list, group_of: list[int], opti
             raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
         if group.get("stochastic_rounding") and param.dtype == torch.float16:
             raise ValueError("stochastic_rounding supports bfloat16 parameters; use master_weights=True for float16")
-    _check_no_shared_memory(params, group_of, optimizer_name)
+    check_no_shared_memory(params, group_of, optimizer_name)
 
 
 def _self_overlapping_error(optimizer_name: str, param: torch.Tensor, group_index: int) -> ValueError:
@@ -84,97 +85,6 @@ def _inference_tensor_error(optimizer_name: str, param: torch.Tensor, group_inde
         "cannot be updated in place outside inference mode. Make it a normal tensor (.clone() it, "
         "outside inference mode) to train it, or freeze it"
     )
-
-
-def _memory_span(values: torch.Tensor) -> tuple | None:
-    """(device, first byte, end byte, dense) of a tensor's elements; None for an empty one
-    (or one with negative strides, which torch does not make). A gappy tensor's (``W[:, :3]``,
-    a diagonal) range may interleave with another's without sharing an element."""
-    if values.numel() == 0 or any(s < 0 for s in values.stride()):
-        return None
-    extent = 1 + sum((size - 1) * stride for size, stride in zip(values.shape, values.stride()))
-    start = values.data_ptr()
-    return values.device, start, start + extent * values.element_size(), extent == values.numel()
-
-
-def _element_indices(values: torch.Tensor, base: int, itemsize: int, elements: int = 1 << 20):
-    """The index of each element of ``values`` in units of ``itemsize`` from byte ``base``,
-    about ``elements`` at a time (rare: gappy parameters whose ranges meet another's)."""
-    first = (values.data_ptr() - base) // itemsize
-    if values.dim() == 0:
-        yield torch.tensor([first], dtype=torch.int64)
-        return
-    inner = torch.zeros((), dtype=torch.int64)  # offsets within one slice along dim 0
-    for dim, (size, stride) in enumerate(zip(values.shape[1:], values.stride()[1:])):
-        shape = [1] * (values.dim() - 1)
-        shape[dim] = size
-        inner = inner + torch.arange(size, dtype=torch.int64).view(shape) * stride
-    inner = inner.reshape(-1)
-    rows, row_stride = values.shape[0], values.stride()[0]
-    step = max(1, elements // max(1, inner.numel()))
-    for row in range(0, rows, step):
-        outer = torch.arange(row, min(row + step, rows), dtype=torch.int64) * row_stride
-        yield (first + outer[:, None] + inner[None, :]).reshape(-1)
-
-
-def _shared_memory_error(params: list, group_of: list[int], first: int, second: int, optimizer_name: str):
-    first, second = sorted((first, second))
-    return ValueError(
-        f"{optimizer_name}: two parameters share memory (param group {group_of[first]}, shape "
-        f"{tuple(params[first].shape)}, and param group {group_of[second]}, shape "
-        f"{tuple(params[second].shape)}). Each parameter gets a segment of its own in a flat "
-        "buffer, so they would stop sharing it. Tie weights by assigning the same Parameter "
-        "(b.weight = a.weight), or drop the one the model no longer uses from the optimizer."
-    )
-
-
-def _check_cluster(cluster: list, params: list, group_of: list[int], optimizer_name: str) -> None:
-    """``cluster``: spans (start, end, dense, position), in order of start, whose byte
-    ranges meet one after another. Dense ones that meet share memory; where gappy ones take
-    part, each element is marked with its owner over the cluster's range (one pass, however
-    many parameters interleave)."""
-    if len(cluster) < 2:
-        return
-    if all(dense for _, _, dense, _ in cluster):
-        reach = cluster[0]
-        for span in cluster[1:]:
-            if span[0] < reach[1]:
-                raise _shared_memory_error(params, group_of, reach[3], span[3], optimizer_name)
-            reach = max(reach, span, key=lambda s: s[1])
-    base = cluster[0][0]
-    itemsize = params[cluster[0][3]].element_size()
-    if any(params[p].element_size() != itemsize or (start - base) % itemsize for start, _, _, p in cluster):
-        # Views of one storage as two dtypes, or misaligned: taken as sharing.
-        raise _shared_memory_error(params, group_of, cluster[0][3], cluster[1][3], optimizer_name)
-    owner = torch.full(((max(end for _, end, _, _ in cluster) - base) // itemsize,), -1, dtype=torch.int32)
-    for start, end, dense, position in cluster:
-        whole = [slice((start - base) // itemsize, (end - base) // itemsize)]
-        for where in whole if dense else _element_indices(params[position], base, itemsize):
-            taken = owner[where]
-            shared = taken >= 0
-            if bool(shared.any()):
-                raise _shared_memory_error(params, group_of, int(taken[shared][0]), position, optimizer_name)
-            owner[where] = position
-
-
-def _check_no_shared_memory(params: list, group_of: list[int], optimizer_name: str) -> None:
-    """Two distinct parameters over the same memory (``Parameter(other)``, ``b.data =
-    a.data``, slices of one tensor that overlap) would each get a segment of their own and
-    silently stop sharing it."""
-    spans = sorted(
-        (span[0].type, span[0].index or 0, span[1], span[2], span[3], position)
-        for position, span in enumerate(map(_memory_span, params))
-        if span is not None
-    )
-    cluster, device, reach = [], None, 0
-    for device_type, device_index, start, end, dense, position in spans:
-        if cluster and (device_type, device_index) == device and start < reach:
-            cluster.append((start, end, dense, position))
-            reach = max(reach, end)
-            continue
-        _check_cluster(cluster, params, group_of, optimizer_name)
-        cluster, device, reach = [(start, end, dense, position)], (device_type, device_index), end
-    _check_cluster(cluster, params, group_of, optimizer_name)
 
 
 def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:
