@@ -18,7 +18,7 @@ from . import _backends
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import held_elsewhere, in_shared_memory, is_dtensor, local
 from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
-from ._shared_memory import check_no_shared_memory
+from ._shared_memory import check_no_shared_memory, meets_any
 from ._state_tensors import (
     adopt_state_tensors,
     apart_from_buffers,
@@ -29,19 +29,27 @@ from ._state_tensors import (
 from ._tables import HyperTable, order_chunks, upload, variant_of
 from ._validation import check_precision_options
 
+#: How many buffers ``add_param_group`` may leave for the next step to join before it joins
+#: them itself: a bound on the per-call work that looks at every buffer.
+_MOST_BUFFERS_APART = 64
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.complex64, torch.complex128)
 
 
-def check_parameters(groups: list[dict], params: list, group_of: list[int], optimizer_name: str) -> None:
-    """Raise for parameters or precision options the buffers cannot hold, before anything
-    is changed."""
-    for options in groups:  # groups may override the optimizer's precision options
+def check_group_options(groups: list[dict]) -> None:
+    """Raise for precision options (each group may override the optimizer's) that cannot work."""
+    for options in groups:
         check_precision_options(
             options.get("master_weights"),
             options.get("state_dtype"),
             options.get("stochastic_rounding"),
             options.get("stochastic_rounding_seed") or 0,  # as precision_of reads it
         )
+
+
+def check_parameters(groups, params: list, group_of: list[int], optimizer_name: str) -> None:
+    """Raise for parameters the buffers cannot hold (with the precision options of their
+    groups, ``groups[index]``), before anything is changed."""
     for param, index in zip(params, group_of):
         group = groups[index]
         if torch.nn.parameter.is_lazy(param):
@@ -66,6 +74,20 @@ def check_parameters(groups: list[dict], params: list, group_of: list[int], opti
         if group.get("stochastic_rounding") and param.dtype == torch.float16:
             raise ValueError("stochastic_rounding supports bfloat16 parameters; use master_weights=True for float16")
     check_no_shared_memory(params, group_of, optimizer_name)
+
+
+def _precision_options(group: dict) -> tuple:
+    return tuple(map(group.get, PRECISION_KEYS))
+
+
+def _same_group(group: dict, seen: tuple) -> bool:
+    """Does ``group`` hold the parameters, and precision options, it held when ``seen``
+    (``Engine._group_fingerprint``) was taken? The parameters themselves, not their list: a
+    parameter swapped into a group's list in place must be noticed. (Compared by identity:
+    == on tensors compares values.)"""
+    params, options = seen
+    members = group["params"]
+    return len(members) == len(params) and all(map(operator.is_, members, params)) and _precision_options(group) == options
 
 
 def _self_overlapping_error(optimizer_name: str, param: torch.Tensor, group_index: int) -> ValueError:
@@ -134,22 +156,18 @@ class Engine:
         # ids of parameters whose .data someone re-pointed at storage of the same kind after
         # they were re-homed (ZeroRedundancyOptimizer's buckets): updated there from now on.
         self._left_in_place: set[int] = set()
+        # Parameters added by add_param_group sit in buffers of their own until the next
+        # step joins them with the others (``add_group``).
+        self._joined_apart = False
 
     # -- structure --------------------------------------------------------------------------
     @staticmethod
     def _group_fingerprint(groups: list[dict]) -> list[tuple]:
-        return [(list(g["params"]), tuple(g.get(key) for key in PRECISION_KEYS)) for g in groups]
+        return [(list(g["params"]), _precision_options(g)) for g in groups]
 
     def _groups_unchanged(self, groups: list[dict]) -> bool:
-        # The parameters themselves, not their list: a parameter swapped into a group's list
-        # in place must be noticed. (Compared by identity: == on tensors compares values.)
         seen = self._fingerprint
-        return len(groups) == len(seen) and all(
-            len(g["params"]) == len(params)
-            and all(map(operator.is_, g["params"], params))
-            and tuple(g.get(key) for key in PRECISION_KEYS) == options
-            for g, (params, options) in zip(groups, seen)
-        )
+        return len(groups) == len(seen) and all(map(_same_group, groups, seen))
 
     def _options(self, group: dict) -> dict:
         return {key: group.get(key, self.precision.get(key)) for key in PRECISION_KEYS}
@@ -196,7 +214,7 @@ class Engine:
         groups' precision if the checkpoint changed it."""
         # State for a frozen parameter (trained in an earlier phase) moves it out of the
         # frozen buffer, whose moments would be made for all of them.
-        if self._groups_unchanged(groups) and self._buffers_match(groups, state):
+        if not self._joined_apart and self._groups_unchanged(groups) and self._buffers_match(groups, state):
             self.import_state(groups, state, saved_masters_win=True)
         else:
             self.rebuild(groups, state, saved_masters_win=True)
@@ -205,7 +223,9 @@ class Engine:
         """Everything ``rebuild`` needs to hold for ``groups`` and ``state``, checked before
         anything changes; the parameters it would hold, and their groups."""
         params, group_of = self._ordered_parameters(groups)
-        check_parameters([self._options(g) for g in groups], [local(p) for p in params], group_of, self.name)
+        options = [self._options(g) for g in groups]
+        check_group_options(options)
+        check_parameters(options, [local(p) for p in params], group_of, self.name)
         for param in params:
             entry = state.get(param)
             moment = entry.get("exp_avg") if entry else None
@@ -232,6 +252,18 @@ class Engine:
         # Nothing has been changed up to here; from here on parameters move.
         kept = {id(p) for p in params}
         departed = [(b, s) for b in self.buffers for s, p in enumerate(b.params) if id(p) not in kept]
+        buffers = self._home(keyed, backends)
+        for buffer, segment in departed:
+            _release(buffer, segment, state)
+        self.buffers = buffers
+        self.backend_of = {id(b): backends[b.key] for b in buffers}
+        self._params = params
+        self._fingerprint = self._group_fingerprint(groups)
+        self._joined_apart = False
+        self.import_state(groups, state, saved_masters_win=saved_masters_win)
+
+    def _home(self, keyed: dict, backends: dict) -> list[FlatBuffer]:
+        """A buffer for each key's parameters, which move into it."""
         buffers = []
         for key, (members, member_groups) in keyed.items():
             in_place = [is_dtensor(p) or id(p) in self._left_in_place or in_shared_memory(p) for p in members]
@@ -243,13 +275,42 @@ class Engine:
             )
             buffer.adopt_parameters()
             buffers.append(buffer)
-        for buffer, segment in departed:
-            _release(buffer, segment, state)
-        self.buffers = buffers
-        self.backend_of = {id(b): backends[b.key] for b in buffers}
-        self._params = params
-        self._fingerprint = self._group_fingerprint(groups)
-        self.import_state(groups, state, saved_masters_win=saved_masters_win)
+        return buffers
+
+    def add_group(self, groups: list[dict], state: defaultdict) -> None:
+        """``add_param_group``: the last of ``groups`` is new. Its parameters move at once
+        into buffers of their own, and the next ``ensure_current`` (the next step) joins
+        each kind's buffers into one. Re-homing every parameter at each call would make a
+        loop of ``add_param_group`` calls quadratic in the parameters held. Everything is
+        rebuilt now instead, as the constructor does, where more than the new group changed,
+        where the new parameters come with state or lie in memory the optimizer holds, and
+        once ``_MOST_BUFFERS_APART`` buffers wait to be joined."""
+        new_params, _ = self._ordered_parameters(groups[-1:])
+        new_group_of = [len(groups) - 1] * len(new_params)
+        options = self._options(groups[-1])
+        check_group_options([options])
+        check_parameters({len(groups) - 1: options}, [local(p) for p in new_params], new_group_of, self.name)
+        # (torch's add_param_group refuses parameters that the other groups hold.)
+        if (
+            len(self.buffers) >= _MOST_BUFFERS_APART
+            or not self._groups_unchanged(groups[:-1])
+            or any(state.get(p) for p in new_params)
+            or any(b.in_place.any() or b.parameters_moved() for b in self.buffers)
+            or meets_any([local(p) for p in new_params], [b.param for b in self.buffers])
+        ):
+            self.rebuild(groups, state)
+            return
+        keyed = self._keys(groups, new_params, new_group_of, state)
+        backends = {key: _backends.resolve_backend(self.backend, key[0]) for key in keyed}
+
+        # Nothing has been changed up to here.
+        added = self._home(keyed, backends)
+        self._joined_apart = self._joined_apart or any(b.key in keyed for b in self.buffers)
+        self.buffers = self.buffers + added
+        self.backend_of.update({id(b): backends[b.key] for b in added})
+        self._params = self._params + new_params
+        self._fingerprint = self._fingerprint + self._group_fingerprint(groups[-1:])
+        self.import_state(groups, state, buffers=added)
 
     def _buffers_match(self, groups: list[dict], state) -> bool:
         """Do the buffers hold exactly the groups' parameters, each in the group and buffer
@@ -286,6 +347,7 @@ class Engine:
                     # (ZeroRedundancyOptimizer's buckets, say): they read it there, so it is
                     # updated there. Storage only the parameter holds is re-homed.
                     self._left_in_place.add(id(param))
+        if moved or self._joined_apart:
             self.rebuild(groups, state)
 
     # -- state ------------------------------------------------------------------------------

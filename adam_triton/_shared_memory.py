@@ -100,3 +100,17 @@ def check_no_shared_memory(params: list, group_of: list[int], optimizer_name: st
         _check_cluster(cluster, params, group_of, optimizer_name)
         cluster, device, reach = [(start, end, dense, position)], (device_type, device_index), end
     _check_cluster(cluster, params, group_of, optimizer_name)
+
+
+def meets_any(params: list, regions: list[torch.Tensor]) -> bool:
+    """Whether the byte range of any of ``params`` meets that of any of ``regions`` (whole
+    flat buffers): a quick test that parameters joining an optimizer are nowhere near the
+    memory it holds, before the element-wise check is needed."""
+    taken = [span for span in map(_memory_span, regions) if span is not None]
+    for span in map(_memory_span, params):
+        if span is not None and any(
+            span[0] == other[0] and span[1] < other[2] and other[1] < span[2] for other in taken
+        ):
+            return True
+    return False
+

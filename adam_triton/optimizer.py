@@ -125,7 +125,7 @@ class _FlatAdam(Optimizer):
         if self._engine is None:
             return
         try:
-            self._engine.rebuild(self.param_groups, self.state)
+            self._engine.add_group(self.param_groups, self.state)
         except Exception:
             self.param_groups.pop()  # nothing was re-homed: leave the optimizer as it was
             raise

@@ -189,6 +189,9 @@ def test_a_bad_added_group_leaves_the_optimizer_as_it_was():
     assert len(optimizer.param_groups) == groups_before
     with pytest.raises(ValueError, match="more than one parameter group"):
         optimizer.add_param_group({"params": [model.weights[0]]})
+    with pytest.raises(TypeError, match="dense"):
+        optimizer.add_param_group({"params": [torch.eye(3).to_sparse().requires_grad_()]})
+    assert len(optimizer.param_groups) == groups_before
     train(model, optimizer, steps=1)
 
 

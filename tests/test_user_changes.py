@@ -337,17 +337,49 @@ def test_gradients_rejoin_the_flat_buffer_after_a_group_is_added():
     assert buffer.last_plan.in_grad_buffer.all()
 
 def test_adding_a_group_lets_the_old_buffers_go(target):
-    """After add_param_group the old state (views of the old flat buffers) must be freed at
-    once, not held by anything the optimizer remembers from its last step: on a GPU it
-    would double the optimizer's memory until the next step."""
+    """Once the added group's parameters join the others (at the next step), the old state
+    (views of the old flat buffers) must be freed at once, not held by anything the
+    optimizer remembers: on a GPU it would double the optimizer's memory."""
     model = OddModel().to(target.device)
     optimizer = adam_triton.AdamW(list(model.parameters())[:4], lr=1e-2, backend=target.backend)
     train(model, optimizer, steps=2)
     # The state's tensors are views that keep their flat buffer alive.
     old = [weakref.ref(tensor) for entry in optimizer.state.values() for tensor in entry.values()]
     optimizer.add_param_group({"params": list(model.parameters())[4:]})
+    train(model, optimizer, steps=1, seed=2)
     gc.collect()
     assert [ref() for ref in old] == [None] * len(old)
+    assert len(optimizer._engine.buffers) == 1
+
+
+def test_groups_added_one_at_a_time_move_only_themselves_and_train_like_torch(target):
+    """A loop of add_param_group calls (per-layer learning rates built one group at a time,
+    after training began): each call moves its own parameters into a flat buffer and leaves
+    the others where they are, as re-homing all of them at each call would make the loop
+    quadratic; the next step joins them into one buffer. More groups are added than may
+    wait apart, and the numbers are torch's."""
+    from adam_triton._engine import _MOST_BUFFERS_APART
+
+    shapes = [((1,), (17,), (7, 13), (3, 5, 11))[i % 4] for i in range(_MOST_BUFFERS_APART + 6)]
+    ours_model, reference_model = paired(lambda: OddModel(shapes), target.device)
+    ours = adam_triton.AdamW([ours_model.weights[0]], lr=1e-2, backend=target.backend)
+    reference = torch.optim.AdamW([reference_model.weights[0]], lr=1e-2)
+    left_in_place = 0
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=1)
+        for index, param in enumerate(list(model.weights)[1:], 1):
+            first, original = model.weights[0].data_ptr(), param.data_ptr()
+            hyper = {"lr": 1e-2 * (1 + index % 3), "weight_decay": 0.1 * (index % 2), "amsgrad": index % 5 == 0}
+            optimizer.add_param_group({"params": [param], **hyper})
+            if optimizer is ours:
+                assert param.data_ptr() != original  # moved into a flat buffer
+                left_in_place += model.weights[0].data_ptr() == first
+        train(model, optimizer, steps=2, seed=2)
+    # Every call but the one that found the most buffers apart already waiting.
+    assert left_in_place == len(shapes) - 2
+    assert len(ours._engine.buffers) == 1
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
 
 
 def test_the_gradient_table_is_uploaded_only_when_a_gradient_moved(monkeypatch):
