@@ -48,7 +48,10 @@ def _check_step(step, where: str) -> None:
             raise ValueError(f"{where}: 'step' is on the meta device: it holds no value")
         value = float(step.detach().reshape(()).to("cpu", torch.float64))
     elif isinstance(step, Number) and not isinstance(step, bool):
-        value = float(step)
+        try:
+            value = float(step)
+        except OverflowError:  # an int past float64's range
+            value = math.inf
     else:
         raise ValueError(f"{where}: 'step' must be a number or a tensor, got {type(step).__name__}")
     if not math.isfinite(value) or value < 0:

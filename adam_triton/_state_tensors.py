@@ -111,6 +111,8 @@ def _is_view_of(value, ours: torch.Tensor | None) -> bool:
     if ours is None or not isinstance(value, torch.Tensor):
         return False
     values = local(value)
+    if values.is_nested or values.layout != torch.strided:
+        return False  # no data pointer to compare
     return values.data_ptr() == ours.data_ptr() and values.dtype == ours.dtype and values.shape == ours.shape
 
 
@@ -119,8 +121,11 @@ def check_replaced_entries(buffer: FlatBuffer, entries: list, optimizer_name: st
     parameters, checked as a checkpoint's before any is copied in: ``ValueError`` for one that
     cannot stand in."""
     for segment, (param, entry) in enumerate(zip(buffer.params, entries)):
-        if entry:
+        if entry and isinstance(entry, dict):
             values = {key: local(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
+        else:
+            values = entry  # not a dict: check_entry says so
+        if entry:
             check_entry(local(param), values, _where(optimizer_name, buffer, segment))
 
 
@@ -137,13 +142,21 @@ def _check_replacement(value, ours: torch.Tensor, key: str, buffer: FlatBuffer, 
     if isinstance(value, torch.Tensor) and value.device.type == "meta":
         raise ValueError(f"{where} was replaced by a tensor on the meta device, which holds no values")
     if key == "step":
-        if isinstance(value, torch.Tensor) and value.numel() != 1:
-            raise ValueError(f"{where} was replaced by a tensor of {value.numel()} elements; a step is one number")
+        if isinstance(value, torch.Tensor) and (value.numel() != 1 or value.is_complex() or value.dtype == torch.bool):
+            raise ValueError(
+                f"{where} was replaced by a {value.dtype} tensor of {value.numel()} elements; a step is one real number"
+            )
         if not isinstance(value, (torch.Tensor, numbers.Real)):
             raise ValueError(f"{where} was replaced by {type(value).__name__}; a step is a number or a tensor")
         return
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where} was replaced by {type(value).__name__}; state must be a tensor")
+    # As a checkpoint's state tensors are checked (``check_entry``): dense, and of a
+    # floating-point or complex dtype (torch's update raises for an integer one).
+    if value.is_nested or local(value).layout != torch.strided:
+        raise ValueError(f"{where} was replaced by a sparse or nested tensor; state must be a dense tensor")
+    if not (value.is_floating_point() or value.is_complex()):
+        raise ValueError(f"{where} was replaced by a {value.dtype} tensor; state must be floating point")
     if tuple(local(value).shape) != tuple(ours.shape) or value.is_complex() != ours.is_complex():
         raise ValueError(
             f"{where} was replaced by a {'complex ' if value.is_complex() else ''}tensor of shape "

@@ -57,6 +57,11 @@ class HyperTable:
             values = []
             for column, value in enumerate(group_values(group)):
                 if isinstance(value, torch.Tensor):
+                    if value.numel() != 1 or value.device.type == "meta":
+                        raise TypeError(
+                            f"param group {row}: {HYPER_COLUMNS[column]} must be a real number or a 1-element "
+                            f"tensor holding a value, got a tensor of shape {tuple(value.shape)} on {value.device}"
+                        )
                     if value.device.type != "cpu":
                         # (a 1-element tensor may have shape (1,): copied into one cell, as ())
                         device_values.append((row, column, value.reshape(())))

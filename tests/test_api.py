@@ -357,8 +357,15 @@ def test_hyperparameters_of_any_real_number_type_train_as_in_torch(target, key, 
 
 @pytest.mark.parametrize(
     "key, value, column",
-    [("lr", "0.01", "lr"), ("eps", Decimal("1e-8"), "eps"), ("betas", ("0.9", 0.999), "beta1"), ("lr", 0.01j, "lr")],
-    ids=["lr str", "eps Decimal", "beta1 str", "lr complex"],
+    [
+        ("lr", "0.01", "lr"),
+        ("eps", Decimal("1e-8"), "eps"),
+        ("betas", ("0.9", 0.999), "beta1"),
+        ("lr", 0.01j, "lr"),
+        ("lr", torch.tensor([0.01, 0.02]), "lr"),
+        ("betas", (0.9, torch.tensor(0.999, device="meta")), "beta2"),
+    ],
+    ids=["lr str", "eps Decimal", "beta1 str", "lr complex", "lr of two elements", "beta2 on the meta device"],
 )
 def test_a_hyperparameter_that_is_not_a_real_number_is_refused_before_anything_changes(target, key, value, column):
     """torch raises a TypeError at the step, after updating the groups before (for-loop,

@@ -139,6 +139,10 @@ def test_steps_look_at_each_state_tensor_only_after_a_change(monkeypatch):
         pytest.param(lambda entry: entry.__setitem__("exp_avg_sq", 0.0), id="moment as a number"),
         pytest.param(lambda entry: entry.__setitem__("step", torch.ones(2)), id="step of two elements"),
         pytest.param(lambda entry: entry.__setitem__("exp_avg", torch.empty(entry["exp_avg"].shape, device="meta")), id="moment on the meta device"),
+        # torch's update raises for these; a cast would train on something else
+        pytest.param(lambda entry: entry.__setitem__("exp_avg", torch.ones(entry["exp_avg"].shape, dtype=torch.int32)), id="integer moment"),
+        pytest.param(lambda entry: entry.__setitem__("exp_avg_sq", entry["exp_avg_sq"].cpu().to_sparse()), id="sparse moment"),
+        pytest.param(lambda entry: entry.__setitem__("step", torch.tensor(2 + 1j)), id="complex step"),
     ],
 )
 def test_a_state_tensor_that_cannot_stand_in_is_refused_before_anything_changes(target, bad):
@@ -311,6 +315,7 @@ def test_state_traded_across_buffers_is_read_before_any_is_written(target, trade
         pytest.param(lambda entry: {**entry, "exp_avg": torch.zeros(3)}, id="moment of another shape"),
         pytest.param(lambda entry: {**entry, "exp_avg_sq": torch.empty(entry["exp_avg_sq"].shape, device="meta")}, id="moment on the meta device"),
         pytest.param(lambda entry: {"exp_avg": entry["exp_avg"]}, id="no step"),
+        pytest.param(lambda entry: list(entry.values()), id="not a dict"),
     ],
 )
 def test_a_replaced_entry_that_cannot_stand_in_is_refused_before_anything_changes(target, bad_entry):
