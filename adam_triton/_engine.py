@@ -407,8 +407,15 @@ class Engine:
                 extra = {k: v for k, v in entry.items() if k not in ENGINE_STATE_KEYS}
                 state[param] = buffer.state_entries[segment] = {**views, **extra}
             if loaded_steps:
-                tensors = [torch.as_tensor(v, dtype=torch.float64).reshape(()).cpu() for _, v in loaded_steps]
-                step_values[[s for s, _ in loaded_steps]] = torch.stack(tensors).numpy()
+                tensors = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in loaded_steps]
+                # Steps on one device (ours are views of a device's step table) come to the
+                # host in one copy: a wait for the device per parameter would be a wait per
+                # parameter at every re-homing.
+                if len({t.device for t in tensors}) == 1:
+                    host = torch.stack(tensors).cpu()
+                else:
+                    host = torch.stack([t.cpu() for t in tensors])
+                step_values[[s for s, _ in loaded_steps]] = host.numpy()
             per_chunk = step_values[buffer.chunk_segment].astype(np.float32)
             buffer.steps.copy_(torch.from_numpy(per_chunk))
             buffer.steps_version = buffer.steps._version
