@@ -158,7 +158,7 @@ class Engine:
         self._left_in_place: set[int] = set()
         # Parameters added by add_param_group sit in buffers of their own until the next
         # step joins them with the others (``add_group``).
-        self._joined_apart = False
+        self._join_pending = False
 
     # -- structure --------------------------------------------------------------------------
     @staticmethod
@@ -214,7 +214,7 @@ class Engine:
         groups' precision if the checkpoint changed it."""
         # State for a frozen parameter (trained in an earlier phase) moves it out of the
         # frozen buffer, whose moments would be made for all of them.
-        if not self._joined_apart and self._groups_unchanged(groups) and self._buffers_match(groups, state):
+        if not self._join_pending and self._groups_unchanged(groups) and self._buffers_match(groups, state):
             self.import_state(groups, state, saved_masters_win=True)
         else:
             self.rebuild(groups, state, saved_masters_win=True)
@@ -259,7 +259,7 @@ class Engine:
         self.backend_of = {id(b): backends[b.key] for b in buffers}
         self._params = params
         self._fingerprint = self._group_fingerprint(groups)
-        self._joined_apart = False
+        self._join_pending = False
         self.import_state(groups, state, saved_masters_win=saved_masters_win)
 
     def _home(self, keyed: dict, backends: dict) -> list[FlatBuffer]:
@@ -305,7 +305,7 @@ class Engine:
 
         # Nothing has been changed up to here.
         added = self._home(keyed, backends)
-        self._joined_apart = self._joined_apart or any(b.key in keyed for b in self.buffers)
+        self._join_pending = self._join_pending or any(b.key in keyed for b in self.buffers)
         self.buffers = self.buffers + added
         self.backend_of.update({id(b): backends[b.key] for b in added})
         self._params = self._params + new_params
@@ -347,7 +347,7 @@ class Engine:
                     # (ZeroRedundancyOptimizer's buckets, say): they read it there, so it is
                     # updated there. Storage only the parameter holds is re-homed.
                     self._left_in_place.add(id(param))
-        if moved or self._joined_apart:
+        if moved or self._join_pending:
             self.rebuild(groups, state)
 
     # -- state ------------------------------------------------------------------------------

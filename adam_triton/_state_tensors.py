@@ -121,12 +121,11 @@ def check_replaced_entries(buffer: FlatBuffer, entries: list, optimizer_name: st
     parameters, checked as a checkpoint's before any is copied in: ``ValueError`` for one that
     cannot stand in."""
     for segment, (param, entry) in enumerate(zip(buffer.params, entries)):
-        if entry and isinstance(entry, dict):
-            values = {key: local(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
-        else:
-            values = entry  # not a dict: check_entry says so
-        if entry:
-            check_entry(local(param), values, _where(optimizer_name, buffer, segment))
+        if not entry:
+            continue
+        if isinstance(entry, dict):  # (check_entry refuses anything else)
+            entry = {key: local(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
+        check_entry(local(param), entry, _where(optimizer_name, buffer, segment))
 
 
 def _where(optimizer_name: str, buffer: FlatBuffer, segment: int, key: str | None = None) -> str:
