@@ -45,17 +45,17 @@ def is_dtensor(tensor) -> bool:
 
 #: How many references a storage has (None where this torch cannot tell; torch's CUDA graph
 #: trees count a storage's users so).
-_STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
+STORAGE_USE_COUNT = getattr(torch._C, "_storage_Use_Count", None)
 
 
 def held_elsewhere(values: torch.Tensor) -> bool:
     """Whether anything but this tensor holds its storage (a wrapper's bucket, a tensor the
     user kept); True where torch cannot tell."""
-    if _STORAGE_USE_COUNT is None:
+    if STORAGE_USE_COUNT is None:
         return True
     # The tensor holds one reference, and the storage's Python object (one per storage,
     # whoever asks for it) another.
-    return _STORAGE_USE_COUNT(values.untyped_storage()._cdata) > 2
+    return STORAGE_USE_COUNT(values.untyped_storage()._cdata) > 2
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

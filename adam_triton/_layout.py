@@ -27,7 +27,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
-from ._in_place import _STORAGE_USE_COUNT, DTensorSpec, is_dtensor, local
+from ._in_place import STORAGE_USE_COUNT, DTensorSpec, is_dtensor, local
 
 #: Must equal ``adam_triton.kernels.SEGMENT_ALIGNMENT_BYTES`` (checked by the tests); kept
 #: here so that building a layout does not import triton.
@@ -563,13 +563,13 @@ class FlatBuffer:
         tell). Between steps only users change these counts: a state tensor replaced in
         ``optimizer.state`` (and let go) or given other ``.data`` drops one; a view of one
         kept somewhere adds one."""
-        if _STORAGE_USE_COUNT is None:
+        if STORAGE_USE_COUNT is None:
             return None
         if self._state_storages is None:
             # Held, so that their addresses stay theirs (each holds one reference, always).
             storages = [t.untyped_storage() for t in self.state_tensors()]
             self._state_storages = [(storage, storage._cdata) for storage in storages]
-        return tuple(_STORAGE_USE_COUNT(address) for _, address in self._state_storages)
+        return tuple(STORAGE_USE_COUNT(address) for _, address in self._state_storages)
 
 
 #: optimizer.state keys held in state buffers, and the FlatBuffer attributes holding them
@@ -583,7 +583,6 @@ STATE_BUFFERS = {
 
 #: Per-parameter state keys the engine owns; any other key in a loaded state is kept as is.
 ENGINE_STATE_KEYS = ("step", *STATE_BUFFERS)
-
 
 
 def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -104,7 +104,7 @@ def test_state_swapped_through_data_then_reset_or_loaded_trains_as_in_torch(targ
 
 def test_without_storage_use_counts_replacements_are_still_seen(target, monkeypatch):
     """Where torch cannot count a storage's users, every step looks at every state tensor."""
-    monkeypatch.setattr(_layout, "_STORAGE_USE_COUNT", None)
+    monkeypatch.setattr(_layout, "STORAGE_USE_COUNT", None)
     ours_model, reference_model, ours, reference = _train_around(_moments_reset_by_assignment, target)
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
