@@ -293,7 +293,8 @@ def _adam_chunk_kernel(
     lerp_weight = (1.0 - beta1).to(COMPUTE_DTYPE)
     one_minus_lerp_weight = 1.0 - lerp_weight
     one_minus_beta2 = (1.0 - beta2).to(COMPUTE_DTYPE)
-    decay_factor = (1.0 - lr * weight_decay).to(COMPUTE_DTYPE)
+    # torch skips the decay when weight_decay == 0: an infinite lr must not make 1 - inf * 0.
+    decay_factor = tl.where(weight_decay != 0.0, 1.0 - lr * weight_decay, 1.0).to(COMPUTE_DTYPE)
     # A new random stream every step, reproducible from the seed and the step count.
     random_key = random_seed + tl.minimum(step, _LARGEST_EXPONENT).to(tl.int64) * 0x9E3779B9
 

@@ -148,6 +148,24 @@ def test_update_multiplies_before_it_divides_as_torch_does(kernel_device):
     _assert_within_ulps(param.cpu()[2:], expected[2:], 2, "param")
 
 
+def test_decoupled_decay_of_zero_is_skipped_as_torch_skips_it(kernel_device):
+    """With weight_decay == 0 torch leaves the parameter alone before the update, so an
+    infinite lr makes it infinite, not 0 * inf = nan."""
+    hyper = dict(lr=float("inf"), beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0)
+    grad = torch.tensor([0.5, -2.0, 3e-3], device=kernel_device)
+    param = torch.tensor([1.0, -4.0, 0.25], device=kernel_device)
+    exp_avg, exp_avg_sq = torch.zeros(3, device=kernel_device), torch.zeros(3, device=kernel_device)
+    expected = _torch_single_step(
+        param, grad, exp_avg, exp_avg_sq, torch.zeros(3), 0, True, amsgrad=False, maximize=False, **hyper
+    )[0]
+    functional.adam(
+        param, grad, exp_avg, exp_avg_sq, torch.zeros(1, device=kernel_device),
+        backend="triton", amsgrad=False, maximize=False, decoupled_weight_decay=True, **hyper,
+    )
+    assert expected.isinf().all()  # the case the test is for
+    assert torch.equal(param.cpu(), expected)
+
+
 @pytest.mark.parametrize("completed", [2.5, 1e19, float("inf")], ids=["fractional", "past-int64", "infinite"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_step_counts_torch_never_makes_give_torch_s_update(kernel_device, backend, completed):
