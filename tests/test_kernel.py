@@ -352,3 +352,26 @@ def test_bfloat16_stores_round_to_nearest_even_like_torch(kernel_device):
     )
     expected = master.cpu().to(torch.bfloat16)
     assert torch.equal(copy.cpu().view(torch.int16), expected.view(torch.int16))
+
+
+def test_bfloat16_loads_are_exact_subnormals_included(kernel_device):
+    """bfloat16 parameters and gradients widen to float32 exactly (Triton's interpreter
+    mangles subnormals on that conversion, so the kernel widens on the bits itself): an
+    lr=0 step keeps every parameter, and the first moment is torch's 0.1 * g, rounded."""
+    generator = torch.Generator().manual_seed(6)
+    tiny = torch.finfo(torch.bfloat16).tiny
+    subnormal = torch.rand(300, generator=generator) * tiny * torch.randn(300, generator=generator).sign()
+    normal = torch.randn(200, generator=generator)
+    special = torch.tensor([0.0, -0.0, tiny, -tiny, 9.2e-41, 3.3e38])
+    values = torch.cat([subnormal, normal, special]).to(torch.bfloat16)
+    assert (values.float().abs() < tiny).sum() > 250  # the case the test is for
+    param = values.flip(0).to(kernel_device)
+    grad = values.to(kernel_device)
+    exp_avg, exp_avg_sq = torch.zeros_like(param), torch.zeros_like(param)
+    functional.adam(
+        param, grad, exp_avg, exp_avg_sq, torch.zeros(1, device=kernel_device),
+        lr=0.0, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, backend="triton",
+    )
+    assert torch.equal(param.cpu().view(torch.int16), values.flip(0).view(torch.int16))
+    expected = (0.0 + torch.tensor(0.1) * values.float()).to(torch.bfloat16)  # lerp from 0: -0.0 becomes 0.0
+    assert torch.equal(exp_avg.cpu().view(torch.int16), expected.view(torch.int16))
