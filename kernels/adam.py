@@ -157,6 +157,7 @@ def adam_chunked_update(
         g = grad / grad_scale                              (with grad_scale; g is stored back)
         g = -g if maximize
         decoupled:  p = p * (1 - lr * weight_decay)       else:  g = g + weight_decay * p
+                    (either skipped when weight_decay == 0, as torch skips it)
         m = lerp(m, g, 1 - beta1)
         v = v * beta2 + (1 - beta2) * g * g
         amsgrad:    v_max = max(v_max, v); v_hat = v_max  else:  v_hat = v
