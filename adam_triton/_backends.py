@@ -256,16 +256,27 @@ class _WorkingCopies:
 
     def write_back(self, unscaled: bool) -> None:
         buffer = self.buffer
-        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
-            target, result = getattr(buffer, name), getattr(self, name)
-            if target is not None and result is not target:
-                target.copy_(result)
-        if buffer.precision.stochastic_rounding:
-            # Elements that were not updated are exact in bfloat16: random bits below the
-            # last place leave them as they are.
-            buffer.param.copy_(_round_stochastically(self.param, _random_bits(buffer, buffer.total)))
+        draw_bits = _random_bit_source(buffer) if buffer.precision.stochastic_rounding else None
+        # As the kernel: with stochastic rounding every bfloat16 value is rounded at random
+        # but the model's copy of a master (to nearest). Elements that were not updated are
+        # exact in bfloat16: random bits below the last place leave them as they are.
+        if draw_bits is not None and buffer.param.dtype == torch.bfloat16 and buffer.master is None:
+            buffer.param.copy_(_round_stochastically(self.param, draw_bits()))
         elif self.param is not buffer.param:
             buffer.param.copy_(self.param)
+        bits = None
+        for name in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
+            target, result = getattr(buffer, name), getattr(self, name)
+            if target is None or result is target:
+                continue
+            if draw_bits is not None and target.dtype == torch.bfloat16:
+                # (To nearest, exp_avg_sq's decay at beta2 = 0.999 rounds away.) The maximum
+                # takes exp_avg_sq's bits, so that it never rounds below exp_avg_sq.
+                if name != "max_exp_avg_sq":
+                    bits = draw_bits()
+                target.copy_(_round_stochastically(result, bits))
+            else:
+                target.copy_(result)
         if unscaled:  # as torch's fused kernel: the gradients are left unscaled
             segments = np.flatnonzero(self.plan.has_grad)
             grads = _real_gradients(buffer, self.plan, segments)
@@ -382,9 +393,10 @@ def _flat_gradients(buffer: FlatBuffer, plan: GradientPlan, dtype: torch.dtype) 
     return gradients
 
 
-def _random_bits(buffer: FlatBuffer, numel: int) -> torch.Tensor:
-    """16 random bits per element for stochastic rounding, reproducible from the seed and
-    the step count where the count can be read without waiting (CPU)."""
+def _random_bit_source(buffer: FlatBuffer):
+    """A function drawing 16 random bits per element of ``buffer`` for stochastic rounding,
+    each call the next bits of one stream: on the CPU a stream per step, keyed by the seed
+    and the step count; on a device one seeded stream per buffer."""
     if buffer.device.type == "cpu":
         step = int(buffer.steps.numpy()[buffer.leaders].max(initial=0))  # the parameters' own counts
         generator = torch.Generator().manual_seed((buffer.precision.seed + step * _GOLDEN) % (1 << 63))
@@ -394,7 +406,7 @@ def _random_bits(buffer: FlatBuffer, numel: int) -> torch.Tensor:
         if generator is None:
             generator = torch.Generator(device=buffer.device).manual_seed(buffer.precision.seed)
             buffer.rounding_generator = generator
-    return torch.randint(0, 1 << 16, (numel,), dtype=torch.int32, device=buffer.device, generator=generator)
+    return lambda: torch.randint(0, 1 << 16, (buffer.total,), dtype=torch.int32, device=buffer.device, generator=generator)
 
 
 def _round_stochastically(values: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:

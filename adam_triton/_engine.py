@@ -71,8 +71,11 @@ def check_parameters(groups, params: list, group_of: list[int], optimizer_name: 
         state_dtype = group.get("state_dtype")
         if state_dtype is not None and param.is_complex() and state_dtype != storage_dtype(param):
             raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
-        if group.get("stochastic_rounding") and param.dtype == torch.float16:
-            raise ValueError("stochastic_rounding supports bfloat16 parameters; use master_weights=True for float16")
+        if group.get("stochastic_rounding") and param.dtype == torch.float16 and not group.get("master_weights"):
+            raise ValueError(
+                "stochastic_rounding rounds bfloat16 values; float16 parameters need master_weights=True "
+                "(their bfloat16 states, with state_dtype=torch.bfloat16, are then rounded at random)"
+            )
     check_no_shared_memory(params, group_of, optimizer_name)
 
 

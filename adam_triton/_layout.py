@@ -122,9 +122,10 @@ class Precision:
     """How a buffer stores its state and writes its parameters.
 
     ``master_weights``: the update runs on a float32 copy and the model's float16/bfloat16
-    parameters receive it rounded to nearest. ``stochastic_rounding``: bfloat16 parameters
-    (without masters) are rounded up or down at random, in proportion to the distance.
-    ``seed`` keys the random stream.
+    parameters receive it rounded to nearest. ``stochastic_rounding``: every bfloat16 value
+    the update stores (parameters without masters, bfloat16 moments) is rounded up or down
+    at random, in proportion to the distance; set only where there is one. ``seed`` keys the
+    random stream.
     """
 
     state_dtype: torch.dtype
@@ -143,8 +144,9 @@ def precision_of(options: dict, dtype: torch.dtype) -> Precision:
     States follow the dtype the update is computed against: the parameters', or float32
     with master weights; ``state_dtype`` overrides."""
     master = bool(options.get("master_weights")) and dtype in LOW_PRECISION
-    rounding = bool(options.get("stochastic_rounding")) and dtype == torch.bfloat16 and not master
     state_dtype = options.get("state_dtype") or (torch.float32 if master else dtype)
+    stores_bfloat16 = (dtype == torch.bfloat16 and not master) or state_dtype == torch.bfloat16
+    rounding = bool(options.get("stochastic_rounding")) and stores_bfloat16
     seed = int(options.get("stochastic_rounding_seed") or 0) if rounding else 0
     return Precision(state_dtype, master, rounding, seed)
 

@@ -75,10 +75,5 @@ def check_precision_options(master_weights, state_dtype, stochastic_rounding, st
     floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     if state_dtype is not None and state_dtype not in floating:
         raise ValueError(f"state_dtype must be one of {floating} or None, got {state_dtype!r}")
-    if master_weights and stochastic_rounding:
-        raise ValueError(
-            "stochastic_rounding and master_weights exclude each other: with master weights the "
-            "parameters are float32 masters rounded to nearest; choose one"
-        )
     if not isinstance(stochastic_rounding_seed, int) or not 0 <= stochastic_rounding_seed < 2**62:
         raise ValueError(f"stochastic_rounding_seed must be an int in [0, 2**62), got {stochastic_rounding_seed!r}")

@@ -289,8 +289,10 @@ _ARGS = r"""
         state_dtype (torch.dtype, optional): the dtype of ``exp_avg``, ``exp_avg_sq`` and
             ``max_exp_avg_sq`` whatever the parameters' (default: None, the parameter's
             dtype, or float32 with master weights).
-        stochastic_rounding (bool, optional): round bfloat16 parameters without masters up
-            or down at random, in proportion to the distance (default: False).
+        stochastic_rounding (bool, optional): round every bfloat16 value the step stores
+            (parameters without masters, bfloat16 states) up or down at random, in
+            proportion to the distance; a model's copy of a master stays rounded to nearest
+            (default: False).
         stochastic_rounding_seed (int, optional): seeds the random bits, with the step count
             (default: 0).
         A param group dict may override any of these four.

@@ -138,6 +138,16 @@ def _round_stochastically_to_bfloat16(values, random_bits):
 
 
 @triton.jit
+def _store(pointers, values, mask, random_bits, STOCHASTIC_ROUNDING: tl.constexpr):
+    """Store float32/float64 results in the dtype behind ``pointers``: bfloat16 at random with
+    stochastic rounding, else to nearest."""
+    if STOCHASTIC_ROUNDING and pointers.dtype.element_ty == tl.bfloat16:
+        tl.store(pointers, _round_stochastically_to_bfloat16(values, random_bits), mask=mask)
+    else:
+        tl.store(pointers, _to_storage(values, pointers), mask=mask)
+
+
+@triton.jit
 def _adam_tile(
     offsets,
     mask,
@@ -197,15 +207,21 @@ def _adam_tile(
     exp_avg_sq = exp_avg_sq * beta2
     exp_avg_sq = exp_avg_sq + (one_minus_beta2 * grad) * grad
 
+    if STOCHASTIC_ROUNDING:
+        # Independent streams for the parameter and each moment (one Philox call gives all
+        # four; the parameter's is tl.randint's). 32-bit counters: offsets wrap past 2**32
+        # elements, harmlessly; the 64-bit variant costs several times the integer work.
+        param_bits, exp_avg_bits, exp_avg_sq_bits, _ = tl.randint4x(random_key, offsets.to(tl.int32))
+    else:
+        param_bits, exp_avg_bits, exp_avg_sq_bits = None, None, None
+
     second_moment = exp_avg_sq
     if AMSGRAD:
         max_exp_avg_sq = _load(max_exp_avg_sq_ptr + offsets, mask, COMPUTE_DTYPE)
         max_exp_avg_sq = tl.maximum(max_exp_avg_sq, exp_avg_sq, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(
-            max_exp_avg_sq_ptr + offsets,
-            _to_storage(max_exp_avg_sq, max_exp_avg_sq_ptr),
-            mask=mask,
-        )
+        # exp_avg_sq's bits: where the maximum is this step's exp_avg_sq, both round alike,
+        # so the stored maximum is never below the stored exp_avg_sq.
+        _store(max_exp_avg_sq_ptr + offsets, max_exp_avg_sq, mask, exp_avg_sq_bits, STOCHASTIC_ROUNDING)
         second_moment = max_exp_avg_sq
 
     denom = _div(_sqrt(second_moment, COMPUTE_DTYPE), bias_correction2_sqrt, COMPUTE_DTYPE) + eps
@@ -213,18 +229,14 @@ def _adam_tile(
     # quotient first would not).
     param = param - _div(step_size * exp_avg, denom, COMPUTE_DTYPE)
 
-    if STOCHASTIC_ROUNDING:
-        # 32-bit Philox counters (offsets wrap past 2**32 elements, harmlessly): the 64-bit
-        # variant costs several times the integer work per element.
-        random_bits = tl.randint(random_key, offsets.to(tl.int32))
-        tl.store(param_ptr + offsets, _round_stochastically_to_bfloat16(param, random_bits), mask=mask)
-    else:
-        tl.store(param_ptr + offsets, _to_storage(param, param_ptr), mask=mask)
+    _store(param_ptr + offsets, param, mask, param_bits, STOCHASTIC_ROUNDING)
     if WRITE_PARAM_COPY:
         # Master weights: the model's low-precision parameter is the master rounded to nearest.
         tl.store(param_copy_ptr + offsets, _to_storage(param, param_copy_ptr), mask=mask)
-    tl.store(exp_avg_ptr + offsets, _to_storage(exp_avg, exp_avg_ptr), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, _to_storage(exp_avg_sq, exp_avg_sq_ptr), mask=mask)
+    # bfloat16 moments rounded at random too: to nearest, a step's decay of exp_avg_sq at
+    # beta2 = 0.999 is under half a unit and rounds away, so it would only ever grow.
+    _store(exp_avg_ptr + offsets, exp_avg, mask, exp_avg_bits, STOCHASTIC_ROUNDING)
+    _store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask, exp_avg_sq_bits, STOCHASTIC_ROUNDING)
 
 
 @triton.jit

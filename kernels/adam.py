@@ -97,8 +97,9 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
         if buffer.dtype not in _SUPPORTED:
             _fail(f"{name} dtype {buffer.dtype} is not one of {_SUPPORTED}")
     if stochastic_rounding_seed is not None:
-        if param.dtype != torch.bfloat16 or param_copy is not None:
-            _fail("stochastic rounding writes bfloat16 parameters: param must be bfloat16 and param_copy None")
+        rounded = [exp_avg, exp_avg_sq] + ([param] if param_copy is None else []) + ([max_exp_avg_sq] if amsgrad else [])
+        if all(buffer.dtype != torch.bfloat16 for buffer in rounded):
+            _fail("stochastic rounding rounds bfloat16 values: param (without param_copy) or the moments must be bfloat16")
         if not isinstance(stochastic_rounding_seed, int) or not 0 <= stochastic_rounding_seed < 2**63:
             _fail(f"stochastic_rounding_seed must be an int in [0, 2**63), got {stochastic_rounding_seed!r}")
     tables = {
@@ -190,8 +191,12 @@ def adam_chunked_update(
         grad_scale: one float32 value gradients are divided by (GradScaler's scale); the
             unscaled gradients are written back.
         found_inf: one float32 value; if it is not 0 nothing at all is updated or counted.
-        stochastic_rounding_seed: round the bfloat16 ``param`` stochastically, with random
-            bits from Philox keyed by this seed and each chunk's step count.
+        stochastic_rounding_seed: round whichever of ``param`` (not ``param_copy``, which
+            gets the master to nearest) and the moments are bfloat16 up or down at random,
+            in proportion to the distance. The random bits come from Philox keyed by this
+            seed and each chunk's step count: an independent stream for ``param``,
+            ``exp_avg`` and ``exp_avg_sq``, whose bits ``max_exp_avg_sq`` shares so that it
+            never rounds below ``exp_avg_sq``.
         param_shifts: optional ``int64[segments]`` for model parameters that live outside
             their flat buffer (``param``, or ``param_copy`` with master weights, is then only
             the base): flat element ``i`` of segment ``s`` is element ``i + param_shifts[s]``

@@ -180,8 +180,8 @@ def test_the_host_overhead_experiment_runs():
 
 def test_bf16_state_drift_experiment_runs():
     """The measurement behind the README's note on bfloat16 states stays runnable (a few
-    steps: its numbers mean nothing here); torch's bfloat16 column is read from the same
-    gradients, so it agrees with ours from the first rows."""
+    steps: its numbers mean little here); torch's bfloat16 column is read from the same
+    gradients, so it agrees with ours rounded to nearest (masters, bfloat16 states)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
@@ -191,7 +191,8 @@ def test_bf16_state_drift_experiment_runs():
     )
     rows = [line.split() for line in result.stdout.splitlines() if line[:5].strip().isdigit()]
     assert [int(row[0]) for row in rows] == [10, 20, 40, 60, 80]
-    assert all(row[2] == row[3] for row in rows)
+    for row in rows:  # step, scale, float32-v, then v for masters, masters+sr, sr, torch-bf16, then moved
+        assert row[3] == row[6]
 
 
 @pytest.mark.parametrize("sizes, count", [

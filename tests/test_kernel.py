@@ -278,6 +278,11 @@ def test_launcher_rejects_bad_inputs(kernel_device):
     for seed in (2**63, -1, 1.5):
         with pytest.raises(ValueError, match="stochastic_rounding_seed"):
             kernels.adam_chunked_update(**bf16, stochastic_rounding_seed=seed, **flags)
+    with pytest.raises(ValueError, match="stochastic rounding rounds bfloat16"):  # nothing to round
+        kernels.adam_chunked_update(**good, stochastic_rounding_seed=0, **flags)
+    with pytest.raises(ValueError, match="stochastic rounding rounds bfloat16"):  # the masters' copy is to nearest
+        kernels.adam_chunked_update(**dict(good, param_copy=bf16["param"], grad_base=bf16["grad_base"]),
+                                    stochastic_rounding_seed=0, **flags)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         kernels.adam_chunked_update(**good, amsgrad=True, maximize=False, decoupled_weight_decay=False)
 

@@ -268,6 +268,102 @@ def test_stochastic_rounding_is_unbiased(target):
     assert abs(share_up - expected) < 5 * sigma, (share_up, expected)
 
 
+def _shares_match_position_between_neighbours(stored: torch.Tensor, exact: float) -> None:
+    """``stored`` (bfloat16) rounded ``exact`` up or down at random: only its two neighbours
+    occur, and the share rounded up matches its position between them (5 sigma)."""
+    below = torch.tensor(exact).to(BF16)
+    if below.float().item() > exact:
+        below = (below.view(torch.int16) - 1).view(BF16)
+    below = below.float().item()
+    above = below + _bf16_ulp(torch.tensor(below)).item()
+    values = stored.float().cpu()
+    assert set(values.unique().tolist()) <= {below, above}, (exact, below, above)
+    share_up = (values == above).float().mean().item()
+    expected = (exact - below) / (above - below)
+    sigma = (expected * (1 - expected) / values.numel()) ** 0.5
+    assert 0.05 < expected < 0.95 and abs(share_up - expected) < 5 * sigma, (share_up, expected)
+
+
+# Every configuration that stores bfloat16 moments: (parameter dtype, options).
+_ROUNDED_MOMENTS = [
+    pytest.param(BF16, dict(), id="bf16 parameters"),
+    pytest.param(BF16, dict(master_weights=True, state_dtype=BF16), id="masters, bf16 states"),
+    pytest.param(torch.float32, dict(state_dtype=BF16), id="fp32 parameters, bf16 states"),
+]
+
+
+@pytest.mark.parametrize("amsgrad", [False, True])
+@pytest.mark.parametrize("dtype, options", _ROUNDED_MOMENTS)
+def test_stochastic_rounding_rounds_bfloat16_moments_at_random_too(target, dtype, options, amsgrad):
+    """The moments' exact float32 values (stock torch's, on a float32 copy) lie between two
+    bfloat16 neighbours; each moment is rounded at random, independently of the parameter,
+    and the AMSGrad maximum exactly as exp_avg_sq, so it is never below it. A model's copy
+    of a master stays the master rounded to nearest; float32 parameters are not rounded."""
+    n = 8192
+    grad = torch.full((n,), 0.3, dtype=BF16)
+    params = [torch.nn.Parameter(torch.ones(n, dtype=dtype, device=target.device))]
+    optimizer = adam_triton.Adam(
+        params, lr=3e-3, amsgrad=amsgrad, backend=target.backend, stochastic_rounding=True, stochastic_rounding_seed=11,
+        **options,
+    )
+    reference_param = torch.nn.Parameter(torch.ones(n))
+    reference = torch.optim.Adam([reference_param], lr=3e-3, amsgrad=amsgrad)
+    params[0].grad, reference_param.grad = grad.to(target.device, dtype), grad.float()
+    optimizer.step()
+    reference.step()
+    state, exact = optimizer.state[params[0]], reference.state[reference_param]
+    for name in ("exp_avg", "exp_avg_sq"):
+        assert state[name].dtype == BF16
+        _shares_match_position_between_neighbours(state[name], exact[name][0].item())
+    if amsgrad:
+        assert torch.equal(state["max_exp_avg_sq"], state["exp_avg_sq"])
+    names = ["exp_avg", "exp_avg_sq"]
+    ups = [(state[name].float() > exact[name].to(target.device)).cpu() for name in names]
+    if "master_param" in state:
+        torch.testing.assert_close(state["master_param"].cpu(), reference_param.detach(), rtol=0, atol=0)
+        assert torch.equal(params[0].detach(), state["master_param"].to(BF16))
+    elif dtype == torch.float32:
+        torch.testing.assert_close(params[0].detach().cpu(), reference_param.detach(), rtol=0, atol=0)
+    else:
+        names.append("param")
+        ups.append((params[0].detach().float() > reference_param.detach().to(target.device)).cpu())
+    # Independent streams: where one value rounded up says nothing of where another did (the
+    # same bits would make the events nested, correlated by about 0.5 here).
+    for first in range(len(ups)):
+        for second in range(first + 1, len(ups)):
+            correlation = torch.corrcoef(torch.stack([ups[first], ups[second]]).float())[0, 1].item()
+            assert abs(correlation) < 5 / n**0.5, (names[first], names[second], correlation)
+
+
+@pytest.mark.parametrize("dtype, options", _ROUNDED_MOMENTS)
+def test_stochastic_rounding_lets_bfloat16_second_moments_decay_as_float32_ones(target, dtype, options):
+    """At beta2 = 0.999 a step's decay of exp_avg_sq is under half a bfloat16 unit: rounded to
+    nearest (stock torch on bfloat16 parameters) it never happens. Rounded at random, the
+    moment follows stock torch's float32 one."""
+    n, steps = 2048, 200
+    generator = torch.Generator().manual_seed(5)
+    hyper = dict(lr=1e-3, betas=(0.9, 0.999))
+    ours_param = torch.nn.Parameter(torch.zeros(n, dtype=dtype, device=target.device))
+    ours = adam_triton.Adam([ours_param], backend=target.backend, stochastic_rounding=True, **options, **hyper)
+    float32_param = torch.nn.Parameter(torch.zeros(n))
+    float32 = torch.optim.Adam([float32_param], **hyper)
+    bf16_param = torch.nn.Parameter(torch.zeros(n, dtype=BF16))
+    bf16 = torch.optim.Adam([bf16_param], **hyper)
+    for step in range(steps):
+        scale = 1.0 if step == 0 else 0.01  # one large gradient, then the moment should decay
+        grad = (scale * torch.randn(n, generator=generator)).to(BF16)
+        ours_param.grad, float32_param.grad, bf16_param.grad = grad.to(target.device, dtype), grad.float(), grad.clone()
+        for optimizer in (ours, float32, bf16):
+            optimizer.step()
+
+    def mean(optimizer, param):
+        return optimizer.state[param]["exp_avg_sq"].double().mean().item()
+
+    expected = mean(float32, float32_param)
+    assert mean(bf16, bf16_param) / expected > 1.15  # the ratchet this guards against
+    assert mean(ours, ours_param) / expected == pytest.approx(1.0, abs=0.01)
+
+
 def test_stochastic_rounding_keeps_small_updates_that_round_to_nearest_loses(target):
     n = 4096
     outcomes = {}
@@ -298,7 +394,6 @@ def test_stochastic_rounding_is_reproducible_from_its_seed(target):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(master_weights=True, stochastic_rounding=True), "exclude each other"),
         (dict(state_dtype=torch.int8), "state_dtype"),
         (dict(stochastic_rounding_seed=-1), "stochastic_rounding_seed"),
         (dict(stochastic_rounding_seed=2**62), "stochastic_rounding_seed"),
@@ -447,15 +542,15 @@ def test_loading_a_checkpoint_keeps_or_takes_each_groups_precision(target):
 @pytest.mark.parametrize(
     "edit, message",
     [
-        (dict(stochastic_rounding=True), "exclude each other"),
+        (dict(state_dtype=torch.int8), "state_dtype"),
         (dict(stochastic_rounding_seed=-5), "seed"),
     ],
-    ids=["stochastic rounding beside masters", "negative seed"],
+    ids=["integer states", "negative seed"],
 )
 def test_precision_options_edited_into_a_group_are_checked_at_the_next_step(target, edit, message):
     """Refused as the constructor refuses them, even where the edit would leave every
-    parameter in its buffer (masters win over stochastic rounding; a seed matters only to
-    stochastic rounding): accepted, they made the optimizer's own checkpoint unloadable."""
+    parameter in its buffer (a seed matters only to stochastic rounding, which these float32
+    states do not have): accepted, they made the optimizer's own checkpoint unloadable."""
     model = OddModel().to(target.device, BF16)
     optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
     train(model, optimizer, steps=1)

@@ -141,15 +141,15 @@ def _corruptions():
     def integer_state_dtype(sd):  # a precision option the buffers cannot take
         sd["param_groups"][1]["state_dtype"] = torch.int32
 
-    def masters_and_stochastic_rounding(sd):
-        sd["param_groups"][0].update(master_weights=True, stochastic_rounding=True)
+    def negative_rounding_seed(sd):
+        sd["param_groups"][0]["stochastic_rounding_seed"] = -1
 
     return [
         pytest.param(fn, id=fn.__name__)
         for fn in (
             shape, missing_key, not_a_tensor, negative_step, step_vector, integer_state, group_count, group_size,
             group_lacks_lr, no_state, infinite_step, step_past_float64, maximum_shape, complex_state, none_moment, meta_moment, meta_step,
-            integer_state_dtype, masters_and_stochastic_rounding,
+            integer_state_dtype, negative_rounding_seed,
         )
     ]
 
