@@ -406,7 +406,8 @@ def _random_bit_source(buffer: FlatBuffer):
         if generator is None:
             generator = torch.Generator(device=buffer.device).manual_seed(buffer.precision.seed)
             buffer.rounding_generator = generator
-    return lambda: torch.randint(0, 1 << 16, (buffer.total,), dtype=torch.int32, device=buffer.device, generator=generator)
+    shape, device = (buffer.total,), buffer.device
+    return lambda: torch.randint(0, 1 << 16, shape, dtype=torch.int32, device=device, generator=generator)
 
 
 def _round_stochastically(values: torch.Tensor, random_bits: torch.Tensor) -> torch.Tensor:

@@ -97,9 +97,13 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
         if buffer.dtype not in _SUPPORTED:
             _fail(f"{name} dtype {buffer.dtype} is not one of {_SUPPORTED}")
     if stochastic_rounding_seed is not None:
-        rounded = [exp_avg, exp_avg_sq] + ([param] if param_copy is None else []) + ([max_exp_avg_sq] if amsgrad else [])
+        rounded = [exp_avg, exp_avg_sq] + ([param] if param_copy is None else [])
+        rounded += [max_exp_avg_sq] if amsgrad else []
         if all(buffer.dtype != torch.bfloat16 for buffer in rounded):
-            _fail("stochastic rounding rounds bfloat16 values: param (without param_copy) or the moments must be bfloat16")
+            _fail(
+                "stochastic rounding rounds bfloat16 values: param (without param_copy) or the moments "
+                "must be bfloat16"
+            )
         if not isinstance(stochastic_rounding_seed, int) or not 0 <= stochastic_rounding_seed < 2**63:
             _fail(f"stochastic_rounding_seed must be an int in [0, 2**63), got {stochastic_rounding_seed!r}")
     tables = {

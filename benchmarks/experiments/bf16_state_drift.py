@@ -70,7 +70,8 @@ def main(steps: int, beta2: float) -> None:
                 position = state.get("master_param", params[name].detach())
                 moved.append(mean_ratio(position.abs(), reference_param.detach().abs()))
             print(f"{step:5}  {scale:5}  {reference_v.double().mean().item():9.4f}  "
-                  + " ".join(f"{value:13.3f}" for value in drift) + "  " + " ".join(f"{value:16.3f}" for value in moved))
+                  + " ".join(f"{value:13.3f}" for value in drift) + "  "
+                  + " ".join(f"{value:16.3f}" for value in moved))
 
 if __name__ == "__main__":
     main(int(sys.argv[1]) if len(sys.argv) > 1 else 3000, float(sys.argv[2]) if len(sys.argv) > 2 else 0.999)
