@@ -58,6 +58,8 @@ PRECISIONS = {
     "": {},
     "master": {"master_weights": True},  # fp32 masters and states: 28 B/param for bf16
     "master-bf16states": {"master_weights": True, "state_dtype": torch.bfloat16},  # 20 B/param
+    # The same bytes; the README recommends rounding the bf16 moments at random (more integer work).
+    "master-bf16states-sr": {"master_weights": True, "state_dtype": torch.bfloat16, "stochastic_rounding": True},
     "stochastic-rounding": {"stochastic_rounding": True},  # bf16 everything: 14 B/param
 }
 
@@ -91,6 +93,7 @@ DEFAULT_CONFIGS = (
     Config(torch.float32, "Adam", False, "fresh"),
     Config(torch.bfloat16, "AdamW", False, "fresh", "master"),
     Config(torch.bfloat16, "AdamW", False, "fresh", "master-bf16states"),
+    Config(torch.bfloat16, "AdamW", False, "fresh", "master-bf16states-sr"),
     Config(torch.bfloat16, "AdamW", False, "fresh", "stochastic-rounding"),
 )
 
