@@ -3,6 +3,7 @@
 import copy
 import io
 
+import numpy as np
 import pytest
 import torch
 from helpers import OddModel, train
@@ -362,6 +363,36 @@ def test_stochastic_rounding_lets_bfloat16_second_moments_decay_as_float32_ones(
     expected = mean(float32, float32_param)
     assert mean(bf16, bf16_param) / expected > 1.15  # the ratchet this guards against
     assert mean(ours, ours_param) / expected == pytest.approx(1.0, abs=0.01)
+
+
+def test_pure_pytorch_stochastic_rounding_adds_sixteen_random_bits_and_keeps_nans():
+    """The CPU backend's rounding against integer arithmetic on the float32 bits: add the 16
+    bits, drop the low half. Nans whose payload would carry into the sign bit (or lies only in
+    the low half) stay nans; infinities, zeros and the largest floats keep their signs."""
+    from adam_triton._backends import _round_stochastically_into
+
+    special = np.array(
+        [0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFF80FFFF, 0x7FC00000,  # nans
+         0x7F800000, 0xFF800000, 0x00000000, 0x80000000, 0x7F7FFFFF, 0xFF7FFFFF, 0x00000001],
+        dtype=np.uint32,
+    )
+    generator = torch.Generator().manual_seed(11)
+    ordinary = torch.randn(4096, generator=generator) * 10.0 ** torch.randint(-30, 30, (4096,), generator=generator)
+    values = torch.cat([torch.from_numpy(special.view(np.int32)).view(torch.float32), ordinary])
+    random_bits = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, generator=generator)
+    random_bits[: len(special)] = 0xFFFF  # the largest carry
+
+    sums = values.view(torch.int32).numpy().view(np.uint32).astype(np.uint64) + random_bits.numpy().astype(np.uint64)
+    expected = sums >> 16
+    expected = torch.from_numpy((expected & 0xFFFF).astype(np.uint16).view(np.int16)).view(BF16)
+    is_nan = torch.isnan(values)
+    stored = torch.empty(values.shape, dtype=BF16)
+    _round_stochastically_into(stored, values.clone(), random_bits.clone())
+
+    assert torch.equal(torch.isnan(stored), is_nan)
+    assert torch.equal(stored[~is_nan].view(torch.int16), expected[~is_nan].view(torch.int16))
+    assert stored[5:11].float().tolist() == [float("inf"), float("-inf"), 0.0, -0.0, float("inf"), float("-inf")]
+    assert torch.signbit(stored[7:9]).tolist() == [False, True]
 
 
 def test_stochastic_rounding_keeps_small_updates_that_round_to_nearest_loses(target):
