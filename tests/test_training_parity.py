@@ -315,20 +315,64 @@ def test_add_param_group_after_training_started(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
-@pytest.mark.parametrize(
-    "make_scheduler",
-    [
-        pytest.param(lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=12), id="OneCycleLR"),
-        pytest.param(lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5), id="StepLR"),
-        pytest.param(lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=5), id="CosineAnnealingLR"),
-    ],
-)
-def test_lr_schedulers(target, make_scheduler):
+class _NeverImproving:
+    """ReduceLROnPlateau fed a loss that never improves: it halves the lr every other step."""
+
+    def __init__(self, optimizer):
+        self.scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.5, patience=1)
+
+    def step(self):
+        self.scheduler.step(1.0)
+
+
+_S = torch.optim.lr_scheduler
+# Every scheduler torch ships (and SWA's), each set to change the lr within 8 steps.
+_SCHEDULERS = [
+    pytest.param(lambda opt: _S.OneCycleLR(opt, max_lr=0.05, total_steps=12), id="OneCycleLR"),
+    pytest.param(lambda opt: _S.StepLR(opt, step_size=2, gamma=0.5), id="StepLR"),
+    pytest.param(lambda opt: _S.CosineAnnealingLR(opt, T_max=5), id="CosineAnnealingLR"),
+    pytest.param(lambda opt: _S.LambdaLR(opt, lambda epoch: 1 / (1 + epoch)), id="LambdaLR"),
+    pytest.param(lambda opt: _S.MultiplicativeLR(opt, lambda epoch: 0.8), id="MultiplicativeLR"),
+    pytest.param(lambda opt: _S.MultiStepLR(opt, milestones=[2, 5], gamma=0.3), id="MultiStepLR"),
+    pytest.param(lambda opt: _S.ConstantLR(opt, factor=0.25, total_iters=3), id="ConstantLR"),
+    pytest.param(lambda opt: _S.LinearLR(opt, start_factor=0.1, total_iters=5), id="LinearLR"),
+    pytest.param(lambda opt: _S.ExponentialLR(opt, gamma=0.8), id="ExponentialLR"),
+    pytest.param(lambda opt: _S.PolynomialLR(opt, total_iters=6, power=2.0), id="PolynomialLR"),
+    pytest.param(lambda opt: _S.CosineAnnealingWarmRestarts(opt, T_0=3, T_mult=2), id="CosineAnnealingWarmRestarts"),
+    # cycle_momentum cycles betas[0] for Adam, as OneCycleLR does.
+    pytest.param(lambda opt: _S.CyclicLR(opt, base_lr=1e-3, max_lr=2e-2, step_size_up=2), id="CyclicLR"),
+    pytest.param(
+        lambda opt: _S.SequentialLR(
+            opt, [_S.LinearLR(opt, start_factor=0.1, total_iters=3), _S.ExponentialLR(opt, gamma=0.7)], milestones=[3]
+        ),
+        id="SequentialLR",
+    ),
+    pytest.param(
+        lambda opt: _S.ChainedScheduler([_S.ConstantLR(opt, factor=0.5, total_iters=4), _S.ExponentialLR(opt, gamma=0.9)]),
+        id="ChainedScheduler",
+    ),
+    pytest.param(_NeverImproving, id="ReduceLROnPlateau"),
+    pytest.param(lambda opt: torch.optim.swa_utils.SWALR(opt, swa_lr=3e-3, anneal_epochs=3), id="SWALR"),
+]
+
+
+@pytest.mark.parametrize("lr_type", [float, torch.tensor])
+@pytest.mark.parametrize("make_scheduler", _SCHEDULERS)
+def test_lr_schedulers(target, make_scheduler, lr_type):
+    """A Tensor lr is changed in place by the schedulers (``fill_``): each step must read it anew."""
     ours_model, reference_model = paired(OddModel, target.device)
-    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    ours = adam_triton.AdamW(ours_model.parameters(), lr=lr_type(1e-2), backend=target.backend)
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=lr_type(1e-2))
+    schedules = []
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
-        train(model, optimizer, steps=8, scheduler=make_scheduler(optimizer))
-    assert ours.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+        lrs = []
+        scheduler = make_scheduler(optimizer)
+        for _ in range(8):
+            train(model, optimizer, steps=1, scheduler=scheduler)
+            lrs.append(float(optimizer.param_groups[0]["lr"]))
+        schedules.append(lrs)
+    assert schedules[0] == schedules[1] and len(set(schedules[1])) > 1  # the lr did change
+    assert isinstance(ours.param_groups[0]["lr"], type(reference.param_groups[0]["lr"]))
     assert ours.param_groups[0]["betas"] == reference.param_groups[0]["betas"]
     assert_close_params(ours_model, reference_model)
 
