@@ -423,6 +423,7 @@ def _round_stochastically_into(target: torch.Tensor, values: torch.Tensor, rando
     """Store float32 ``values`` in bfloat16 ``target``, rounding up with probability equal to
     the distance to the lower neighbour: add 16 random bits below bfloat16's last place and
     clear them. Overwrites ``random_bits``."""
+    values = values.float()  # float64 states of float64 parameters: as the kernel, via float32
     rounded = random_bits.add_(values.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)
     # A nan's payload could carry into the sign bit. minimum and maximum pass nans on and leave
     # every other value as rounded (a zero keeps the sign of ``values``): a pass each, where a

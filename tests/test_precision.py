@@ -409,6 +409,38 @@ def test_pure_pytorch_stochastic_rounding_adds_sixteen_random_bits_and_keeps_nan
     assert torch.signbit(stored[7:9]).tolist() == [False, True]
 
 
+def test_float64_parameters_with_bfloat16_states_round_the_states_at_random(target):
+    """float64 parameters keep float64 updates (torch's, to float64 rounding); their bfloat16
+    moments are torch's float64 moments, through float32, rounded down or up at random."""
+    generator = torch.Generator().manual_seed(21)
+    start = torch.randn(1000, generator=generator, dtype=torch.float64)
+    gradient = torch.randn(1000, generator=generator, dtype=torch.float64)
+    ours_param = torch.nn.Parameter(start.clone().to(target.device))
+    reference_param = torch.nn.Parameter(start.clone())
+    ours = adam_triton.AdamW(
+        [ours_param], lr=1e-2, backend=target.backend, state_dtype=BF16, stochastic_rounding=True
+    )
+    reference = torch.optim.AdamW([reference_param], lr=1e-2)
+    ours_param.grad, reference_param.grad = gradient.clone().to(target.device), gradient.clone()
+    ours.step()
+    reference.step()
+
+    torch.testing.assert_close(ours_param.detach().cpu(), reference_param.detach(), rtol=1e-13, atol=1e-15)
+    for key in ("exp_avg", "exp_avg_sq"):
+        exact = reference.state[reference_param][key].float()
+        toward_zero = (exact.view(torch.int32) & -65536).view(torch.float32)
+        away_from_zero = ((exact.view(torch.int32) & -65536) + 65536).view(torch.float32)
+        assert ours.state[ours_param][key].dtype == BF16
+        stored = ours.state[ours_param][key].cpu().float()
+        assert ((stored == toward_zero) | (stored == away_from_zero)).all(), key
+        # Rounded to nearest, no element in the lower half of its gap would go away from zero.
+        position = (exact - toward_zero).abs() / (away_from_zero - toward_zero).abs()
+        for half in (position < 0.5, position >= 0.5):
+            share_away = (stored[half] == away_from_zero[half]).float().mean().item()
+            expected = position[half].mean().item()  # about 0.25 and 0.75
+            assert abs(share_away - expected) < 0.1, (key, share_away, expected)
+
+
 def test_stochastic_rounding_keeps_small_updates_that_round_to_nearest_loses(target):
     n = 4096
     outcomes = {}
