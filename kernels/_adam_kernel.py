@@ -112,9 +112,7 @@ def _round_to_bfloat16(values):
     The same on every backend: triton's interpreter truncates (and flushes subnormals) on
     this conversion, so tests on CPU would otherwise check a rounding the GPU does not do.
     """
-    # float64 results (float64 parameters, bfloat16 states) go through float32 first: its 16
-    # bits below bfloat16's last place are as many as the random bits.
-    bits = values.to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = values.to(tl.uint32, bitcast=True)
     # A nan's payload could carry into the sign bit: keep nans' top bits as they are.
     bits = tl.where(values != values, bits, bits + (0x7FFF + ((bits >> 16) & 1)))
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -133,9 +131,7 @@ def _to_storage(values, pointer):
 def _round_stochastically_to_bfloat16(values, random_bits):
     """float32 -> bfloat16, rounding up with probability equal to the distance to the lower
     neighbour: add 16 random bits below bfloat16's last place, then truncate them."""
-    # float64 results (float64 parameters, bfloat16 states) go through float32 first: its 16
-    # bits below bfloat16's last place are as many as the random bits.
-    bits = values.to(tl.float32).to(tl.uint32, bitcast=True)
+    bits = values.to(tl.uint32, bitcast=True)
     # A nan's payload could carry into the sign bit: keep nans' top bits as they are.
     bits = tl.where(values != values, bits, bits + (random_bits & 0xFFFF))
     return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -146,7 +142,9 @@ def _store(pointers, values, mask, random_bits, STOCHASTIC_ROUNDING: tl.constexp
     """Store float32/float64 results in the dtype behind ``pointers``: bfloat16 at random with
     stochastic rounding, else to nearest."""
     if STOCHASTIC_ROUNDING and pointers.dtype.element_ty == tl.bfloat16:
-        tl.store(pointers, _round_stochastically_to_bfloat16(values, random_bits), mask=mask)
+        # As _to_storage: float64 results (float64 parameters, bfloat16 states) go through
+        # float32, whose 16 bits below bfloat16's last place are as many as the random bits.
+        tl.store(pointers, _round_stochastically_to_bfloat16(values.to(tl.float32), random_bits), mask=mask)
     else:
         tl.store(pointers, _to_storage(values, pointers), mask=mask)
 
