@@ -90,7 +90,8 @@ def _same_group(group: dict, seen: tuple) -> bool:
     == on tensors compares values.)"""
     params, options = seen
     members = group["params"]
-    return len(members) == len(params) and all(map(operator.is_, members, params)) and _precision_options(group) == options
+    same_members = len(members) == len(params) and all(map(operator.is_, members, params))
+    return same_members and _precision_options(group) == options
 
 
 def _self_overlapping_error(optimizer_name: str, param: torch.Tensor, group_index: int) -> ValueError:

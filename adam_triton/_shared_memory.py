@@ -113,4 +113,3 @@ def meets_any(params: list, regions: list[torch.Tensor]) -> bool:
         ):
             return True
     return False
-
