@@ -151,17 +151,17 @@ def return_unscaled_gradients(buffer: FlatBuffer, plan: GradientPlan) -> None:
 
 
 # -- torch ------------------------------------------------------------------------------------
-def _pick(items: list, indices: np.ndarray) -> list:
-    if len(indices) == 1:
-        return [items[int(indices[0])]]
-    return list(operator.itemgetter(*indices.tolist())(items))
+def _pick(items: list, indices: list[int]) -> list:
+    if len(indices) == 1:  # (a group of one tensor: the common case with a group per tensor)
+        return [items[indices[0]]]
+    return list(operator.itemgetter(*indices)(items)) if indices else []
 
 
-def _step_views(buffer: FlatBuffer, segments: np.ndarray | slice) -> list:
-    return buffer.step_views[segments] if isinstance(segments, slice) else _pick(buffer.step_views, segments)
+def _step_views(buffer: FlatBuffer, segments: list[int]) -> list:
+    return _pick(buffer.step_views, segments)
 
 
-def _count(buffer: FlatBuffer, segments: np.ndarray | slice) -> None:
+def _count(buffer: FlatBuffer, segments: np.ndarray) -> None:
     """Add one to the step counters of ``segments``. This backend reads only each
     parameter's own counter (its first chunk's row, which ``optimizer.state[p]["step"]``
     views); the rows of further chunks are the Triton kernel's, and a buffer changes
@@ -169,7 +169,7 @@ def _count(buffer: FlatBuffer, segments: np.ndarray | slice) -> None:
     if buffer.device.type == "cpu":
         buffer.steps.numpy()[buffer.leaders[segments]] += 1.0
     else:
-        torch._foreach_add_(_step_views(buffer, segments), 1.0)
+        torch._foreach_add_(_step_views(buffer, segments.tolist()), 1.0)
     buffer.steps_version = buffer.steps._version
 
 
@@ -209,7 +209,7 @@ class _Direct:
         # (the gradient and AMSGrad buffers are created on demand).
         return getattr(self.buffer, name)
 
-    def segments(self, name: str, segments: np.ndarray) -> list:
+    def segments(self, name: str, segments: list[int]) -> list:
         if name == "grad":
             return _real_gradients(self.buffer, self.plan, segments)
         return _pick(self.buffer.real_views(name), segments)
@@ -246,7 +246,7 @@ class _WorkingCopies:
     def span(self, name: str, first: int, last: int) -> torch.Tensor:
         return self.buffer.segment_slice(getattr(self, name), first, last)
 
-    def segments(self, name: str, segments: np.ndarray) -> list:
+    def segments(self, name: str, segments: list[int]) -> list:
         views = self._views.get(name)
         if views is None:
             flat = getattr(self, name)
@@ -279,23 +279,31 @@ class _WorkingCopies:
             else:
                 target.copy_(result)
         if unscaled:  # as torch's fused kernel: the gradients are left unscaled
-            segments = np.flatnonzero(self.plan.has_grad)
+            segments = np.flatnonzero(self.plan.has_grad).tolist()
             grads = _real_gradients(buffer, self.plan, segments)
-            torch._foreach_copy_(grads, [_storage_view(buffer, self.grad, int(s)) for s in segments])
+            torch._foreach_copy_(grads, [_storage_view(buffer, self.grad, s) for s in segments])
 
 
-def _groups_to_update(buffer: FlatBuffer, plan: GradientPlan, groups: list[dict]):
-    """(group index, group, first segment, last segment, which have a gradient, amsgrad) for
-    every param group with something to update in this buffer."""
-    for group_index, first, last in buffer.group_ranges:
-        has_grad = plan.has_grad[first : last + 1]
-        if not has_grad.any():
-            continue
-        group = groups[group_index]
-        amsgrad = bool(group["amsgrad"])
-        if amsgrad:
-            buffer.ensure_max_exp_avg_sq()
-        yield group_index, group, first, last, has_grad, amsgrad
+def _in_ranges(mask: np.ndarray, firsts: np.ndarray, ends: np.ndarray) -> np.ndarray:
+    """How many elements of ``mask`` are true in each range ``[first, end)``."""
+    running = np.zeros(len(mask) + 1, dtype=np.int64)
+    np.cumsum(mask, out=running[1:])
+    return running[ends] - running[firsts]
+
+
+def _flat_groups(buffer: FlatBuffer, plan: GradientPlan, with_grad: np.ndarray, working: bool) -> np.ndarray:
+    """Which group ranges torch's kernel can take as one flat span (on the CPU, where it
+    costs a parallel region per tensor): every segment has a gradient, none is updated
+    where it lives (but in working copies), and all share one step count (the kernel takes
+    a count per tensor). Whether the gradients are flat too is decided per group."""
+    firsts, lasts = buffer.group_firsts, buffer.group_lasts
+    flat = with_grad == lasts + 1 - firsts
+    if not working:
+        flat &= _in_ranges(buffer.in_place, firsts, lasts + 1) == 0
+    counts = buffer.steps.numpy()[buffer.leaders]
+    count_changes = np.zeros(len(counts), dtype=np.int64)  # before each segment, from the first
+    np.cumsum(counts[1:] != counts[:-1], out=count_changes[1:])
+    return flat & (count_changes[lasts] == count_changes[firsts])
 
 
 def _update_fused(
@@ -303,48 +311,55 @@ def _update_fused(
 ) -> None:
     """torch's fused kernel over ``tensors`` (the buffer's own, or working copies): one call
     per parameter group, on flat spans where the gradients are flat too, else on the list
-    of segment views."""
-    on_cpu = buffer.device.type == "cpu"
-    counts = buffer.steps.numpy() if on_cpu else None
-    scaler = {"grad_scale": grad_scale, "found_inf": found_inf}
+    of segment views. What decides each call is worked out for all groups at once: a model
+    with a group per tensor (layer-wise learning rates) pays little Python per group."""
     working = isinstance(tensors, _WorkingCopies)
-    for group_index, group, first, last, has_grad, amsgrad in _groups_to_update(buffer, plan, groups):
-        if amsgrad and working and tensors.max_exp_avg_sq is None:  # AMSGrad switched on this step
-            tensors.max_exp_avg_sq = buffer.max_exp_avg_sq.to(tensors.exp_avg.dtype)
+    firsts, lasts = buffer.group_firsts, buffer.group_lasts
+    with_grad = _in_ranges(plan.has_grad, firsts, lasts + 1)
+    if buffer.device.type == "cpu":
+        flat = _flat_groups(buffer, plan, with_grad, working)
+        grads_flat = _in_ranges(plan.in_grad_buffer, firsts, lasts + 1) == lasts + 1 - firsts
+    else:
+        flat = grads_flat = np.zeros(len(firsts), dtype=bool)
+    # torch's fused kernel expects the step count of this update: every parameter with a
+    # gradient is counted before the calls (and taken back where GradScaler found an inf,
+    # as torch does).
+    counted = np.flatnonzero(plan.has_grad)
+    _count(buffer, counted)
+    scaler = {"grad_scale": grad_scale, "found_inf": found_inf}
+    names = ("param", "grad", "exp_avg", "exp_avg_sq")
+    for row in np.flatnonzero(with_grad).tolist():
+        group_index, first, last = buffer.group_ranges[row]
+        group = groups[group_index]
+        amsgrad = bool(group["amsgrad"])
+        if amsgrad:
+            buffer.ensure_max_exp_avg_sq()
+            if working and tensors.max_exp_avg_sq is None:  # AMSGrad switched on this step
+                tensors.max_exp_avg_sq = buffer.max_exp_avg_sq.to(tensors.exp_avg.dtype)
         fused = torch._fused_adamw_ if group["decoupled_weight_decay"] else torch._fused_adam_
         lr, beta1, beta2, eps, weight_decay = hyper.row(group_index, buffer.device)
         arguments = dict(
             lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
             amsgrad=amsgrad, maximize=bool(group["maximize"]), **scaler,
         )
-        leaders = buffer.leaders[first : last + 1]
-        # torch's fused kernel expects the step count of this update: counted before it runs
-        # (and taken back where GradScaler found an inf, as torch does).
-        flat = (
-            on_cpu
-            and (working or not buffer.in_place[first : last + 1].any())
-            and has_grad.all()
-            and (counts[leaders] == counts[leaders[0]]).all()
+        one_span = flat[row] and (
+            working or grads_flat[row] or (grad_scale is None and _gather_small_gradients(buffer, plan, first, last))
         )
-        if flat and not working and not plan.in_grad_buffer[first : last + 1].all():
-            flat = grad_scale is None and _gather_small_gradients(buffer, plan, first, last)
-        segments = slice(first, last + 1) if flat else first + np.flatnonzero(has_grad)
-        _count(buffer, segments)
-        names = ("param", "grad", "exp_avg", "exp_avg_sq")
-        if flat:
+        if one_span:
             spans = [[tensors.span(name, first, last)] for name in names]
             maxima = [tensors.span("max_exp_avg_sq", first, last)] if amsgrad else []
             steps = [buffer.step_views[first]]
         else:
+            segments = [first] if first == last else (first + np.flatnonzero(plan.has_grad[first : last + 1])).tolist()
             spans = [tensors.segments(name, segments) for name in names]
             maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
             steps = _step_views(buffer, segments)
         fused(*spans, maxima, steps, **arguments)
-        if found_inf is not None:
-            # One tensor per counter: a lone tensor would bind as a Scalar and be read on the host.
-            views = _step_views(buffer, segments)
-            torch._foreach_sub_(views, [found_inf.reshape(())] * len(views))
-            buffer.steps_version = buffer.steps._version
+    if found_inf is not None:
+        # One tensor per counter: a lone tensor would bind as a Scalar and be read on the host.
+        views = _step_views(buffer, counted.tolist())
+        torch._foreach_sub_(views, [found_inf.reshape(())] * len(views))
+        buffer.steps_version = buffer.steps._version
 
 
 #: On CPU, torch's fused kernel opens a parallel region per tensor. For lists of many small
@@ -362,18 +377,18 @@ def _gather_small_gradients(buffer: FlatBuffer, plan: GradientPlan, first: int, 
     parallel region per tensor; True if they are there now."""
     count = last - first + 1
     if (
-        torch.get_num_threads() < 2
-        or count < GATHER_MIN_TENSORS
+        count < GATHER_MIN_TENSORS
+        or torch.get_num_threads() < 2
         or buffer.lengths[first : last + 1].mean() > GATHER_MAX_MEAN_ELEMENTS
     ):
         return False
     buffer.ensure_grad()
-    outside = first + np.flatnonzero(~plan.in_grad_buffer[first : last + 1])
+    outside = (first + np.flatnonzero(~plan.in_grad_buffer[first : last + 1])).tolist()
     torch._foreach_copy_(_pick(buffer.real_views("grad"), outside), _real_gradients(buffer, plan, outside))
     return True
 
 
-def _real_gradients(buffer: FlatBuffer, plan: GradientPlan, segments: np.ndarray) -> list:
+def _real_gradients(buffer: FlatBuffer, plan: GradientPlan, segments: list[int]) -> list:
     """The gradients of ``segments``, complex ones as real views (as torch's kernels and the
     buffers' real views take them; only a buffer with complex parameters has any)."""
     grads = _pick(plan.grads, segments)
@@ -388,9 +403,9 @@ def _storage_view(buffer: FlatBuffer, flat: torch.Tensor, segment: int) -> torch
 def _flat_gradients(buffer: FlatBuffer, plan: GradientPlan, dtype: torch.dtype) -> torch.Tensor:
     """Every segment's gradient in one flat tensor of ``dtype`` (zero where there is none)."""
     gradients = torch.zeros(buffer.total, dtype=dtype, device=buffer.device)
-    segments = np.flatnonzero(plan.has_grad)
+    segments = np.flatnonzero(plan.has_grad).tolist()
     present = _real_gradients(buffer, plan, segments)
-    torch._foreach_copy_([_storage_view(buffer, gradients, int(s)) for s in segments], present)
+    torch._foreach_copy_([_storage_view(buffer, gradients, s) for s in segments], present)
     return gradients
 
 

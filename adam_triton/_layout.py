@@ -272,6 +272,7 @@ class FlatBuffer:
         self.group_ranges = [
             (int(self.group_of_segment[first]), int(first), int(last)) for first, last in zip(firsts, lasts)
         ]
+        self.group_firsts, self.group_lasts = firsts.astype(np.int64), lasts.astype(np.int64)
         self._real_views: dict[str, list] = {}
         self.span_cache: dict = {}  # (name, first segment, last segment) -> that span of the tensor
 

@@ -54,24 +54,10 @@ class HyperTable:
         rows = []
         device_values = []  # (row, column, tensor) read on the device itself
         for row, group in enumerate(groups):
-            values = []
-            for column, value in enumerate(group_values(group)):
-                if isinstance(value, torch.Tensor):
-                    if value.numel() != 1 or value.device.type == "meta":
-                        raise TypeError(
-                            f"param group {row}: {HYPER_COLUMNS[column]} must be a real number or a 1-element "
-                            f"tensor holding a value, got a tensor of shape {tuple(value.shape)} on {value.device}"
-                        )
-                    if value.device.type != "cpu":
-                        # (a 1-element tensor may have shape (1,): copied into one cell, as ())
-                        device_values.append((row, column, value.reshape(())))
-                        value = 0.0
-                    else:
-                        value = float(value)
-                elif type(value) is not float:
-                    value = _real(value, HYPER_COLUMNS[column], row)
-                values.append(value)
-            rows.append(tuple(values))
+            values = group_values(group)
+            if tuple(map(type, values)) != _FLOATS:  # (a group per tensor: keep the usual case quick)
+                values = _host_values(values, row, device_values)
+            rows.append(values)
         rows = tuple(rows)
         if rows != self._host_rows:
             self._host_rows = rows
@@ -83,6 +69,8 @@ class HyperTable:
         """Group ``index``'s (lr, beta1, beta2, eps, weight_decay) as refreshed: floats, and
         a float32 tensor on ``device`` where the group holds the value in a tensor on a
         device (torch's CUDA kernel reads a tensor lr as float32, as torch's Adam passes it)."""
+        if not self._device_values:
+            return self._host_rows[index]
         values = list(self._host_rows[index])
         for row, column, value in self._device_values:
             if row == index:
@@ -102,6 +90,32 @@ class HyperTable:
             table[row, column].copy_(value, non_blocking=True)
         self._fresh.add(device)
         return table
+
+
+_FLOATS = (float,) * len(HYPER_COLUMNS)
+
+
+def _host_values(values: tuple, row: int, device_values: list) -> tuple:
+    """Group ``row``'s values as floats; one held in a tensor on a device reads as 0.0
+    here and is added to ``device_values`` as (row, column, tensor), to be copied there."""
+    floats = []
+    for column, value in enumerate(values):
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.device.type == "meta":
+                raise TypeError(
+                    f"param group {row}: {HYPER_COLUMNS[column]} must be a real number or a 1-element "
+                    f"tensor holding a value, got a tensor of shape {tuple(value.shape)} on {value.device}"
+                )
+            if value.device.type != "cpu":
+                # (a 1-element tensor may have shape (1,): copied into one cell, as ())
+                device_values.append((row, column, value.reshape(())))
+                value = 0.0
+            else:
+                value = float(value)
+        elif type(value) is not float:
+            value = _real(value, HYPER_COLUMNS[column], row)
+        floats.append(value)
+    return tuple(floats)
 
 
 def _real(value, name: str, group_index: int) -> float:

@@ -149,6 +149,67 @@ def test_parameter_without_gradient_is_neither_updated_nor_counted(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+# Layer-wise learning rates: a group of many small tensors (on the CPU backend its fresh
+# gradients are gathered into one flat update), then a group per tensor, each with its own
+# hyperparameters and variant, then a group whose last tensor has gradients only now and
+# then (so its step counts part, and the group must go as a list from then on).
+_MANY = [(1 + 37 * i % 300,) for i in range(70)]
+_SINGLE = [(1,), (17,), (33,), (7, 13), (3, 5, 11), (1025,), (16,), (2, 9), (5,), (64,), (31,), (8, 8)]
+_LAST = [(40,), (9,), (130,)]
+
+
+def _a_group_per_tensor(model):
+    weights = list(model.weights)
+    many, single, last = weights[: len(_MANY)], weights[len(_MANY) : -len(_LAST)], weights[-len(_LAST) :]
+    groups = [{"params": many, "lr": 3e-3}]
+    for index, weight in enumerate(single):
+        groups.append({
+            "params": [weight], "lr": 2e-2 * 0.8**index, "betas": (0.9 - 0.03 * index, 0.999 - 0.004 * index),
+            "weight_decay": 0.02 * index, "amsgrad": index % 3 == 1, "maximize": index % 5 == 2,
+        })
+    groups.append({"params": last, "lr": 2e-2, "eps": 1e-5})
+    return groups
+
+
+@pytest.mark.parametrize("cls_name", CLASSES)
+@pytest.mark.parametrize("loop", ["fresh", "kept", "grad-scaler"])
+def test_a_group_per_tensor_trains_like_torch(target, cls_name, loop, monkeypatch):
+    """A group per tensor (layer-wise learning rates): the CPU backend decides for all
+    groups at once which take one flat call, which gather their gradients and which go
+    as a list, counts every step together, and takes back GradScaler's skipped steps
+    together. Each group must still be updated with its own values and its own counts."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the gather, on any machine
+    ours_model, reference_model = paired(lambda: OddModel(shapes=_MANY + _SINGLE + _LAST, seed=4), target.device)
+    fused = True if loop == "grad-scaler" else None
+    ours, reference = optimizers(
+        ours_model, reference_model, cls_name, target.backend, params_fn=_a_group_per_tensor, fused=fused
+    )
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        scaler = torch.amp.GradScaler(target.device, init_scale=2.0**10) if loop == "grad-scaler" else None
+        generator = torch.Generator().manual_seed(11)
+        for step in range(7):
+            optimizer.zero_grad(set_to_none=loop != "kept")
+            for weight, off in ((model.weights[-1], step in (2, 3)), (model.weights[len(_MANY) + 4], step == 1)):
+                weight.requires_grad_(not off)
+                if off:
+                    weight.grad = None  # (kept gradients too: this one is dropped)
+            x = torch.randn(8, generator=generator).to(target.device)
+            if scaler is None:
+                model(x).backward()
+                optimizer.step()
+                continue
+            scaler.scale(model(x)).backward()
+            if step == 4:
+                model.weights[len(_MANY) + 2].grad[0] = float("inf")  # skipped: no update, no count
+            scaler.step(optimizer)
+            scaler.update()
+    steps = [float(ours.state[p]["step"]) for p in ours_model.parameters()]
+    assert steps == [float(reference.state[p]["step"]) for p in reference_model.parameters()]
+    assert len(set(steps)) > 1  # the counts parted
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 class _Backbone(nn.Module):
     """A pretrained trunk and a small head, as fine-tuned: the trunk is frozen."""
 
