@@ -1,13 +1,15 @@
 """The benchmark matrix: which parameter lists, dtypes and optimizer variants are timed.
 
 A *case* is one device, one parameter list (a shape set) and one *config* (dtype, Adam or
-AdamW, AMSGrad or not, how gradients arrive). Every implementation is timed on every case.
+AdamW, AMSGrad or not, how gradients arrive, adam_triton's precision options, how the
+parameters are grouped). Every implementation is timed on every case.
 
 The default matrix varies one factor at a time around a core config (fp32 AdamW, no
 AMSGrad): the core with both gradient modes, then bf16, AMSGrad and Adam (L2 weight decay)
-with fresh gradients, each on every shape set. That keeps the CPU suite within minutes on
-two cores, where torch's for-loop takes seconds per step on thousands of tensors;
-``--full-matrix`` times the whole cross product instead.
+with fresh gradients, each on every shape set; adam_triton's precision options; and a
+group per tensor on every list of several. That keeps the CPU suite within minutes on two
+cores, where torch's for-loop takes seconds per step on thousands of tensors;
+``--full-matrix`` times the whole cross product (of one group and no precision option).
 """
 
 from __future__ import annotations
@@ -64,6 +66,14 @@ PRECISIONS = {
 }
 
 
+# How the parameters are grouped. "": one param group. "group-per-tensor": a group per
+# tensor with its own learning rate (layer-wise learning-rate decay, 0.99 per tensor), as
+# fine-tuning recipes build them: torch's fused AdamW then calls its kernel once per group,
+# adam_triton still launches once per buffer (its CPU backend calls torch's kernel per group).
+GROUPINGS = ("", "group-per-tensor")
+LAYERWISE_DECAY = 0.99
+
+
 @dataclass(frozen=True)
 class Config:
     dtype: torch.dtype
@@ -71,6 +81,7 @@ class Config:
     amsgrad: bool
     grads: str  # one of GRADIENT_MODES
     precision: str = ""  # a key of PRECISIONS
+    groups: str = ""  # one of GROUPINGS
 
     @property
     def name(self) -> str:
@@ -79,6 +90,8 @@ class Config:
             parts.append("amsgrad")
         if self.precision:
             parts.append(self.precision)
+        if self.groups:
+            parts.append(self.groups)
         parts.append(self.grads)
         return "-".join(parts)
 
@@ -95,6 +108,7 @@ DEFAULT_CONFIGS = (
     Config(torch.bfloat16, "AdamW", False, "fresh", "master-bf16states"),
     Config(torch.bfloat16, "AdamW", False, "fresh", "master-bf16states-sr"),
     Config(torch.bfloat16, "AdamW", False, "fresh", "stochastic-rounding"),
+    Config(torch.float32, "AdamW", False, "fresh", groups="group-per-tensor"),
 )
 
 FULL_CONFIGS = tuple(
@@ -128,10 +142,14 @@ class Case:
 
 
 def select_cases(devices: tuple[str, ...] = ("cpu", "cuda"), full_matrix: bool = False) -> list[Case]:
+    """Every config on every parameter list, but groupings on lists of one tensor (the same
+    case as one group)."""
     configs = FULL_CONFIGS if full_matrix else DEFAULT_CONFIGS
     return [
         Case(device, shapes_name, config)
         for device in devices
         for config in configs
-        for shapes_name in shape_sets(device)
+        for shapes_name, shapes in shape_sets(device).items()
+        if not (config.groups and len(shapes) < 2)
     ]
+

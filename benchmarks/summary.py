@@ -10,7 +10,7 @@ from .implementations import IMPLEMENTATIONS, OURS
 from .targets import OPEN_TARGETS, evaluate
 
 _CASE_FIELDS = ("case", "device", "shapes", "config", "dtype", "optimizer", "amsgrad", "grads", "parameters", "tensors")
-_OPTIONAL_CASE_FIELDS = ("precision",)
+_OPTIONAL_CASE_FIELDS = ("precision", "groups")
 
 
 def load(path: str | Path) -> dict:
@@ -97,7 +97,7 @@ def precision_ratios(cases: list[dict]) -> list[dict]:
         (c["device"], c["shapes"]): c["results"][OURS]["median_ms"]
         for c in cases
         if c["dtype"] == "float32" and c["optimizer"] == "AdamW" and not c["amsgrad"]
-        and c["grads"] == "fresh" and not c.get("precision") and OURS in c["results"]
+        and c["grads"] == "fresh" and not c.get("precision") and not c.get("groups") and OURS in c["results"]
     }
     rows = []
     for c in cases:

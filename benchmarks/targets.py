@@ -26,6 +26,9 @@ class Target:
         return f"{self.device} {self.shapes}: ours <= {self.limit:g}x {self.peer}"
 
     def matches(self, case: dict) -> bool:
+        """The targets are about one param group and the optimizer's own precision."""
+        if case.get("precision") or case.get("groups"):
+            return False
         return (case["device"], case["shapes"], case["dtype"], case["optimizer"], case["amsgrad"]) == (
             self.device, self.shapes, self.dtype, self.optimizer, self.amsgrad
         )

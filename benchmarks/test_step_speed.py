@@ -83,6 +83,7 @@ def _time_and_describe(benchmark, case, impl, workload, reference):
         "amsgrad": case.config.amsgrad,
         "grads": case.config.grads,
         "precision": case.config.precision,
+        "groups": case.config.groups,
         "implementation": impl.name,
         "parameters": case.parameters,
         "tensors": len(case.shapes),

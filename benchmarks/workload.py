@@ -9,8 +9,8 @@ from typing import Callable
 
 import torch
 
-from .cases import Case
-from .implementations import Implementation
+from .cases import LAYERWISE_DECAY, Case
+from .implementations import Implementation, hyperparameters
 from .timing import synchronize, synchronized
 
 
@@ -35,6 +35,15 @@ def _zero_grad_keeping_tensors(optimizer: torch.optim.Optimizer, params: list) -
             param.grad.zero_()
 
 
+def param_groups(params: list, case: Case) -> list:
+    """What the optimizer is built with: the parameters, or a group per tensor with its
+    own learning rate (``cases.GROUPINGS``)."""
+    if not case.config.groups:
+        return params
+    lr = hyperparameters(case)["lr"]
+    return [{"params": [param], "lr": lr * LAYERWISE_DECAY**index} for index, param in enumerate(params)]
+
+
 def prepare(case: Case, implementation: Implementation) -> Workload:
     """Build the case for ``implementation`` and take one step, so that state exists (and
     kernels are compiled) before anything is timed."""
@@ -46,7 +55,7 @@ def prepare(case: Case, implementation: Implementation) -> Workload:
     pool = [[_random(shape, case, generator) for shape in case.shapes] for _ in range(2)]
     for param, grad in zip(params, pool[0]):
         param.grad = grad
-    optimizer = implementation.build(params, case)
+    optimizer = implementation.build(param_groups(params, case), case)
     optimizer.step()
     synchronize(device)
 

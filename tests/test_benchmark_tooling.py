@@ -3,6 +3,7 @@ timing anything: benchmark timings are never asserted."""
 
 from __future__ import annotations
 
+import copy
 import json
 import sys
 from pathlib import Path
@@ -80,7 +81,11 @@ def test_bytes_skip_parameters_without_gradients():
 def test_case_matrix():
     for device in ("cpu", "cuda"):
         cases = select_cases((device,))
-        assert len(cases) == len(DEFAULT_CONFIGS) * len(shape_sets(device))
+        lists = shape_sets(device)
+        several = [name for name, shapes in lists.items() if len(shapes) > 1]
+        grouped = [config for config in DEFAULT_CONFIGS if config.groups]
+        assert len(cases) == (len(DEFAULT_CONFIGS) - len(grouped)) * len(lists) + len(grouped) * len(several)
+        assert sorted(c.shapes_name for c in cases if c.config.groups) == sorted(several)
         assert len({c.name for c in cases}) == len(cases)
         assert len(select_cases((device,), full_matrix=True)) == len(FULL_CONFIGS) * len(shape_sets(device))
     cpu, cuda = shape_sets("cpu"), shape_sets("cuda")
@@ -145,6 +150,34 @@ def test_summary_ratios_and_targets():
     assert targets["torch-foreach"]["met"] is True
     assert summary["commit"]["id"] == "abc"
     assert summary["host_overheads"][0]["median_ms"] == pytest.approx(1.0)
+
+
+def test_a_group_per_tensor_case_builds_its_groups_and_stays_out_of_the_targets():
+    """The layer-wise case gives every implementation a group per tensor, each with its
+    own learning rate; it is reported as its own config, not as the one-group targets' case
+    or as the fp32 reference of the precision ratios."""
+    from types import SimpleNamespace
+
+    from benchmarks.implementations import IMPLEMENTATIONS
+    from benchmarks.workload import prepare
+
+    (config,) = [config for config in DEFAULT_CONFIGS if config.groups == "group-per-tensor"]
+    assert config.name == "fp32-AdamW-group-per-tensor-fresh"
+    case = SimpleNamespace(device="cpu", config=config, shapes=[(3,), (5, 2), (7,)])  # a Case, but small
+    for name in ("adam_triton", "torch-fused"):
+        optimizer = prepare(case, IMPLEMENTATIONS[name]).optimizer
+        assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 0.99e-3, 0.99**2 * 1e-3])
+        assert [len(g["params"]) for g in optimizer.param_groups] == [1, 1, 1]
+
+    raw = _raw()
+    grouped = _bench("cpu-small-2000x8000-fp32-AdamW-group-per-tensor-fresh", "small-2000x8000", "adam_triton", 0.5)
+    grouped["extra_info"].update(config="fp32-AdamW-group-per-tensor-fresh", groups="group-per-tensor")
+    peer = copy.deepcopy(grouped)
+    peer["extra_info"]["implementation"], peer["stats"]["median"] = "torch-fused", 1.0
+    raw["benchmarks"] += [grouped, peer]
+    summary = summarize(raw)
+    assert {c["groups"] for c in summary["cases"]} == {"", "group-per-tensor"}
+    assert [t["case"] for t in summary["targets"]] == ["cpu-small-2000x8000-fp32-AdamW-fresh"] * 2
 
 
 def test_report_writes_markdown_summary_and_plots(tmp_path):
