@@ -152,4 +152,3 @@ def select_cases(devices: tuple[str, ...] = ("cpu", "cuda"), full_matrix: bool =
         for shapes_name, shapes in shape_sets(device).items()
         if not (config.groups and len(shapes) < 2)
     ]
-
