@@ -291,7 +291,7 @@ def _in_ranges(mask: np.ndarray, firsts: np.ndarray, ends: np.ndarray) -> np.nda
     return running[ends] - running[firsts]
 
 
-def _flat_groups(buffer: FlatBuffer, plan: GradientPlan, with_grad: np.ndarray, working: bool) -> np.ndarray:
+def _flat_groups(buffer: FlatBuffer, with_grad: np.ndarray, working: bool) -> np.ndarray:
     """Which group ranges torch's kernel can take as one flat span (on the CPU, where it
     costs a parallel region per tensor): every segment has a gradient, none is updated
     where it lives (but in working copies), and all share one step count (the kernel takes
@@ -314,11 +314,11 @@ def _update_fused(
     of segment views. What decides each call is worked out for all groups at once: a model
     with a group per tensor (layer-wise learning rates) pays little Python per group."""
     working = isinstance(tensors, _WorkingCopies)
-    firsts, lasts = buffer.group_firsts, buffer.group_lasts
-    with_grad = _in_ranges(plan.has_grad, firsts, lasts + 1)
+    firsts, ends = buffer.group_firsts, buffer.group_lasts + 1
+    with_grad = _in_ranges(plan.has_grad, firsts, ends)
     if buffer.device.type == "cpu":
-        flat = _flat_groups(buffer, plan, with_grad, working)
-        grads_flat = _in_ranges(plan.in_grad_buffer, firsts, lasts + 1) == lasts + 1 - firsts
+        flat = _flat_groups(buffer, with_grad, working)
+        grads_flat = _in_ranges(plan.in_grad_buffer, firsts, ends) == ends - firsts
     else:
         flat = grads_flat = np.zeros(len(firsts), dtype=bool)
     # torch's fused kernel expects the step count of this update: every parameter with a
