@@ -6,7 +6,7 @@ gradient view swapped in one step and handed out again three steps later, a chec
 loaded after a group was added, a bucket gradient after a frozen parameter thawed. Each
 scenario here draws a model of awkward sizes (mostly float32, at times a float64 or
 bfloat16 parameter, which gets a buffer of its own), groups with their own hyperparameters
-(a float or a tensor lr), and a sequence of steps, each with a few of those actions:
+(a float or a tensor lr and betas), and a sequence of steps, each with a few of those actions:
 gradients assigned, dropped, swapped, clipped or moved into buckets; hyperparameters
 edited; parameters re-pointed, frozen, thawed, added late or moved to another group; groups
 reordered or taken out; the state offloaded and brought back; checkpoints loaded into new
@@ -33,8 +33,9 @@ import adam_triton
 # Each run of the suite plays these many seeds; set the variable higher to search wider.
 # When this was written, 300 seeds of 20 steps on the CPU backend and 100 through the
 # interpreter found nothing beyond the bug test_user_changes.py names. With the groups'
-# restructuring added, 1,500 seeds on the CPU backend and 150 through the interpreter found
-# nothing either (and 16 seeds catch an engine that misses a parameter moved between groups).
+# restructuring and tensor betas added, 1,500 seeds on the CPU backend and 120 through the
+# interpreter found nothing either (and 16 seeds catch an engine that misses a parameter
+# moved between groups).
 SCENARIOS = int(os.environ.get("ADAM_TRITON_SCENARIOS", "16"))
 DTYPES = {torch.float32: 8, torch.float64: 1, torch.bfloat16: 1}  # drawn with these weights
 SHAPES = [(1,), (4,), (17,), (1023,), (1025,), (7, 13), (3, 5, 11), (2, 1031), (33, 31)]
@@ -109,10 +110,11 @@ class Scenario:
     def hyperparameters(self) -> dict:
         choice = self.rng.choice
         lr = choice([1e-3, 3e-2, 0.1])
+        betas = (choice([0.9, 0.8, 0.0]), choice([0.999, 0.95, 0.5]))
         return dict(
             # A tensor lr, as torch.compile users keep it so that schedulers edit it in place.
             lr=torch.tensor(lr) if self.rng.random() < 0.2 else lr,
-            betas=(choice([0.9, 0.8, 0.0]), choice([0.999, 0.95, 0.5])),
+            betas=tuple(map(torch.tensor, betas)) if self.rng.random() < 0.15 else betas,
             eps=choice([1e-8, 1e-3]),
             weight_decay=choice([0.0, 0.01, 0.5]),
             amsgrad=self.rng.random() < 0.3,
@@ -336,6 +338,12 @@ class Scenario:
             self.note(f"  param_groups[{group}]['lr'].fill_({value})")
             self.both(lambda side: side.optimizer.param_groups[group]["lr"].fill_(value))
             return
+        if key == "betas" and isinstance(groups[group]["betas"][0], torch.Tensor) and self.rng.random() < 0.5:
+            self.note(f"  param_groups[{group}]['betas'] filled in place with {value}")
+            for side in self.sides:
+                for beta, new in zip(side.optimizer.param_groups[group]["betas"], value):
+                    beta.fill_(new)
+            return
         self.note(f"  param_groups[{group}][{key!r}] = {value}")
         self.both(lambda side: side.optimizer.param_groups[group].__setitem__(key, value))
 
@@ -422,8 +430,14 @@ class Scenario:
 
 
 def _own(hyper: dict) -> dict:
-    """Hyperparameters for one side: a tensor lr of its own, which only its optimizer edits."""
-    return {key: (value.clone() if isinstance(value, torch.Tensor) else value) for key, value in hyper.items()}
+    """Hyperparameters for one side: a tensor lr or betas of its own, which only its optimizer
+    edits."""
+    def own(value):
+        if isinstance(value, tuple):
+            return tuple(map(own, value))
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    return {key: own(value) for key, value in hyper.items()}
 
 
 def _plain(value):
