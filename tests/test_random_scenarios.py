@@ -34,8 +34,8 @@ import adam_triton
 # When this was written, 300 seeds of 20 steps on the CPU backend and 100 through the
 # interpreter found nothing beyond the bug test_user_changes.py names. With the groups'
 # restructuring and tensor betas added, 1,500 seeds on the CPU backend and 120 through the
-# interpreter found nothing either (and 16 seeds catch an engine that misses a parameter
-# moved between groups).
+# interpreter found nothing either; an engine that compares only its groups' lengths fails
+# 9 of the first 50 seeds (test_user_changes.py's trade between groups catches it always).
 SCENARIOS = int(os.environ.get("ADAM_TRITON_SCENARIOS", "16"))
 DTYPES = {torch.float32: 8, torch.float64: 1, torch.bfloat16: 1}  # drawn with these weights
 SHAPES = [(1,), (4,), (17,), (1023,), (1025,), (7, 13), (3, 5, 11), (2, 1031), (33, 31)]
@@ -275,40 +275,51 @@ class Scenario:
             through_data = self.rng.random() < 0.5
             self.note(f"  state offloaded to the CPU and back {'through .data' if through_data else 'by assignment'}")
             self.both(lambda side: self.offload(side, through_data))
-        elif roll < 0.50:
+        elif roll < 0.56:
             self.restructure_groups()
 
     def restructure_groups(self) -> None:
         """The groups edited as torch lets users edit them between steps: the list reversed,
-        a parameter moved to another group (it keeps its state and takes that group's
-        hyperparameters), or a group taken out. A parameter taken out leaves its state behind
-        in torch, where ``state_dict()`` then fails on it: such code drops that state too."""
+        a parameter moved to another group or two groups trading one each (a parameter keeps
+        its state and takes its new group's hyperparameters; a trade leaves every group's
+        length as it was), or a group taken out. A parameter taken out leaves its state behind
+        in torch, where ``state_dict()`` then fails on it: such code drops that state too, and
+        the gradient, which no ``zero_grad`` of the optimizer clears any more (one holding an
+        injected inf would turn every gradient into NaN at the next clipping)."""
         groups = self.sides[0].optimizer.param_groups
         if len(groups) < 2:
             return
         self.snapshot = None  # a checkpoint from before no longer fits the groups
         roll = self.rng.random()
-        if roll < 0.3:
+        source, destination = self.rng.sample(range(len(groups)), 2)
+        members = [groups[source]["params"], groups[destination]["params"]]
+        # (Into an AMSGrad group from one without, torch raises KeyError on the moment it
+        # lacks; ours starts it at zero, as a switch of the group's flag does.)
+        amsgrad = [groups[source]["amsgrad"], groups[destination]["amsgrad"]]
+        if roll < 0.25:
             self.note("  param_groups reversed")
             self.both(lambda side: side.optimizer.param_groups.reverse())
-        elif roll < 0.8:
-            source, destination = self.rng.sample(range(len(groups)), 2)
-            # (Into an AMSGrad group from one without, torch raises KeyError on the moment it
-            # lacks; ours starts it at zero, as a switch of the group's flag does.)
-            if not groups[source]["params"] or groups[destination]["amsgrad"] > groups[source]["amsgrad"]:
-                return
-            position = self.rng.randrange(len(groups[source]["params"]))
-            index = _positions([groups[source]["params"][position]], self.sides[0].params)[0]
+        elif roll < 0.5 and members[0] and amsgrad[1] <= amsgrad[0]:
+            position = self.rng.randrange(len(members[0]))
+            index = _positions([members[0][position]], self.sides[0].params)[0]
             self.note(f"  p[{index}] moved from group {source} to the end of group {destination}")
             for side in self.sides:
                 moved = side.optimizer.param_groups[source]["params"].pop(position)
                 side.optimizer.param_groups[destination]["params"].append(moved)
-        else:
+        elif roll < 0.8 and all(members) and amsgrad[0] == amsgrad[1]:
+            positions = [self.rng.randrange(len(m)) for m in members]
+            indices = [_positions([m[i]], self.sides[0].params)[0] for m, i in zip(members, positions)]
+            self.note(f"  p[{indices[0]}] of group {source} and p[{indices[1]}] of group {destination} trade places")
+            for side in self.sides:
+                a, b = side.optimizer.param_groups[source]["params"], side.optimizer.param_groups[destination]["params"]
+                a[positions[0]], b[positions[1]] = b[positions[1]], a[positions[0]]
+        elif roll >= 0.8:
             number = self.rng.randrange(len(groups))
-            self.note(f"  group {number} taken out, its parameters' state dropped")
+            self.note(f"  group {number} taken out, its parameters' state and gradients dropped")
             for side in self.sides:
                 for param in side.optimizer.param_groups.pop(number)["params"]:
                     side.optimizer.state.pop(param, None)
+                    param.grad = None
 
     def offload(self, side: Side, through_data: bool) -> None:
         """Every state tensor moved to the CPU and back, as trainers that free device memory

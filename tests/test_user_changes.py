@@ -165,6 +165,27 @@ def test_a_parameter_swapped_into_a_group_is_the_one_updated(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_parameters_trading_groups_take_their_new_groups_hyperparameters(target, set_to_none):
+    """Two groups trade a parameter each, so every group keeps its length: each parameter
+    goes on with its own moments and step under the other group's lr and weight decay."""
+    params_fn = lambda model: [  # noqa: E731
+        {"params": list(model.weights)[0:6:2], "lr": 3e-2, "weight_decay": 0.5},
+        {"params": list(model.weights)[1:6:2], "lr": 1e-3, "weight_decay": 0.0},
+        {"params": list(model.weights)[6:]},
+    ]
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, params_fn=params_fn)
+    assert len(ours.param_groups[0]["params"]) == len(ours.param_groups[1]["params"])
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, set_to_none=set_to_none)
+        first, second = optimizer.param_groups[0]["params"], optimizer.param_groups[1]["params"]
+        first[1], second[2] = second[2], first[1]
+        train(model, optimizer, steps=3, seed=2, set_to_none=set_to_none)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_amsgrad_switched_on_mid_training_is_in_the_state_and_the_checkpoint(target):
     """torch's own optimizer fails on its next step (KeyError) when a group switches AMSGrad
     on after its state exists; ours goes on, and its checkpoint must then hold the maxima
