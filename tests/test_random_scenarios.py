@@ -6,8 +6,8 @@ gradient view swapped in one step and handed out again three steps later, a chec
 loaded after a group was added, a bucket gradient after a frozen parameter thawed. Each
 scenario here draws a model of awkward sizes (mostly float32, at times a float64 or
 bfloat16 parameter, which gets a buffer of its own), groups with their own hyperparameters
-(a float or a tensor lr and betas), and a sequence of steps, each with a few of those actions:
-gradients assigned, dropped, swapped, clipped or moved into buckets; hyperparameters
+(floats, or tensors for lr and betas), and a sequence of steps, each with a few of those
+actions: gradients assigned, dropped, swapped, clipped or moved into buckets; hyperparameters
 edited; parameters re-pointed, frozen, thawed, added late or moved to another group; groups
 reordered or taken out; the state offloaded and brought back; checkpoints loaded into new
 optimizers, or rolled back in the same one; and, in some scenarios, a GradScaler, with
@@ -33,7 +33,7 @@ import adam_triton
 # Each run of the suite plays these many seeds; set the variable higher to search wider.
 # When this was written, 300 seeds of 20 steps on the CPU backend and 100 through the
 # interpreter found nothing beyond the bug test_user_changes.py names. With the groups'
-# restructuring and tensor betas added, 1,500 seeds on the CPU backend and 120 through the
+# restructuring and tensor betas added, 1,000 seeds on the CPU backend and 120 through the
 # interpreter found nothing either; an engine that compares only its groups' lengths fails
 # 9 of the first 50 seeds (test_user_changes.py's trade between groups catches it always).
 SCENARIOS = int(os.environ.get("ADAM_TRITON_SCENARIOS", "16"))
