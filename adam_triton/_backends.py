@@ -435,9 +435,9 @@ def _random_bit_source(buffer: FlatBuffer):
 
 
 def _round_stochastically_into(target: torch.Tensor, values: torch.Tensor, random_bits: torch.Tensor) -> None:
-    """Store float32 (or float64) ``values`` in bfloat16 ``target``, rounding up with probability equal to
-    the distance to the lower neighbour: add 16 random bits below bfloat16's last place and
-    clear them. Overwrites ``random_bits``."""
+    """Store float32 (or float64) ``values`` in bfloat16 ``target``, rounding up with
+    probability equal to the distance to the lower neighbour: add 16 random bits below
+    bfloat16's last place and clear them. Overwrites ``random_bits``."""
     values = values.float()  # float64 states of float64 parameters: as the kernel, via float32
     rounded = random_bits.add_(values.view(torch.int32)).bitwise_and_(-65536).view(torch.float32)
     # A nan's payload could carry into the sign bit. minimum and maximum pass nans on and leave
