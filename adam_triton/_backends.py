@@ -21,8 +21,9 @@ import warnings
 import numpy as np
 import torch
 
+from ._grad_mode import no_grad
 from ._gradients import GradientPlan
-from ._layout import FlatBuffer
+from ._layout import FlatBuffer, segments_in_groups
 from ._tables import HyperTable, refuse_upload_while_capturing, upload
 from ._validation import BACKENDS
 
@@ -166,14 +167,14 @@ def _count(buffer: FlatBuffer, segments: np.ndarray) -> None:
     parameter's own counter (its first chunk's row, which ``optimizer.state[p]["step"]``
     views); the rows of further chunks are the Triton kernel's, and a buffer changes
     backend only through a rebuild, which sets every row from the parameter's count."""
-    if buffer.device.type == "cpu":
-        buffer.steps.numpy()[buffer.leaders[segments]] += 1.0
+    if buffer.host_steps is not None:
+        buffer.host_steps[buffer.leaders if len(segments) == len(buffer.leaders) else buffer.leaders[segments]] += 1.0
     else:
         torch._foreach_add_(_step_views(buffer, segments.tolist()), 1.0)
     buffer.steps_version = buffer.steps._version
 
 
-@torch.no_grad()
+@no_grad
 def update_torch(
     buffer: FlatBuffer, plan: GradientPlan, groups: list[dict], hyper: HyperTable, grad_scale=None, found_inf=None
 ) -> None:
@@ -279,16 +280,9 @@ class _WorkingCopies:
             else:
                 target.copy_(result)
         if unscaled:  # as torch's fused kernel: the gradients are left unscaled
-            segments = np.flatnonzero(self.plan.has_grad).tolist()
+            segments = self.plan.with_grad.tolist()
             grads = _real_gradients(buffer, self.plan, segments)
             torch._foreach_copy_(grads, [_storage_view(buffer, self.grad, s) for s in segments])
-
-
-def _in_ranges(mask: np.ndarray, firsts: np.ndarray, ends: np.ndarray) -> np.ndarray:
-    """How many elements of ``mask`` are true in each range ``[first, end)``."""
-    running = np.zeros(len(mask) + 1, dtype=np.int64)
-    np.cumsum(mask, out=running[1:])
-    return running[ends] - running[firsts]
 
 
 def _flat_groups(buffer: FlatBuffer, with_grad: np.ndarray, working: bool) -> np.ndarray:
@@ -296,14 +290,12 @@ def _flat_groups(buffer: FlatBuffer, with_grad: np.ndarray, working: bool) -> np
     costs a parallel region per tensor): every segment has a gradient, none is updated
     where it lives (but in working copies), and all share one step count (the kernel takes
     a count per tensor). Whether the gradients are flat too is decided per group."""
-    firsts, lasts = buffer.group_firsts, buffer.group_lasts
-    flat = with_grad == lasts + 1 - firsts
+    flat = with_grad == buffer.group_sizes
     if not working:
-        flat &= _in_ranges(buffer.in_place, firsts, lasts + 1) == 0
-    counts = buffer.steps.numpy()[buffer.leaders]
-    count_changes = np.zeros(len(counts), dtype=np.int64)  # before each segment, from the first
-    np.cumsum(counts[1:] != counts[:-1], out=count_changes[1:])
-    return flat & (count_changes[lasts] == count_changes[firsts])
+        flat &= ~buffer.groups_in_place
+    counts = buffer.host_steps[buffer.leaders]
+    firsts = buffer.group_firsts
+    return flat & (np.minimum.reduceat(counts, firsts) == np.maximum.reduceat(counts, firsts))
 
 
 def _update_fused(
@@ -314,17 +306,16 @@ def _update_fused(
     of segment views. What decides each call is worked out for all groups at once: a model
     with a group per tensor (layer-wise learning rates) pays little Python per group."""
     working = isinstance(tensors, _WorkingCopies)
-    firsts, ends = buffer.group_firsts, buffer.group_lasts + 1
-    with_grad = _in_ranges(plan.has_grad, firsts, ends)
+    with_grad = segments_in_groups(plan.has_grad, buffer.group_firsts)
     if buffer.device.type == "cpu":
         flat = _flat_groups(buffer, with_grad, working)
-        grads_flat = _in_ranges(plan.in_grad_buffer, firsts, ends) == ends - firsts
+        grads_flat = segments_in_groups(plan.in_grad_buffer, buffer.group_firsts) == buffer.group_sizes
     else:
-        flat = grads_flat = np.zeros(len(firsts), dtype=bool)
+        flat = grads_flat = np.zeros(len(with_grad), dtype=bool)
     # torch's fused kernel expects the step count of this update: every parameter with a
     # gradient is counted before the calls (and taken back where GradScaler found an inf,
     # as torch does).
-    counted = np.flatnonzero(plan.has_grad)
+    counted = plan.with_grad
     _count(buffer, counted)
     scaler = {"grad_scale": grad_scale, "found_inf": found_inf}
     names = ("param", "grad", "exp_avg", "exp_avg_sq")
@@ -350,7 +341,10 @@ def _update_fused(
             maxima = [tensors.span("max_exp_avg_sq", first, last)] if amsgrad else []
             steps = [buffer.step_views[first]]
         else:
-            segments = [first] if first == last else (first + np.flatnonzero(plan.has_grad[first : last + 1])).tolist()
+            if with_grad[row] == last + 1 - first:
+                segments = list(range(first, last + 1))
+            else:
+                segments = (first + np.flatnonzero(plan.has_grad[first : last + 1])).tolist()
             spans = [tensors.segments(name, segments) for name in names]
             maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
             steps = _step_views(buffer, segments)
@@ -403,7 +397,7 @@ def _storage_view(buffer: FlatBuffer, flat: torch.Tensor, segment: int) -> torch
 def _flat_gradients(buffer: FlatBuffer, plan: GradientPlan, dtype: torch.dtype) -> torch.Tensor:
     """Every segment's gradient in one flat tensor of ``dtype`` (zero where there is none)."""
     gradients = torch.zeros(buffer.total, dtype=dtype, device=buffer.device)
-    segments = np.flatnonzero(plan.has_grad).tolist()
+    segments = plan.with_grad.tolist()
     present = _real_gradients(buffer, plan, segments)
     torch._foreach_copy_([_storage_view(buffer, gradients, s) for s in segments], present)
     return gradients

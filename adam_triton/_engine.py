@@ -440,7 +440,7 @@ class Engine:
         optimizer's parameter order (torch's order of ``optimizer.state``)."""
         new = []
         for buffer, plan in zip(self.buffers, plans):
-            if not plan.has_grad.any() or not any(map(operator.is_, buffer.state_entries, repeat(None))):
+            if not len(plan.with_grad) or not any(map(operator.is_, buffer.state_entries, repeat(None))):
                 continue  # no gradient, or every parameter has its state already
             new.extend((buffer, segment) for segment in np.flatnonzero(plan.has_grad & ~buffer.initialized).tolist())
         if len({id(buffer) for buffer, _ in new}) > 1:
@@ -573,7 +573,7 @@ class Engine:
             plans = [plan_gradients(b, None, self.name) for b in self.buffers]
             new_state = self._new_state_segments(plans)
         for buffer, plan in zip(self.buffers, plans):
-            refused = np.flatnonzero(buffer.left_alone & plan.has_grad)
+            refused = np.flatnonzero(buffer.left_alone & plan.has_grad) if buffer.any_left_alone else ()
             if len(refused):
                 segment = int(refused[0])
                 group_index = int(buffer.group_of_segment[segment])
@@ -595,7 +595,7 @@ class Engine:
             self._initialize_new_state(new_state, groups, state)
             for buffer, plan in zip(self.buffers, plans):
                 buffer.last_plan = plan
-                if not plan.has_grad.any():
+                if not len(plan.with_grad):
                     continue
                 self._prepare_variants(buffer, variants, state)
                 buffer.sync_step_counters()

@@ -53,6 +53,7 @@ class GradientPlan:
         raw: list,
         grads: list,
         has_grad: np.ndarray,
+        with_grad: np.ndarray,
         shifts: np.ndarray,
         in_grad_buffer: np.ndarray,
         staged: list[int],
@@ -62,6 +63,7 @@ class GradientPlan:
         self.raw = raw  # p.grad of each segment, as found (None between steps unless all ours)
         self.grads = grads  # what to read: raw, or the staged copy
         self.has_grad = has_grad
+        self.with_grad = with_grad  # the segments that have a gradient, in order
         self.shifts = shifts  # element shift from the flat parameter buffer, or NO_GRADIENT
         self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
         self.staged = staged  # segments whose gradient is copied into buffer.grad each step
@@ -108,7 +110,7 @@ class GradientPlan:
     def lived_in_grad_buffer(self) -> bool:
         """Every gradient of the step was one of our gradient buffer's views, as placed by
         ``zero_grad(set_to_none=False)`` (none staged there, none gathered into it)."""
-        return bool(self.has_grad.any()) and self._only_our_views
+        return len(self.with_grad) > 0 and self._only_our_views
 
     def let_go(self) -> None:
         """The step is over: keep only our own gradient views (the buffer holds those
@@ -155,6 +157,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     count = len(raw)
     has_grad = np.fromiter(map(operator.is_not, raw, repeat(None, count)), dtype=bool, count=count)
     present = list(compress(raw, has_grad))
+    segments = np.flatnonzero(has_grad)
     grads = list(raw)
     staged: list[int] = []
     raw_pointers: list[int] = []
@@ -170,7 +173,6 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
             if any(g.layout != torch.strided for g in present):
                 raise _sparse_error(optimizer_name) from None
             raise
-        segments = np.flatnonzero(has_grad)
         # Element counts cost one C-level pass (shapes, twice as much): with the strides
         # compared below, they catch every gradient given .data of another shape, but for
         # an as_strided one with its parameter's strides and count.
@@ -208,9 +210,12 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 pointers[position] = grads[segment].data_ptr()
             _restage_segments(buffer, raw, staged)
         shifts_present = (pointers - buffer.param.data_ptr()) // buffer.dtype.itemsize - buffer.starts[segments]
-    shifts = np.full(count, NO_GRADIENT, dtype=np.int64)
-    if present:
-        shifts[segments] = shifts_present
+    if present and len(present) == count:
+        shifts = shifts_present
+    else:
+        shifts = np.full(count, NO_GRADIENT, dtype=np.int64)
+        if present:
+            shifts[segments] = shifts_present
 
     in_grad_buffer = np.zeros(count, dtype=bool)
     if present and buffer.grad_views is not None:
@@ -220,7 +225,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         where[segments] = pointers
         in_grad_buffer &= where == np.asarray(buffer.grad_view_pointers, dtype=np.int64)
     layout = (raw_pointers, strides, dtypes)
-    return GradientPlan(raw, grads, has_grad, shifts, in_grad_buffer, staged, layout, not buffer.has_complex)
+    return GradientPlan(raw, grads, has_grad, segments, shifts, in_grad_buffer, staged, layout, not buffer.has_complex)
 
 
 @torch.no_grad()

@@ -27,6 +27,7 @@ from itertools import repeat
 import numpy as np
 import torch
 
+from ._grad_mode import no_grad
 from ._in_place import STORAGE_USE_COUNT, DTensorSpec, is_dtensor, local
 
 #: Must equal ``adam_triton.kernels.SEGMENT_ALIGNMENT_BYTES`` (checked by the tests); kept
@@ -76,6 +77,12 @@ def aligned_zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch
     raw = torch.zeros(numel + spare, dtype=dtype, device=device)
     offset = (-raw.data_ptr() % SEGMENT_ALIGNMENT_BYTES) // dtype.itemsize
     return raw[offset : offset + numel]
+
+
+def segments_in_groups(marked: np.ndarray, group_firsts: np.ndarray) -> np.ndarray:
+    """How many segments of each group range ``marked`` (a flag per segment) marks. The
+    ranges start at ``group_firsts`` and cover every segment, in order."""
+    return np.add.reduceat(marked, group_firsts, dtype=np.int64)
 
 
 def is_gradient_buffer(tensor: torch.Tensor) -> bool:
@@ -190,6 +197,7 @@ class FlatBuffer:
         self.inference = np.array([is_inference_tensor(local(p)) for p in params], dtype=bool)
         self.left_alone = self.self_overlapping | self.inference
         self.in_place = self.in_place | self.left_alone
+        self.any_left_alone = bool(self.left_alone.any())
         self.dtensor_specs = [DTensorSpec(p) if is_dtensor(p) else None for p in params]
         self.has_dtensor = any(spec is not None for spec in self.dtensor_specs)
         values = [local(p) for p in params]  # a DTensor's geometry is its local shard's
@@ -250,6 +258,8 @@ class FlatBuffer:
         self.grad: torch.Tensor | None = None
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
+        # The same memory as a numpy array, on the CPU (``Tensor.numpy()`` costs a microsecond or two a call).
+        self.host_steps = self.steps.numpy() if device.type == "cpu" else None
         self._state_storages: list | None = None  # (storage, its _cdata) for state_references
 
         self.master_views: list | None = None
@@ -273,6 +283,9 @@ class FlatBuffer:
             (int(self.group_of_segment[first]), int(first), int(last)) for first, last in zip(firsts, lasts)
         ]
         self.group_firsts, self.group_lasts = firsts.astype(np.int64), lasts.astype(np.int64)
+        self.group_sizes = self.group_lasts + 1 - self.group_firsts
+        # Which group ranges hold a parameter updated where it lives (fixed with the layout).
+        self.groups_in_place = segments_in_groups(self.in_place, self.group_firsts) > 0
         self._real_views: dict[str, list] = {}
         self.span_cache: dict = {}  # (name, first segment, last segment) -> that span of the tensor
 
@@ -449,12 +462,12 @@ class FlatBuffer:
             return local(self.params[segment])
         return self.segment_view(self.param, segment)
 
-    @torch.no_grad()
+    @no_grad
     def stage_in(self) -> None:
         for staging, values in self.staged_params:
             staging.copy_(values)
 
-    @torch.no_grad()
+    @no_grad
     def stage_out(self) -> None:
         for staging, values in self.staged_params:
             values.copy_(staging)
@@ -464,7 +477,7 @@ class FlatBuffer:
         """The buffer the update runs on: the float32 masters, or the parameters themselves."""
         return self.param if self.master is None else self.master
 
-    @torch.no_grad()
+    @no_grad
     def sync_master_weights(self, force: bool = False) -> None:
         """Re-seed the masters where something but the optimizer wrote the parameters
         (``model.load_state_dict``, an in-place edit of a parameter): there the parameters
@@ -513,7 +526,7 @@ class FlatBuffer:
         return [i for i, (now, then) in enumerate(zip(pointers, self.param_ptrs)) if now != then]
 
     # -- step counters ----------------------------------------------------------------------
-    @torch.no_grad()
+    @no_grad
     def sync_step_counters(self) -> None:
         """Give every chunk its leader's count if anything but the kernel wrote the table."""
         if self.steps._version != self.steps_version:
