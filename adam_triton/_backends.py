@@ -109,8 +109,8 @@ def resolve_backend(requested: str, device: torch.device) -> str:
 def update_triton(buffer: FlatBuffer, plan: GradientPlan, hyper: HyperTable, grad_scale=None, found_inf=None) -> None:
     # Fresh gradients often land where the last step's were (the caching allocator): the
     # table is uploaded only when some gradient moved.
-    shifts_moved = plan.shifts is not buffer.uploaded_shifts and not np.array_equal(plan.shifts, buffer.uploaded_shifts)
-    if buffer.shifts_on_device is None or shifts_moved:
+    uploaded = buffer.uploaded_shifts
+    if uploaded is None or (plan.shifts is not uploaded and plan.shifts.tobytes() != uploaded.tobytes()):
         refuse_upload_while_capturing(buffer.device, "the gradient tensors")
         buffer.shifts_on_device = upload(plan.shifts, buffer.device)
         buffer.uploaded_shifts = plan.shifts
@@ -307,7 +307,12 @@ def _update_fused(
     with a group per tensor (layer-wise learning rates) pays little Python per group."""
     working = isinstance(tensors, _WorkingCopies)
     with_grad = segments_in_groups(plan.has_grad, buffer.group_firsts)
-    if buffer.device.type == "cpu":
+    # One flat span needs the gradients flat too: in working copies, kept in the gradient
+    # buffer, or gathered there (groups of GATHER_MIN_TENSORS or more). A small model's
+    # fresh gradients are none of these, and skip the look.
+    if buffer.device.type == "cpu" and (
+        working or len(buffer.params) >= GATHER_MIN_TENSORS or np.count_nonzero(plan.in_grad_buffer)
+    ):
         flat = _flat_groups(buffer, with_grad, working)
         grads_flat = segments_in_groups(plan.in_grad_buffer, buffer.group_firsts) == buffer.group_sizes
     else:

@@ -75,7 +75,8 @@ class GradientPlan:
         self.pointers, self.strides, self.dtypes = layout
         self._by_layout = by_layout  # False where a gradient's conj/neg bits matter (complex)
         # Staged segments read our views too, but their gradients (``raw``) are someone else's.
-        self._only_our_views = not staged and bool((in_grad_buffer | ~has_grad).all())
+        # (Only segments that have a gradient are in the gradient buffer.)
+        self._only_our_views = not staged and np.count_nonzero(in_grad_buffer) == len(with_grad)
 
     def finds(self, raw: list) -> bool:
         """Can this plan read ``raw``: the tensors it holds, or (between steps, when it holds
@@ -157,7 +158,8 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     count = len(raw)
     has_grad = np.fromiter(map(operator.is_not, raw, repeat(None, count)), dtype=bool, count=count)
     present = list(compress(raw, has_grad))
-    segments = np.flatnonzero(has_grad)
+    every = len(present) == count  # the usual case: each segment has its gradient
+    segments = buffer.every_segment if every else np.flatnonzero(has_grad)
     grads = list(raw)
     staged: list[int] = []
     raw_pointers: list[int] = []
@@ -179,7 +181,9 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         if list(map(torch.Tensor.numel, present)) != list(compress(buffer.numels, has_grad)):
             _check_gradient_shapes(present, segments, buffer, optimizer_name)
         expected_strides = list(compress(buffer.strides, has_grad))
-        needs_copy = pointers % buffer.access_alignment != 0
+        # Which gradients the update cannot read where they are (None: none of them).
+        alignment = buffer.access_alignment
+        needs_copy = pointers % alignment != 0 if alignment > 1 and np.count_nonzero(pointers % alignment) else None
         # Gradients may differ from their parameter in dtype (torch's grad_dtype) or device
         # (a .data assignment): such gradients are copied into place.
         kinds = set(torch._C._group_tensors_by_device_and_dtype([present], False).keys())
@@ -191,7 +195,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 if g.dtype != p.dtype:
                     _check_gradient_dtype(g, p, optimizer_name)
             expected_dtypes = [p.dtype for p in present_params]
-            needs_copy |= np.fromiter(
+            elsewhere = np.fromiter(
                 (
                     g.stride() != stride or g.dtype != dtype or g.device != buffer.device
                     for g, stride, dtype in zip(present, expected_strides, expected_dtypes)
@@ -199,9 +203,11 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 dtype=bool,
                 count=len(present),
             )
+            needs_copy = elsewhere if needs_copy is None else needs_copy | elsewhere
         if buffer.has_complex:
-            needs_copy |= np.fromiter((g.is_conj() or g.is_neg() for g in present), dtype=bool, count=len(present))
-        if needs_copy.any():
+            pending = np.fromiter((g.is_conj() or g.is_neg() for g in present), dtype=bool, count=len(present))
+            needs_copy = pending if needs_copy is None else needs_copy | pending
+        if needs_copy is not None and np.count_nonzero(needs_copy):
             buffer.ensure_grad()
             for position in np.flatnonzero(needs_copy).tolist():
                 segment = int(segments[position])
@@ -209,8 +215,9 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 grads[segment] = buffer.current_grad_view(segment)
                 pointers[position] = grads[segment].data_ptr()
             _restage_segments(buffer, raw, staged)
-        shifts_present = (pointers - buffer.param.data_ptr()) // buffer.dtype.itemsize - buffer.starts[segments]
-    if present and len(present) == count:
+        starts = buffer.starts if every else buffer.starts[segments]
+        shifts_present = (pointers - buffer.param.data_ptr()) // buffer.dtype.itemsize - starts
+    if present and every:
         shifts = shifts_present
     else:
         shifts = np.full(count, NO_GRADIENT, dtype=np.int64)

@@ -284,6 +284,8 @@ class FlatBuffer:
         ]
         self.group_firsts, self.group_lasts = firsts.astype(np.int64), lasts.astype(np.int64)
         self.group_sizes = self.group_lasts + 1 - self.group_firsts
+        self.every_segment = np.arange(len(params), dtype=np.int64)
+        self.every_segment.flags.writeable = False  # shared by gradient plans
         # Which group ranges hold a parameter updated where it lives (fixed with the layout).
         self.groups_in_place = segments_in_groups(self.in_place, self.group_firsts) > 0
         self._real_views: dict[str, list] = {}
