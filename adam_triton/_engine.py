@@ -620,9 +620,10 @@ class Engine:
         return self.found_inf != 0
 
     def zero_grad_into_buffers(self) -> None:
+        # The last plan stays: the next step reuses it if the gradients are still the
+        # tensors it holds, where it found them (``GradientPlan.finds``).
         for buffer in self.buffers:
             zero_into_grad_buffer(buffer)
-            buffer.last_plan = None
 
     def forget_gradients(self) -> None:
         """After ``zero_grad(set_to_none=True)``: hold no gradient, so that it can be freed.
@@ -634,6 +635,9 @@ class Engine:
             plan = buffer.last_plan
             if plan is not None and buffer.grad is not None and plan.lived_in_grad_buffer():
                 buffer.release_grad()
-            buffer.last_plan = None
+            if plan is not None and plan.holds_gradients():
+                buffer.last_plan = None
+            # (A plan that holds none stays: fresh gradients laid out as the last ones were,
+            # as a caching allocator often places them, reuse it.)
             buffer.adopt_at_step = None
 

@@ -113,6 +113,10 @@ class GradientPlan:
         ``zero_grad(set_to_none=False)`` (none staged there, none gathered into it)."""
         return len(self.with_grad) > 0 and self._only_our_views
 
+    def holds_gradients(self) -> bool:
+        """Does the plan hold gradient tensors between steps (our own views)?"""
+        return self.raw is not None
+
     def let_go(self) -> None:
         """The step is over: keep only our own gradient views (the buffer holds those
         anyway, and the usual loop then reuses the plan at no cost)."""

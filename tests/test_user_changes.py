@@ -279,6 +279,35 @@ def test_gradients_kept_by_their_owner_are_read_again_after_a_dropped_one(target
     drop_then(2, None)  # not updated, not counted
 
 
+@pytest.mark.parametrize("set_to_none", [False, True], ids=["kept", "fresh-where-the-last-were"])
+def test_zero_grad_leaves_the_gradient_plan_for_gradients_found_as_before(target, set_to_none):
+    """Finding the gradients is much of a small model's step. After ``zero_grad``, the
+    gradients of the next backward are the same tensors (kept, ``set_to_none=False``) or
+    may lie where the last ones lay (fresh ones from a caching allocator; here the same
+    tensors, refilled and given back): the last step's plan then serves again, and reads
+    the new values."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    ours_grads = [torch.empty_like(p) for p in ours_model.parameters()]
+    (buffer,) = ours._engine.buffers
+    plans = []
+    generator = torch.Generator().manual_seed(5)
+    for _ in range(4):
+        x = torch.randn(8, generator=generator).to(target.device)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            model(x).backward()
+        if set_to_none:  # our gradients moved into the tensors of the last step
+            for p, g in zip(ours_model.parameters(), ours_grads):
+                p.grad = g.copy_(p.grad)
+        ours.step()
+        reference.step()
+        plans.append(buffer.last_plan)
+    assert plans[1] is plans[2] is plans[3]
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_a_staged_gradient_dropped_outside_the_optimizer_is_freed():
     """A gradient whose strides differ from its parameter's is copied into our gradient
     buffer each step; the gradient itself is still the owner's, to free when it drops it."""
