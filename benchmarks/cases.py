@@ -36,9 +36,12 @@ def shape_sets(device_type: str) -> dict[str, list[tuple[int, ...]]]:
     Sizes are per device so that every list's working set (parameters, gradients and
     moments) is several times the last-level cache (32 MiB L3 on the CPU machine measured,
     50 MiB L2 on an H100/H200): repeated steps must stream from memory, not from cache.
+    But for one small model per device, whose update takes microseconds: there the host's
+    work around it is the step (its bandwidth figures say little).
     """
     if device_type == "cuda":
         return {
+            "mlp-mnist-6": [(512, 784), (512,), (512, 512), (512,), (10, 512), (10,)],  # 670K
             "flat-256M": [(256 * 1024 * 1024,)],
             "gpt2-small-148": gpt2_small(),  # 124M parameters
             "resnet50-161": resnet50(),  # 25.6M
@@ -46,6 +49,7 @@ def shape_sets(device_type: str) -> dict[str, list[tuple[int, ...]]]:
             "small-2000x8000": many_small(2000, 8000),
         }
     return {
+        "mlp-4": [(32, 10), (32,), (1, 32), (1,)],  # the README's model: 385 parameters
         "flat-16M": [(16 * 1024 * 1024,)],
         "gpt2-narrow-148": gpt2_small(width=192),  # GPT-2 small's 148 tensors at width 192: 15.2M
         "resnet50-161": resnet50(),

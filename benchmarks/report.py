@@ -20,7 +20,9 @@ from .summary import load, summarize
 
 
 def _count(n: int) -> str:
-    return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
+    if n >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    return f"{n / 1e3:.0f}K" if n >= 1e4 else str(n)
 
 
 def _ms(value: float) -> str:

@@ -95,6 +95,8 @@ def test_case_matrix():
     assert sum(torch.Size(s).numel() for s in cpu["resnet50-161"]) == 25_557_032
     assert cuda["flat-256M"] == [(256 * 2**20,)] and cpu["flat-16M"] == [(16 * 2**20,)]
     assert len(cpu["small-2000x8000"]) == 2000 and len(cpu["small-1000x8192"]) == 1000
+    assert sum(torch.Size(s).numel() for s in cpu["mlp-4"]) == 385  # the README's model
+    assert sum(torch.Size(s).numel() for s in cuda["mlp-mnist-6"]) == 669_706
 
 
 def test_rounds_policy_bounds():
