@@ -196,8 +196,10 @@ def _adam_tile(
         param = param * decay_factor
     else:
         # torch skips the L2 term when weight_decay == 0, which keeps inf parameters from
-        # turning the gradient into nan (0 * inf).
-        grad = tl.where(weight_decay != 0.0, grad + weight_decay * param, grad)
+        # turning the gradient into nan (0 * inf). One fused multiply-add, as torch's fused
+        # kernels compile it: where the gradient all but cancels the decay, a rounded product
+        # leaves 0 where torch keeps a residue, and eps makes that ulp a visible update.
+        grad = tl.where(weight_decay != 0.0, tl.fma(weight_decay, param, grad), grad)
 
     # torch's lerp: the branch keeps the rounding of the shorter interpolation.
     delta = grad - exp_avg

@@ -75,6 +75,26 @@ def test_several_param_groups_with_different_hyperparameters(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+def test_l2_decay_that_cancels_the_gradient_leaves_torchs_residue(target):
+    """Adam's L2 term, g + weight_decay * p, where g is minus the rounded product: torch's
+    kernels compute it as one fused multiply-add, which leaves the product's rounding error
+    (about 1e-9 here), and eps turns that into an update of a good part of lr. A product
+    rounded before the add leaves 0, and no update (seen in a bfloat16 scenario)."""
+    generator = torch.Generator().manual_seed(11)
+    values = torch.randn(1000, generator=generator)
+    ours_param = torch.nn.Parameter(values.to(target.device))
+    reference_param = torch.nn.Parameter(values.clone())
+    ours = adam_triton.Adam([ours_param], lr=3e-3, weight_decay=0.1, backend=target.backend)
+    reference = torch.optim.Adam([reference_param], lr=3e-3, weight_decay=0.1)
+    cancelling = -(values * 0.1)
+    ours_param.grad, reference_param.grad = cancelling.to(target.device), cancelling.clone()
+    ours.step()
+    reference.step()
+    moved = (reference_param.detach() - values).abs()
+    assert (moved > 1e-4).sum() > 500  # the residue moves most
+    torch.testing.assert_close(ours_param.detach().cpu(), reference_param.detach(), rtol=1e-6, atol=1e-7)
+
+
 def test_float64_parameters(target):
     ours_model, reference_model = paired(OddModel, target.device, dtype=torch.float64)
     ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
