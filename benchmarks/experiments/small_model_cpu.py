@@ -9,6 +9,9 @@ round:
   untimed, as after the default ``zero_grad()`` and backward) and with kept ones
   (``zero_grad(set_to_none=False)``: the same tensors every step), against torch's fused
   AdamW and its default (foreach);
+* the README's training loop itself (``zero_grad``, forward, ``backward()``, a timed
+  ``step()``) on its MLP, with either ``zero_grad``: the step right after backward, whose
+  OpenMP threads may still be spinning, as users time it;
 * the host's share alone: the same fresh steps with torch's fused kernel (and the Triton
   launcher) replaced by a no-op, so torch's fused AdamW and both of adam_triton's backends
   do their Python and nothing else.
@@ -16,6 +19,8 @@ round:
     python -m benchmarks.experiments.small_model_cpu [ROUNDS]
 """
 
+import copy
+import functools
 import os
 import sys
 import time
@@ -78,6 +83,35 @@ def _interleaved(names, shapes, gradients: str, rounds: int) -> dict:
     return medians
 
 
+def _readme_loop_medians(set_to_none: bool, rounds: int) -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(10, 32), torch.nn.ReLU(), torch.nn.Linear(32, 1))
+    x = torch.randn(64, 10)
+    built = {}
+    for name in ("torch-fused", "adam_triton-torch"):
+        twin = copy.deepcopy(model)
+        make = functools.partial(torch.optim.AdamW, fused=True) if name == "torch-fused" else adam_triton.AdamW
+        built[name] = (twin, make(twin.parameters(), lr=1e-3))
+
+    def median_step_us(twin, optimizer, steps):
+        times = []
+        for _ in range(steps):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            twin(x).square().mean().backward()
+            start = time.perf_counter()
+            optimizer.step()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[steps // 2] * 1e6
+
+    for pair in built.values():
+        median_step_us(*pair, 20)
+    medians = {name: [] for name in built}
+    for _ in range(rounds):
+        for name, pair in built.items():
+            medians[name].append(median_step_us(*pair, STEPS))
+    return medians
+
+
 def _no_op(*args, **kwargs):
     return None
 
@@ -101,6 +135,12 @@ def main(rounds: int) -> None:
         for gradients in ("fresh", "kept"):
             medians = _interleaved(("torch-fused", "torch-foreach", "adam_triton-torch"), shapes, gradients, rounds)
             _report(f"{label}, {gradients} gradients, whole step (us): ", medians)
+    for set_to_none in (True, False):
+        medians = _readme_loop_medians(set_to_none, rounds)
+        _report(
+            f"readme-mlp-4, the README's loop, zero_grad(set_to_none={set_to_none}), step after backward (us): ",
+            medians,
+        )
     torch._fused_adamw_ = _no_op
     _backends.kernels().adam_chunked_update = _no_op
     for label, shapes in SHAPE_SETS.items():
