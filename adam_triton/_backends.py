@@ -167,8 +167,10 @@ def _count(buffer: FlatBuffer, segments: np.ndarray) -> None:
     parameter's own counter (its first chunk's row, which ``optimizer.state[p]["step"]``
     views); the rows of further chunks are the Triton kernel's, and a buffer changes
     backend only through a rebuild, which sets every row from the parameter's count."""
-    if buffer.host_steps is not None:
-        buffer.host_steps[buffer.leaders if len(segments) == len(buffer.leaders) else buffer.leaders[segments]] += 1.0
+    if buffer.device.type == "cpu":
+        # (A numpy view of the table is made anew each time: share_memory_() moves its memory.)
+        every = len(segments) == len(buffer.leaders)  # (then they are all of them: the usual step)
+        buffer.steps.numpy()[buffer.leaders if every else buffer.leaders[segments]] += 1.0
     else:
         torch._foreach_add_(_step_views(buffer, segments.tolist()), 1.0)
     buffer.steps_version = buffer.steps._version
@@ -293,7 +295,7 @@ def _flat_groups(buffer: FlatBuffer, with_grad: np.ndarray, working: bool) -> np
     flat = with_grad == buffer.group_sizes
     if not working:
         flat &= ~buffer.groups_in_place
-    counts = buffer.host_steps[buffer.leaders]
+    counts = buffer.steps.numpy()[buffer.leaders]
     firsts = buffer.group_firsts
     return flat & (np.minimum.reduceat(counts, firsts) == np.maximum.reduceat(counts, firsts))
 

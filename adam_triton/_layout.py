@@ -258,8 +258,6 @@ class FlatBuffer:
         self.grad: torch.Tensor | None = None
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
-        # The same memory as a numpy array, on the CPU (``Tensor.numpy()`` costs a microsecond or two a call).
-        self.host_steps = self.steps.numpy() if device.type == "cpu" else None
         self._state_storages: list | None = None  # (storage, its _cdata) for state_references
 
         self.master_views: list | None = None

@@ -308,6 +308,21 @@ def test_zero_grad_leaves_the_gradient_plan_for_gradients_found_as_before(target
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+def test_step_counters_moved_into_shared_memory_keep_counting(target):
+    """``share_memory_()`` on a state tensor moves its whole buffer into shared memory: for
+    ``state[p]["step"]`` the table of step counters, which later steps must count where it
+    now is (a view of the table's old memory would count into freed memory)."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        optimizer.state[model.weights[1]]["step"].share_memory_()
+        train(model, optimizer, steps=3, seed=2)
+    assert float(ours.state[ours_model.weights[0]]["step"]) == 5.0
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_a_staged_gradient_dropped_outside_the_optimizer_is_freed():
     """A gradient whose strides differ from its parameter's is copied into our gradient
     buffer each step; the gradient itself is still the owner's, to free when it drops it."""
