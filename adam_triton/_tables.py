@@ -55,8 +55,13 @@ class HyperTable:
         device_values = []  # (row, column, tensor) read on the device itself
         for row, group in enumerate(groups):
             values = group_values(group)
-            if tuple(map(type, values)) != _FLOATS:  # (a group per tensor: keep the usual case quick)
-                values = _host_values(values, row, device_values)
+            kinds = tuple(map(type, values))
+            if kinds != _FLOATS:  # (a group per tensor: keep the usual cases quick)
+                # Adam's default weight_decay is the int 0: ints are as plain as floats.
+                if _PLAIN_NUMBERS.issuperset(kinds):
+                    values = tuple(map(float, values))
+                else:
+                    values = _host_values(values, row, device_values)
             rows.append(values)
         rows = tuple(rows)
         if rows != self._host_rows:
@@ -93,6 +98,7 @@ class HyperTable:
 
 
 _FLOATS = (float,) * len(HYPER_COLUMNS)
+_PLAIN_NUMBERS = frozenset((float, int))  # (not bool, whose type is its own)
 
 
 def _host_values(values: tuple, row: int, device_values: list) -> tuple:

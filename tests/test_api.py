@@ -338,10 +338,15 @@ def test_optimizer_built_under_inference_mode_trains(target):
         ("lr", np.array(0.01)),
         ("lr", Fraction(1, 100)),
         ("weight_decay", 1),
+        ("lr", 1),
+        ("betas", (0, 0)),
         ("eps", np.float64(1e-3)),
         ("betas", (np.float64(0.8), np.float32(0.99))),
     ],
-    ids=["lr numpy float32", "lr 0-d numpy array", "lr Fraction", "weight_decay int", "eps numpy", "betas numpy"],
+    ids=[
+        "lr numpy float32", "lr 0-d numpy array", "lr Fraction", "weight_decay int", "lr int", "betas int",
+        "eps numpy", "betas numpy",
+    ],
 )
 def test_hyperparameters_of_any_real_number_type_train_as_in_torch(target, key, value):
     """Schedulers and configuration files put numpy numbers, Fractions and ints in param
