@@ -412,8 +412,11 @@ class FlatBuffer:
         return self.grad_views[segment]
 
     def release_grad(self) -> None:
-        """Let the gradient buffer go (it is made again, zeroed, when next needed)."""
+        """Let the gradient buffer go (it is made again, zeroed, when next needed), and
+        every view of it kept for the kernels: one left behind would be written instead of
+        the new buffer."""
         self.grad = self.grad_views = self.grad_view_pointers = None
+        self._real_views.pop("grad", None)
         for key in [key for key in self.span_cache if key[0] == "grad"]:
             del self.span_cache[key]
 

@@ -1,7 +1,10 @@
 """Flat buffers and gradients: where things live, and what the step reads."""
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 from helpers import OddModel, assert_close_params, optimizers, paired, train
 
 import adam_triton
@@ -128,3 +131,26 @@ def test_many_small_fresh_gradients_are_gathered_into_one_flat_update(monkeypatc
     for p, q in zip(ours_params, reference_params):
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
         assert p.grad.data_ptr() != ours._engine.buffers[0].grad.data_ptr()  # the user's gradients stay theirs
+
+
+def test_gathering_after_the_gradient_buffer_was_let_go_reads_the_new_gradients(monkeypatch):
+    """A loop mixing ``zero_grad(set_to_none=False)`` and ``zero_grad()``: the second lets
+    the gradient buffer go (the gradients lived in it), and the next step gathers fresh
+    gradients into a new one. The gather once copied them into views of the released
+    buffer, and every later step read zeros, silently. Trained as torch trains."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)  # the gather needs two threads
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(6, 6) for _ in range(39)], nn.Linear(6, 1))
+    reference_model = copy.deepcopy(model)
+    assert len(list(model.parameters())) >= 64  # a group the gather takes
+    ours = adam_triton.AdamW(model.parameters(), lr=1e-2, backend="torch")
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for set_to_none in (True, False, True, True, False, False, True, True):
+        x = torch.randn(7, 6, generator=generator)
+        for net, optimizer in ((model, ours), (reference_model, reference)):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            net(x).pow(2).mean().backward()
+            optimizer.step()
+        for p, q in zip(model.parameters(), reference_model.parameters()):
+            torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)

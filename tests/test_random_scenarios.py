@@ -40,6 +40,7 @@ SCENARIOS = int(os.environ.get("ADAM_TRITON_SCENARIOS", "16"))
 DTYPES = {torch.float32: 8, torch.float64: 1, torch.bfloat16: 1}  # drawn with these weights
 SHAPES = [(1,), (4,), (17,), (1023,), (1025,), (7, 13), (3, 5, 11), (2, 1031), (33, 31)]
 STEPS = 14
+MANY_SMALL, MANY_SMALL_SHARE = 80, 0.25  # tiny tensors, in a group of their own
 # After each comparison the reference takes ours' values (parameters and moments), so that
 # each step is compared from equal state: last-bit differences do not grow through the
 # model's dynamics (they would, at lr 0.1), and the tolerances can be those of one step.
@@ -81,6 +82,17 @@ class Scenario:
         self.shapes = self.rng.sample(SHAPES, count)
         # Mostly float32; a float64 or bfloat16 parameter puts a buffer of its own beside it.
         self.dtypes = self.rng.choices(list(DTYPES), weights=list(DTYPES.values()), k=count)
+        # Some scenarios add many tiny float32 tensors in a group of their own, which every
+        # backward reaches and no single-parameter action picks: a group of at least
+        # GATHER_MIN_TENSORS with equal step counts, whose fresh gradients the CPU backend
+        # gathers into its flat gradient buffer (with two threads or more), and whose kept
+        # ones it updates in one flat span. Drawn apart, so that the other seeds' scenarios
+        # stay as they were.
+        self.regular = count
+        many = random.Random(-1 - seed).random() < MANY_SMALL_SHARE
+        if many:
+            self.shapes += [(1 + i % 9,) for i in range(MANY_SMALL)]
+            self.dtypes += [torch.float32] * MANY_SMALL
         initial = [self.randn(shape, dtype) * 0.5 for shape, dtype in zip(self.shapes, self.dtypes)]
         self.mixes = [self.randn(shape, dtype) for shape, dtype in zip(self.shapes, self.dtypes)]
         cls_name = self.rng.choice(["Adam", "AdamW"])
@@ -90,6 +102,8 @@ class Scenario:
         self.rng.shuffle(early)
         group_count = self.rng.randint(1, min(3, len(early)))
         groups = [(early[g::group_count], self.hyperparameters()) for g in range(group_count)]
+        if many:
+            groups.append((list(range(count, len(self.shapes))), self.hyperparameters()))
         scaled = self.rng.random() < 0.25  # mixed-precision style: scaled losses, skipped steps
         # GradScaler goes either way: unscale_ and no step() on an inf, or (ours with
         # fused=True) the scale and the inf check handed to the step.
@@ -137,7 +151,7 @@ class Scenario:
         set_to_none = self.rng.choices([True, False, None], weights=[0.5, 0.35, 0.15])[0]
         if set_to_none is not None:  # None: gradients accumulate across steps
             self.both(lambda side: side.optimizer.zero_grad(set_to_none=set_to_none))
-        used = [i for i in range(len(self.shapes)) if self.rng.random() < 0.85]
+        used = [i for i in range(self.regular) if self.rng.random() < 0.85] + list(range(self.regular, len(self.shapes)))
         x = self.randn(3)
         zeroed = "no zero_grad" if set_to_none is None else f"zero_grad(set_to_none={set_to_none})"
         self.note(f"step {number}: {zeroed}, backward through {used}")
@@ -199,7 +213,7 @@ class Scenario:
             grad[(0,) * grad.dim()] = float("inf")
 
     def change_gradients(self) -> None:
-        roll, index = self.rng.random(), self.rng.randrange(len(self.shapes))
+        roll, index = self.rng.random(), self.rng.randrange(self.regular)
         shape = self.shapes[index]
         if roll < 0.15:
             transposed = len(shape) == 2 and self.rng.random() < 0.5
@@ -254,7 +268,7 @@ class Scenario:
                 offset += grad.numel()
 
     def change_parameters_or_groups(self) -> None:
-        roll, index = self.rng.random(), self.rng.randrange(len(self.shapes))
+        roll, index = self.rng.random(), self.rng.randrange(self.regular)
         if roll < 0.12:
             self.change_hyperparameter()
         elif roll < 0.19:
