@@ -40,12 +40,20 @@ def _bad(message: str) -> ValueError:
     return ValueError(f"bad optimizer checkpoint: {message}")
 
 
-def _check_step(step, where: str) -> None:
+#: Step counts live in float32 tables, as torch keeps them in float32 tensors.
+_LARGEST_STEP = float(torch.finfo(torch.float32).max)
+
+
+def check_step(step, where: str, value_too: bool = True) -> None:
+    """A step count: one real number (or one-element tensor), and with ``value_too`` a
+    finite count >= 0 that float32 holds (reading a device tensor's value waits for it)."""
     if isinstance(step, torch.Tensor):
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
             raise ValueError(f"{where}: 'step' must be a one-element real tensor, got shape {tuple(step.shape)} {step.dtype}")
         if step.device.type == "meta":
             raise ValueError(f"{where}: 'step' is on the meta device: it holds no value")
+        if not value_too:
+            return
         value = float(step.detach().reshape(()).to("cpu", torch.float64))
     elif isinstance(step, Number) and not isinstance(step, bool):
         try:
@@ -54,21 +62,29 @@ def _check_step(step, where: str) -> None:
             value = math.inf
     else:
         raise ValueError(f"{where}: 'step' must be a number or a tensor, got {type(step).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{where}: 'step' must be a finite count >= 0, got {value}")
+    if not value_too:
+        return
+    if not math.isfinite(value) or value < 0 or value > _LARGEST_STEP:
+        raise ValueError(f"{where}: 'step' must be a finite count >= 0 (at most float32's largest), got {value}")
 
 
-def check_entry(param: torch.Tensor, entry, where: str) -> None:
+#: The keys every parameter's state has (``max_exp_avg_sq`` comes with AMSGrad, and is
+#: made from zero when AMSGrad is switched on; ``master_param`` from the parameter).
+REQUIRED_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+
+
+def check_entry(param: torch.Tensor, entry, where: str, step_value: bool = True) -> None:
     """One parameter's state, from a checkpoint or put in ``optimizer.state`` by hand: a
-    ``ValueError`` that names ``where`` for one that cannot stand in for ours."""
+    ``ValueError`` that names ``where`` for one that cannot stand in for ours. Without
+    ``step_value`` the step's value is not read (no wait for a device)."""
     if not isinstance(entry, dict):
         raise ValueError(f"{where}: state must be a dict, got {type(entry).__name__}")
     if not entry:
         return
-    missing = [k for k in ("step", "exp_avg", "exp_avg_sq") if entry.get(k) is None]
+    missing = [k for k in REQUIRED_STATE_KEYS if entry.get(k) is None]
     if missing:
         raise ValueError(f"{where}: state lacks {missing}")
-    _check_step(entry["step"], where)
+    check_step(entry["step"], where, value_too=step_value)
     for key in _PER_ELEMENT:
         value = entry.get(key)
         if value is None:

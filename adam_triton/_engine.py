@@ -19,10 +19,12 @@ from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_bu
 from ._in_place import held_elsewhere, in_shared_memory, is_dtensor, local
 from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
 from ._shared_memory import check_no_shared_memory, meets_any
+from ._checkpoint import REQUIRED_STATE_KEYS
 from ._state_tensors import (
     adopt_state_tensors,
     apart_from_buffers,
     apart_from_state,
+    check_local_entry,
     check_replaced_entries,
     replaced_state_tensors,
 )
@@ -115,11 +117,12 @@ def _inference_tensor_error(optimizer_name: str, param: torch.Tensor, group_inde
 
 def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:
     """Did someone reset or replace a parameter's ``optimizer.state`` entry since we made it
-    (``ours``)? Deleted, replaced by another dict, or cleared in place (``state[p].clear()``),
+    (``ours``)? Deleted, replaced by another dict, cleared in place (``state[p].clear()``)
+    or missing a key now (``del state[p]["exp_avg_sq"]``, which the re-import refuses),
     or, for a parameter without state yet, given some."""
     if ours is None:
         return bool(entry)
-    return entry is not ours or "exp_avg" not in entry
+    return entry is not ours or not all(map(entry.__contains__, REQUIRED_STATE_KEYS))
 
 
 @torch.no_grad()
@@ -230,15 +233,20 @@ class Engine:
         options = [self._options(g) for g in groups]
         check_group_options(options)
         check_parameters(options, [local(p) for p in params], group_of, self.name)
-        for param in params:
+        for param, group_index in zip(params, group_of):
             entry = state.get(param)
-            moment = entry.get("exp_avg") if entry else None
+            moment = entry.get("exp_avg") if isinstance(entry, dict) else None
             if isinstance(moment, torch.Tensor) and moment.shape != param.shape:
                 raise ValueError(
                     f"{self.name}: a parameter's shape changed from {tuple(moment.shape)} to "
                     f"{tuple(param.shape)} after its state was made; give it its shape back, or reset "
                     "its state (optimizer.state[p] = {}) to start it afresh"
                 )
+            # The state is imported after parameters have moved: an entry it cannot take
+            # (a key deleted, a tensor put there by hand) is refused now. (Step values are
+            # not read here: that would wait for the device at every re-homing.)
+            where = f"{self.name}: optimizer.state[p] of a parameter of shape {tuple(param.shape)} (param group {group_index})"
+            check_local_entry(param, entry, where, step_value=False)
         return params, group_of
 
     # Buffers made under inference_mode (an optimizer built there) would be inference
@@ -560,10 +568,11 @@ class Engine:
         self.hyper.refresh(groups)
         self.ensure_current(groups, state)
         self._notice_replaced_state(groups, state)
-        for buffer in self.buffers:
+        for index, buffer in enumerate(self.buffers):
             if buffer.adopt_at_step is not None:
                 if self.backend_of[id(buffer)] == "torch":  # the Triton kernel rounds alike anywhere
                     adopt_fresh_gradients(buffer, buffer.adopt_at_step)
+                    plans[index] = plan_gradients(buffer, None, self.name)  # where they are now
                 buffer.adopt_at_step = None
         # Find every gradient first: a bad one raises before anything is updated.
         plans = [plan_gradients(b, b.last_plan, self.name) for b in self.buffers]

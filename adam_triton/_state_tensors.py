@@ -23,7 +23,7 @@ import numbers
 
 import torch
 
-from ._checkpoint import check_entry
+from ._checkpoint import REQUIRED_STATE_KEYS, check_entry, check_step
 from ._in_place import local
 from ._layout import ENGINE_STATE_KEYS, FlatBuffer
 
@@ -36,6 +36,9 @@ def replaced_state_tensors(buffer: FlatBuffer, state, optimizer_name: str) -> li
     for segment, entry in enumerate(buffer.state_entries):
         if entry is None or state.get(buffer.params[segment]) is not entry:
             continue  # no state yet, or a replaced entry: the engine re-imports those
+        missing = [key for key in REQUIRED_STATE_KEYS if key not in entry]
+        if missing:  # deleted (torch's next step raises a KeyError)
+            raise ValueError(f"{_where(optimizer_name, buffer, segment)} lacks {missing}, which the step needs")
         for key, value in entry.items():
             ours = buffer.internal_state_view(key, segment)
             if ours is None or _is_view_of(value, ours):
@@ -121,11 +124,16 @@ def check_replaced_entries(buffer: FlatBuffer, entries: list, optimizer_name: st
     parameters, checked as a checkpoint's before any is copied in: ``ValueError`` for one that
     cannot stand in."""
     for segment, (param, entry) in enumerate(zip(buffer.params, entries)):
-        if not entry:
-            continue
-        if isinstance(entry, dict):  # (check_entry refuses anything else)
-            entry = {key: local(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
-        check_entry(local(param), entry, _where(optimizer_name, buffer, segment))
+        check_local_entry(param, entry, _where(optimizer_name, buffer, segment))
+
+
+def check_local_entry(param, entry, where: str, step_value: bool = True) -> None:
+    """``check_entry`` on local values (a DTensor's shard, as the buffers hold it)."""
+    if not entry:
+        return
+    if isinstance(entry, dict):  # (check_entry refuses anything else)
+        entry = {key: local(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
+    check_entry(local(param), entry, where, step_value=step_value)
 
 
 def _where(optimizer_name: str, buffer: FlatBuffer, segment: int, key: str | None = None) -> str:
@@ -147,6 +155,16 @@ def _check_replacement(value, ours: torch.Tensor, key: str, buffer: FlatBuffer, 
             )
         if not isinstance(value, (torch.Tensor, numbers.Real)):
             raise ValueError(f"{where} was replaced by {type(value).__name__}; a step is a number or a tensor")
+        # Its value as a checkpoint's is checked, where reading it does not wait for a
+        # device (offloading loops put a device's step back at every step).
+        step = local(value) if isinstance(value, torch.Tensor) else value
+        if not isinstance(step, torch.Tensor) or step.device.type == "cpu":
+            try:
+                check_step(step, where)
+            except ValueError:
+                raise ValueError(
+                    f"{where} was replaced by {float(step)}; a step must be a finite count >= 0 (at most float32's largest)"
+                ) from None
         return
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{where} was replaced by {type(value).__name__}; state must be a tensor")

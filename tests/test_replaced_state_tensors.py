@@ -143,6 +143,9 @@ def test_steps_look_at_each_state_tensor_only_after_a_change(monkeypatch):
         pytest.param(lambda entry: entry.__setitem__("exp_avg", torch.ones(entry["exp_avg"].shape, dtype=torch.int32)), id="integer moment"),
         pytest.param(lambda entry: entry.__setitem__("exp_avg_sq", entry["exp_avg_sq"].cpu().to_sparse()), id="sparse moment"),
         pytest.param(lambda entry: entry.__setitem__("step", torch.tensor(2 + 1j)), id="complex step"),
+        # (a checkpoint's step is refused so: our own state_dict() must load again)
+        pytest.param(lambda entry: entry.__setitem__("step", -1.0), id="negative step"),
+        pytest.param(lambda entry: entry.__setitem__("step", torch.tensor(float("nan"))), id="nan step"),
     ],
 )
 def test_a_state_tensor_that_cannot_stand_in_is_refused_before_anything_changes(target, bad):
@@ -334,3 +337,74 @@ def test_a_replaced_entry_that_cannot_stand_in_is_refused_before_anything_change
         optimizer.step()
     for now, then in zip((buffer.exp_avg, buffer.exp_avg_sq, buffer.steps), before):
         assert torch.equal(now, then)
+
+
+@pytest.mark.parametrize(
+    "delete",
+    [
+        # The test holds what is deleted (the entry's size tells), or lets it go (its
+        # buffer's count of users tells: the entry's size is as before).
+        pytest.param(lambda entry: entry.pop("exp_avg_sq"), id="exp_avg_sq deleted"),
+        pytest.param(lambda entry: entry.pop("step"), id="step deleted"),
+        pytest.param(lambda entry: entry.pop("exp_avg_sq") is entry.__setitem__("note", 1), id="deleted, a key added"),
+    ],
+)
+def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete):
+    """``del optimizer.state[p]["exp_avg_sq"]``: torch's next step raises a KeyError. Ours
+    raises too, before anything changes; it once stepped on with the key missing for good,
+    and its state_dict() then saved a checkpoint that it refused to load."""
+    model = OddModel(shapes=SHAPES).to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    entries = list(optimizer.state.values())
+    before = [p.detach().clone() for p in model.parameters()], entries[0]["exp_avg"].clone()
+    held = delete(entries[2])  # noqa: F841
+    with pytest.raises(ValueError, match=r"optimizer.state\[p\] of a parameter of shape .* lacks \['(exp_avg_sq|step)'\]"):
+        optimizer.step()
+    for p, value in zip(model.parameters(), before[0]):
+        assert torch.equal(p.detach(), value)
+    assert torch.equal(entries[0]["exp_avg"], before[1])
+    assert float(entries[0]["step"]) == 2.0
+
+
+def _add_group_with_bad_state(model, optimizer, extra):
+    optimizer.add_param_group({"params": [extra]})
+
+
+def _step_after_a_move(model, optimizer, extra):
+    train(model, optimizer, steps=1, seed=3)  # after model.double()
+
+
+@pytest.mark.parametrize(
+    "rehome", [_add_group_with_bad_state, _step_after_a_move], ids=["add_param_group", "step after model.double()"]
+)
+def test_an_entry_a_re_homing_cannot_take_is_refused_before_any_parameter_moves(target, rehome):
+    """An entry lacking a key met while parameters are re-homed (add_param_group of a
+    parameter with state, or the step after ``model.double()``): refused before anything
+    moves. It once raised half-way, after the parameters had moved, and the others' step
+    counts read 0 afterwards: training went on with the wrong bias corrections."""
+    ours_model, reference_model = paired(lambda: OddModel(shapes=SHAPES), target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+    extra = torch.nn.Parameter(torch.randn(3, device=target.device))
+    bad = extra if rehome is _add_group_with_bad_state else next(ours_model.parameters())
+    ours.state[bad] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(bad)}
+    if rehome is _step_after_a_move:
+        ours_model.double()  # the parameters leave the buffers; the step would re-home them
+    pointers = [p.data_ptr() for p in ours_model.parameters()]
+    with pytest.raises(ValueError, match=r"lacks \['exp_avg_sq'\]"):
+        rehome(ours_model, ours, extra)
+    assert [p.data_ptr() for p in ours_model.parameters()] == pointers
+    assert len(ours.param_groups) == 1
+    del ours.state[bad]  # the caller gives up on that state and trains on
+    if rehome is _step_after_a_move:
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            model.float()
+            optimizer.state.pop(next(model.parameters()), None)
+    else:
+        ours_model.float()
+    assert {float(ours.state[p]["step"]) for p in list(ours_model.parameters())[1:]} == {2.0}
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, seed=4)
+    assert_close_params(ours_model, reference_model)

@@ -123,6 +123,9 @@ def _corruptions():
     def step_past_float64(sd):  # a Python int float() cannot take
         sd["state"][1]["step"] = 10**400
 
+    def step_past_float32(sd):  # finite, but our step tables (as torch's steps) are float32
+        sd["state"][1]["step"] = torch.tensor(1e39, dtype=torch.float64)
+
     def maximum_shape(sd):  # parameter 0 is in the AMSGrad group
         sd["state"][0]["max_exp_avg_sq"] = sd["state"][0]["max_exp_avg_sq"].flatten()[:-1]
 
@@ -148,7 +151,7 @@ def _corruptions():
         pytest.param(fn, id=fn.__name__)
         for fn in (
             shape, missing_key, not_a_tensor, negative_step, step_vector, integer_state, group_count, group_size,
-            group_lacks_lr, no_state, infinite_step, step_past_float64, maximum_shape, complex_state, none_moment, meta_moment, meta_step,
+            group_lacks_lr, no_state, infinite_step, step_past_float64, step_past_float32, maximum_shape, complex_state, none_moment, meta_moment, meta_step,
             integer_state_dtype, negative_rounding_seed,
         )
     ]
