@@ -568,14 +568,14 @@ class Engine:
         self.hyper.refresh(groups)
         self.ensure_current(groups, state)
         self._notice_replaced_state(groups, state)
+        # Find every gradient first: a bad one raises before anything is updated.
+        plans = [plan_gradients(b, b.last_plan, self.name) for b in self.buffers]
         for index, buffer in enumerate(self.buffers):
             if buffer.adopt_at_step is not None:
                 if self.backend_of[id(buffer)] == "torch":  # the Triton kernel rounds alike anywhere
                     adopt_fresh_gradients(buffer, buffer.adopt_at_step)
                     plans[index] = plan_gradients(buffer, None, self.name)  # where they are now
                 buffer.adopt_at_step = None
-        # Find every gradient first: a bad one raises before anything is updated.
-        plans = [plan_gradients(b, b.last_plan, self.name) for b in self.buffers]
         new_state = self._new_state_segments(plans)
         if new_state and self._regrouping_needed(groups, state, new_state):
             self.rebuild(groups, state)

@@ -207,6 +207,21 @@ def test_sparse_gradients_raise_before_any_update(target):
     assert not optimizer.state
 
 
+def test_a_step_refused_for_a_sparse_gradient_leaves_the_others_gradient_tensors_alone(target):
+    """After ``zero_grad(set_to_none=False)`` found no gradients, the first step moves the
+    fresh ones into the flat gradient buffer (``p.grad`` becomes a view of it). A step that
+    raises for a bad gradient does so before that: every ``p.grad`` is the tensor it was."""
+    embedding = nn.Embedding(10, 3, sparse=True).to(target.device)
+    dense = nn.Linear(3, 1).to(target.device)
+    optimizer = adam_triton.Adam(list(dense.parameters()) + list(embedding.parameters()), backend=target.backend)
+    optimizer.zero_grad(set_to_none=False)
+    dense(embedding(torch.tensor([1, 2], device=target.device))).sum().backward()
+    gradients = [p.grad for p in dense.parameters()]
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        optimizer.step()
+    assert all(p.grad is g for p, g in zip(dense.parameters(), gradients))
+
+
 def test_named_parameters_and_duplicates_behave_as_in_torch():
     model = OddModel()
     optimizer = adam_triton.AdamW(model.named_parameters())
