@@ -219,7 +219,8 @@ class _Direct:
 
     def span(self, name: str, first: int, last: int) -> torch.Tensor:
         # A buffer's tensors are made once (the gradient and AMSGrad ones on first use), so
-        # their spans are made once too.
+        # their spans are made once too. (The gradient buffer may be let go and made again:
+        # ``release_grad`` drops its spans and views.)
         key = (name, first, last)
         span = self.buffer.span_cache.get(key)
         if span is None:
