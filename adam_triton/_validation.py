@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
+
+import numpy as np
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
@@ -75,5 +78,10 @@ def check_precision_options(master_weights, state_dtype, stochastic_rounding, st
     floating = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
     if state_dtype is not None and state_dtype not in floating:
         raise ValueError(f"state_dtype must be one of {floating} or None, got {state_dtype!r}")
-    if not isinstance(stochastic_rounding_seed, int) or not 0 <= stochastic_rounding_seed < 2**62:
-        raise ValueError(f"stochastic_rounding_seed must be an int in [0, 2**62), got {stochastic_rounding_seed!r}")
+    # (A config file's "False" is a true string: flags are booleans, not anything truthy.)
+    for name, flag in (("master_weights", master_weights), ("stochastic_rounding", stochastic_rounding)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
+    seed = stochastic_rounding_seed
+    if isinstance(seed, (bool, np.bool_)) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**62:
+        raise ValueError(f"stochastic_rounding_seed must be an int in [0, 2**62), got {seed!r}")

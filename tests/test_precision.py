@@ -457,7 +457,7 @@ def test_stochastic_rounding_keeps_small_updates_that_round_to_nearest_loses(tar
 
 def test_stochastic_rounding_is_reproducible_from_its_seed(target):
     results = []
-    for seed in (3, 3, 4):
+    for seed in (3, np.int64(3), 4):  # (a numpy integer, as configuration code passes, is that int)
         params = [torch.nn.Parameter(torch.linspace(-1, 1, 2048, dtype=BF16, device=target.device))]
         optimizer = adam_triton.Adam(params, lr=1e-3, backend=target.backend, stochastic_rounding=True, stochastic_rounding_seed=seed)
         for _ in range(2):
@@ -475,6 +475,10 @@ def test_stochastic_rounding_is_reproducible_from_its_seed(target):
         (dict(stochastic_rounding_seed=-1), "stochastic_rounding_seed"),
         (dict(stochastic_rounding_seed=2**62), "stochastic_rounding_seed"),
         (dict(stochastic_rounding_seed=1.5), "stochastic_rounding_seed"),
+        (dict(stochastic_rounding_seed=True), "stochastic_rounding_seed"),
+        # a configuration file's string would be true whatever it says
+        (dict(master_weights="False"), "master_weights must be True or False"),
+        (dict(stochastic_rounding=1), "stochastic_rounding must be True or False"),
     ],
 )
 def test_bad_precision_options_raise(kwargs, message):
@@ -621,8 +625,9 @@ def test_loading_a_checkpoint_keeps_or_takes_each_groups_precision(target):
     [
         (dict(state_dtype=torch.int8), "state_dtype"),
         (dict(stochastic_rounding_seed=-5), "seed"),
+        (dict(master_weights="no"), "master_weights must be True or False"),
     ],
-    ids=["integer states", "negative seed"],
+    ids=["integer states", "negative seed", "master_weights a string"],
 )
 def test_precision_options_edited_into_a_group_are_checked_at_the_next_step(target, edit, message):
     """Refused as the constructor refuses them, even where the edit would leave every
