@@ -357,8 +357,11 @@ class Engine:
                 if (values.device, storage_dtype(values)) == (buffer.device, buffer.dtype) and held_elsewhere(values):
                     # Re-pointed at other storage of the same kind that someone else holds
                     # (ZeroRedundancyOptimizer's buckets, say): they read it there, so it is
-                    # updated there. Storage only the parameter holds is re-homed.
+                    # updated there. Storage only the parameter holds is re-homed, also
+                    # for a parameter that was left in someone's storage before.
                     self._left_in_place.add(id(param))
+                else:
+                    self._left_in_place.discard(id(param))
         if moved or self._join_pending:
             self.rebuild(groups, state)
 

@@ -98,6 +98,33 @@ def test_parameters_re_pointed_into_a_wrappers_bucket_are_updated_there(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+def test_parameters_leaving_a_wrappers_bucket_for_storage_of_their_own_are_re_homed(target):
+    """The wrapper unwraps: its parameters get storage of their own (``p.data = clone``) and
+    the bucket goes. They come back into the flat buffer, where the step updates them as one
+    span (they stayed out, updated one by one, with their segments unused)."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=1)
+        params = list(model.parameters())
+        bucket = torch.cat([p.detach().reshape(-1) for p in params])
+        offset = 0
+        for p in params:
+            p.data = bucket[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+        train(model, optimizer, steps=1, seed=3)
+        for p in params:
+            p.data = p.data.clone()
+        del bucket
+        train(model, optimizer, steps=2, seed=4)
+    (buffer,) = ours._engine.buffers
+    assert not buffer.in_place.any()
+    start, end = buffer.param.data_ptr(), buffer.param.data_ptr() + buffer.param.numel() * buffer.param.element_size()
+    assert all(start <= p.data_ptr() < end for p in ours_model.parameters())
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 # -- FSDP2 (fully_shard, DTensor parameters) ---------------------------------------------------
 @pytest.mark.parametrize(
     "name, backend",
