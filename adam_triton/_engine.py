@@ -15,11 +15,11 @@ import numpy as np
 import torch
 
 from . import _backends
+from ._checkpoint import REQUIRED_STATE_KEYS
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import held_elsewhere, in_shared_memory, is_dtensor, local
 from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
 from ._shared_memory import check_no_shared_memory, meets_any
-from ._checkpoint import REQUIRED_STATE_KEYS
 from ._state_tensors import (
     adopt_state_tensors,
     apart_from_buffers,
