@@ -97,6 +97,7 @@ class GradientPlan:
                 all(map(operator.eq, map(torch.Tensor.data_ptr, present), self.pointers))
                 and all(map(operator.eq, map(torch.Tensor.stride, present), self.strides))
                 and all(map(operator.is_, map(_dtype_of, present), self.dtypes))
+                and not any(map(torch.Tensor.is_neg, present))  # (read where it is, it would not be)
             )
         except RuntimeError:  # a sparse gradient has no strides: a new plan says so
             return False
@@ -208,8 +209,13 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 count=len(present),
             )
             needs_copy = elsewhere if needs_copy is None else needs_copy | elsewhere
+        # A pending conjugation or negation (a lazy view: its bytes are not its values) is
+        # resolved in a copy. Negation can mark a real gradient too (``torch._neg_view``).
         if buffer.has_complex:
             pending = np.fromiter((g.is_conj() or g.is_neg() for g in present), dtype=bool, count=len(present))
+            needs_copy = pending if needs_copy is None else needs_copy | pending
+        elif any(map(torch.Tensor.is_neg, present)):
+            pending = np.fromiter(map(torch.Tensor.is_neg, present), dtype=bool, count=len(present))
             needs_copy = pending if needs_copy is None else needs_copy | pending
         if needs_copy is not None and np.count_nonzero(needs_copy):
             buffer.ensure_grad()

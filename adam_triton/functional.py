@@ -132,6 +132,7 @@ def adam(
     """
     amsgrad, maximize, decoupled_weight_decay = bool(amsgrad), bool(maximize), bool(decoupled_weight_decay)
     _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)
+    grad = grad.resolve_conj().resolve_neg()  # a lazy view's bytes are not its values (a copy, if it is one)
     _check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     implementation = _backends.resolve_backend(backend, param.device)
     # One group's row, device-held values copied on the device, as the optimizer's own table.

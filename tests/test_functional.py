@@ -38,6 +38,19 @@ def test_matches_torch_over_several_steps(target, decoupled, amsgrad, held):
         torch.testing.assert_close(actual.cpu(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_gradient_with_a_pending_negation_is_read_as_its_values(target):
+    """``torch._neg_view(g)`` holds the bytes of ``g`` and the values of ``-g``."""
+    generator = torch.Generator().manual_seed(0)
+    param, grad = torch.randn(300, generator=generator), torch.randn(300, generator=generator)
+    results = []
+    for given in (torch._neg_view(grad.clone()), -grad):
+        state = [param.clone().to(target.device), torch.zeros(300, device=target.device), torch.zeros(300, device=target.device)]
+        functional.adam(state[0], given.to(target.device), state[1], state[2], torch.zeros(1, device=target.device), lr=1e-2, backend=target.backend)
+        results.append(state)
+    for ours, expected in zip(*results):
+        assert torch.equal(ours, expected)
+
+
 def test_bad_inputs_raise():
     t = torch.zeros(4)
     step = torch.zeros(1)

@@ -509,6 +509,24 @@ def test_a_gradient_off_the_vector_alignment_is_copied_and_still_correct(target)
     assert sorted(buffer.last_plan.staged) == expected
 
 
+def test_a_gradient_with_a_pending_negation_is_read_as_its_values(target):
+    """A lazily negated gradient (``torch._neg_view``: its bytes are minus its values) is
+    read as torch's for-loop reads it (torch's fused kernels refuse it). The Triton kernel
+    read its bytes where they were, and stepped the wrong way; so did a plan reused because
+    the negated view lay where last step's plain gradients had."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, foreach=False)
+    generator = torch.Generator().manual_seed(0)
+    gradients = [torch.randn(p.shape, generator=generator).to(target.device) for p in ours_model.parameters()]
+    for negated in (False, True, True):
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            for p, g in zip(model.parameters(), gradients):
+                p.grad = torch._neg_view(g) if negated else g
+            optimizer.step()
+        assert_close_params(ours_model, reference_model)
+    assert ours_model.weights[0].grad.is_neg()
+
+
 @pytest.mark.parametrize("removal", ["parameter removed from its group", "group popped"])
 def test_parameters_that_leave_the_optimizer_let_the_old_buffers_go(target, removal):
     """A parameter removed from the optimizer keeps its values, gradient and state (as in
