@@ -385,6 +385,7 @@ def _gather_small_gradients(buffer: FlatBuffer, plan: GradientPlan, first: int, 
     ):
         return False
     buffer.ensure_grad()
+    buffer.grad_gathered = True
     outside = (first + np.flatnonzero(~plan.in_grad_buffer[first : last + 1])).tolist()
     torch._foreach_copy_(_pick(buffer.real_views("grad"), outside), _real_gradients(buffer, plan, outside))
     return True

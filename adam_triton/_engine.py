@@ -125,6 +125,12 @@ def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:
     return entry is not ours or not all(map(entry.__contains__, REQUIRED_STATE_KEYS))
 
 
+def _gradient_buffer_read(buffer: FlatBuffer, plan) -> bool:
+    """Did this step read the flat gradient buffer: gradients kept there or staged there
+    (a staged segment reads its view of the buffer: ``in_grad_buffer``), or gathered into it?"""
+    return buffer.grad_gathered or bool(np.count_nonzero(plan.in_grad_buffer))
+
+
 @torch.no_grad()
 def _release(buffer: FlatBuffer, segment: int, state) -> None:
     """A parameter that left the optimizer (removed from its group, its group popped) keeps
@@ -607,18 +613,23 @@ class Engine:
             self._initialize_new_state(new_state, groups, state)
             for buffer, plan in zip(self.buffers, plans):
                 buffer.last_plan = plan
-                if not len(plan.with_grad):
-                    continue
-                self._prepare_variants(buffer, variants, state)
-                buffer.sync_step_counters()
-                buffer.sync_master_weights()
-                scale, inf = scaler_value(grad_scale, buffer.device), scaler_value(found_inf, buffer.device)
-                if self.backend_of[id(buffer)] == "triton":
-                    _backends.update_triton(buffer, plan, self.hyper, scale, inf)
-                else:
-                    _backends.update_torch(buffer, plan, groups, self.hyper, scale, inf)
-                if scale is not None and plan.staged:
-                    _backends.return_unscaled_gradients(buffer, plan)
+                buffer.grad_gathered = False
+                if len(plan.with_grad):
+                    self._prepare_variants(buffer, variants, state)
+                    buffer.sync_step_counters()
+                    buffer.sync_master_weights()
+                    scale, inf = scaler_value(grad_scale, buffer.device), scaler_value(found_inf, buffer.device)
+                    if self.backend_of[id(buffer)] == "triton":
+                        _backends.update_triton(buffer, plan, self.hyper, scale, inf)
+                    else:
+                        _backends.update_torch(buffer, plan, groups, self.hyper, scale, inf)
+                    if scale is not None and plan.staged:
+                        _backends.return_unscaled_gradients(buffer, plan)
+                if buffer.grad is not None and not _gradient_buffer_read(buffer, plan):
+                    # The gradients arrive elsewhere now (after kept ones, a loop that drops
+                    # them with model.zero_grad() or p.grad = None, which this optimizer does
+                    # not see): holding the buffer would double gradient memory for nothing.
+                    buffer.release_grad()
         finally:
             for plan in plans:
                 plan.let_go()

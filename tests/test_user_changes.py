@@ -359,6 +359,62 @@ def test_zero_grad_after_kept_gradients_lets_the_gradient_buffer_go(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+@pytest.mark.parametrize("drop", ["model.zero_grad()", "p.grad = None"])
+def test_gradients_dropped_outside_the_optimizer_after_kept_ones_let_the_buffer_go_at_the_next_step(target, drop):
+    """After kept gradients, a loop that drops them without the optimizer (Hugging Face's
+    Trainer calls ``model.zero_grad()``): this optimizer cannot see that, and the flat
+    gradient buffer stayed alive for good beside backward's new gradients (twice the
+    gradient memory). The next step, which reads none of it, lets it go."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    generator = torch.Generator().manual_seed(2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, set_to_none=False)
+    (buffer,) = ours._engine.buffers
+    storage = weakref.ref(buffer.grad if buffer.grad._base is None else buffer.grad._base)
+    for _ in range(2):
+        x = torch.randn(8, generator=generator).to(target.device)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            if drop == "model.zero_grad()":
+                model.zero_grad()
+            else:
+                for p in model.parameters():
+                    p.grad = None
+            model(x).backward()
+            optimizer.step()
+    gc.collect()
+    assert buffer.grad is None and storage() is None
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_gradients_kept_by_their_owner_in_another_layout_are_staged_step_after_step(target):
+    """Gradients someone else keeps across steps, laid out as the update cannot read them
+    (transposed): each step copies them into the flat gradient buffer, which therefore
+    stays, and the plan that found them is reused, as torch reads them."""
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(5, 7), (3, 4), (6,)]
+    initial = [torch.randn(s, generator=generator).to(target.device) for s in shapes]
+    ours_params = [torch.nn.Parameter(t.clone()) for t in initial]
+    reference_params = [torch.nn.Parameter(t.clone()) for t in initial]
+    ours = adam_triton.AdamW(ours_params, lr=1e-2, backend=target.backend)
+    reference = torch.optim.AdamW(reference_params, lr=1e-2, foreach=False)
+    kept = [torch.empty(s[::-1], device=target.device).t() if len(s) == 2 else torch.empty(s, device=target.device) for s in shapes]
+    for p, g in zip(ours_params, kept):
+        p.grad = g
+    for _ in range(3):
+        values = [torch.randn(s, generator=generator).to(target.device) for s in shapes]
+        for g, v in zip(kept, values):
+            g.copy_(v)
+        for p, v in zip(reference_params, values):
+            p.grad = v
+        ours.step()
+        reference.step()
+        assert sorted(ours._engine.buffers[0].last_plan.staged)[:2] == [0, 1]
+    for p, q in zip(ours_params, reference_params):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+
 def test_zero_grad_without_set_to_none_leaves_a_gradient_of_another_dtype_alone():
     """A parameter whose gradient has its own dtype (``grad_dtype``) keeps it: it is zeroed
     where it is, as torch does, and every other gradient still becomes a zeroed view.
