@@ -75,6 +75,17 @@ def test_zero_redundancy_optimizer_trains_like_torch(transport, parameters_as_bu
     run_on_ranks(cases.zero_trains_like_torch, backend, parameters_as_bucket_view, transport=transport)
 
 
+def _packed_into_a_bucket(params: list) -> torch.Tensor:
+    """Point each parameter's ``.data`` at its slice of one new tensor, packed without
+    padding as ZeRO packs (most views are then not 16-byte aligned); the tensor."""
+    bucket = torch.cat([p.detach().reshape(-1) for p in params])
+    offset = 0
+    for p in params:
+        p.data = bucket[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    return bucket
+
+
 def test_parameters_re_pointed_into_a_wrappers_bucket_are_updated_there(target):
     """What ZeRO's bucket views do, in one process: parameters pointed at a wrapper's packed
     bucket after the optimizer was built must be updated there, where the wrapper reads them."""
@@ -83,14 +94,7 @@ def test_parameters_re_pointed_into_a_wrappers_bucket_are_updated_there(target):
     buckets = []
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         train(model, optimizer, steps=2)
-        params = list(model.parameters())
-        # Packed without padding, as ZeRO packs: most views are not 16-byte aligned.
-        bucket = torch.cat([p.detach().reshape(-1) for p in params])
-        offset = 0
-        for p in params:
-            p.data = bucket[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
-        buckets.append(bucket)
+        buckets.append(_packed_into_a_bucket(list(model.parameters())))
         train(model, optimizer, steps=3, seed=3)
     for bucket, model in zip(buckets, (ours_model, reference_model)):
         assert torch.equal(bucket, torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
@@ -107,11 +111,7 @@ def test_parameters_leaving_a_wrappers_bucket_for_storage_of_their_own_are_re_ho
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         train(model, optimizer, steps=1)
         params = list(model.parameters())
-        bucket = torch.cat([p.detach().reshape(-1) for p in params])
-        offset = 0
-        for p in params:
-            p.data = bucket[offset : offset + p.numel()].view_as(p)
-            offset += p.numel()
+        bucket = _packed_into_a_bucket(params)
         train(model, optimizer, steps=1, seed=3)
         for p in params:
             p.data = p.data.clone()
