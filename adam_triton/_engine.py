@@ -251,8 +251,9 @@ class Engine:
             # The state is imported after parameters have moved: an entry it cannot take
             # (a key deleted, a tensor put there by hand) is refused now. (Step values are
             # not read here: that would wait for the device at every re-homing.)
-            where = f"{self.name}: optimizer.state[p] of a parameter of shape {tuple(param.shape)} (param group {group_index})"
-            check_local_entry(param, entry, where, step_value=False)
+            if entry:
+                where = f"{self.name}: optimizer.state[p] of a parameter of shape {tuple(param.shape)} (param group {group_index})"
+                check_local_entry(param, entry, where, step_value=False)
         return params, group_of
 
     # Buffers made under inference_mode (an optimizer built there) would be inference

@@ -208,15 +208,14 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 dtype=bool,
                 count=len(present),
             )
-            needs_copy = elsewhere if needs_copy is None else needs_copy | elsewhere
+            needs_copy = _either(needs_copy, elsewhere)
         # A pending conjugation or negation (a lazy view: its bytes are not its values) is
         # resolved in a copy. Negation can mark a real gradient too (``torch._neg_view``).
         if buffer.has_complex:
             pending = np.fromiter((g.is_conj() or g.is_neg() for g in present), dtype=bool, count=len(present))
-            needs_copy = pending if needs_copy is None else needs_copy | pending
+            needs_copy = _either(needs_copy, pending)
         elif any(map(torch.Tensor.is_neg, present)):
-            pending = np.fromiter(map(torch.Tensor.is_neg, present), dtype=bool, count=len(present))
-            needs_copy = pending if needs_copy is None else needs_copy | pending
+            needs_copy = _either(needs_copy, np.fromiter(map(torch.Tensor.is_neg, present), dtype=bool, count=len(present)))
         if needs_copy is not None and np.count_nonzero(needs_copy):
             buffer.ensure_grad()
             for position in np.flatnonzero(needs_copy).tolist():
@@ -243,6 +242,11 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         in_grad_buffer &= where == np.asarray(buffer.grad_view_pointers, dtype=np.int64)
     layout = (raw_pointers, strides, dtypes)
     return GradientPlan(raw, grads, has_grad, segments, shifts, in_grad_buffer, staged, layout, not buffer.has_complex)
+
+
+def _either(flags: np.ndarray | None, more: np.ndarray) -> np.ndarray:
+    """``flags | more``, where ``flags`` None means none set."""
+    return more if flags is None else flags | more
 
 
 @torch.no_grad()
