@@ -379,7 +379,8 @@ def _gather_small_gradients(buffer: FlatBuffer, plan: GradientPlan, first: int, 
     parallel region per tensor; True if they are there now."""
     count = last - first + 1
     if (
-        count < GATHER_MIN_TENSORS
+        plan.copied_apart  # some gradients are views of buffer.grad: it must not be written
+        or count < GATHER_MIN_TENSORS
         or torch.get_num_threads() < 2
         or buffer.lengths[first : last + 1].mean() > GATHER_MAX_MEAN_ELEMENTS
     ):

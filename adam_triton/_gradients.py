@@ -8,7 +8,9 @@ gradients as a list. Neither copies a gradient, except:
 * a gradient whose strides, dtype (torch's ``grad_dtype``) or device differ from its
   parameter's, or (for the Triton kernel's 16-byte accesses) that is not 16-byte aligned,
   is copied into the buffer's own gradient buffer first (the kernel walks parameter, state
-  and gradient in one memory order);
+  and gradient in one memory order); where some gradients are views of that gradient
+  buffer at another place (kept gradients traded between parameters), such copies are
+  made apart from it instead, so that none is written over before it is read;
 * ``zero_grad(set_to_none=False)`` replaces gradients with views of that gradient buffer,
   zeroed in one operation; backward then accumulates into them in place, and the CPU
   fallback can update whole parameter groups as single flat tensors;
@@ -57,6 +59,7 @@ class GradientPlan:
         shifts: np.ndarray,
         in_grad_buffer: np.ndarray,
         staged: list[int],
+        copied_apart: bool,
         layout: tuple[list, list, list],
         by_layout: bool,
     ):
@@ -67,6 +70,9 @@ class GradientPlan:
         self.shifts = shifts  # element shift from the flat parameter buffer, or NO_GRADIENT
         self.in_grad_buffer = in_grad_buffer  # the gradient is the segment of buffer.grad
         self.staged = staged  # segments whose gradient is copied into buffer.grad each step
+        # ... or, where some gradients are views of buffer.grad at another place, into copies
+        # of their own (buffer.grad is then neither written nor gathered into this step).
+        self.copied_apart = copied_apart
         # Where each present gradient started, its strides and dtype: the same tensor object
         # may have had its ``.data`` swapped since (``p.grad.data = g``), and then it is
         # elsewhere; other tensors laid out the same way are read the same way. (Shapes are
@@ -81,6 +87,8 @@ class GradientPlan:
     def finds(self, raw: list) -> bool:
         """Can this plan read ``raw``: the tensors it holds, or (between steps, when it holds
         none) tensors laid out as the ones it was made for?"""
+        if self.copied_apart:  # its copies are gone; and aliases are best found anew
+            return False
         if self.raw is not None:  # the same tensors, unless one's .data moved
             return all(map(operator.is_, raw, self.raw)) and all(
                 map(operator.eq, map(torch.Tensor.data_ptr, compress(raw, self.has_grad)), self.pointers)
@@ -157,7 +165,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     raw = list(map(local_grad if buffer.has_dtensor else _grad_of, buffer.params))
     if previous is not None and previous.finds(raw):
         previous.hold(buffer, raw)
-        _restage(buffer, previous)
+        _restage(previous)
         return previous
 
     count = len(raw)
@@ -167,6 +175,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     segments = buffer.every_segment if every else np.flatnonzero(has_grad)
     grads = list(raw)
     staged: list[int] = []
+    copied_apart = False
     raw_pointers: list[int] = []
     strides: list = []
     dtypes: list = []
@@ -216,15 +225,20 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
             needs_copy = _either(needs_copy, pending)
         elif any(map(torch.Tensor.is_neg, present)):
             needs_copy = _either(needs_copy, np.fromiter(map(torch.Tensor.is_neg, present), dtype=bool, count=len(present)))
+        starts = buffer.starts if every else buffer.starts[segments]
+        aliases = _aliases_of_gradient_buffer(buffer, pointers, strides, expected_strides, starts)
+        if aliases is not None:
+            needs_copy = _either(needs_copy, aliases)
+            copied_apart = True
         if needs_copy is not None and np.count_nonzero(needs_copy):
             buffer.ensure_grad()
             for position in np.flatnonzero(needs_copy).tolist():
                 segment = int(segments[position])
                 staged.append(segment)
-                grads[segment] = buffer.current_grad_view(segment)
+                view = buffer.current_grad_view(segment)
+                grads[segment] = torch.empty_like(view) if copied_apart else view
                 pointers[position] = grads[segment].data_ptr()
-            _restage_segments(buffer, raw, staged)
-        starts = buffer.starts if every else buffer.starts[segments]
+            _copy_staged(grads, raw, staged)
         shifts_present = (pointers - buffer.param.data_ptr()) // buffer.dtype.itemsize - starts
     if present and every:
         shifts = shifts_present
@@ -241,7 +255,9 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         where[segments] = pointers
         in_grad_buffer &= where == np.asarray(buffer.grad_view_pointers, dtype=np.int64)
     layout = (raw_pointers, strides, dtypes)
-    return GradientPlan(raw, grads, has_grad, segments, shifts, in_grad_buffer, staged, layout, not buffer.has_complex)
+    return GradientPlan(
+        raw, grads, has_grad, segments, shifts, in_grad_buffer, staged, copied_apart, layout, not buffer.has_complex
+    )
 
 
 def _either(flags: np.ndarray | None, more: np.ndarray) -> np.ndarray:
@@ -249,15 +265,35 @@ def _either(flags: np.ndarray | None, more: np.ndarray) -> np.ndarray:
     return more if flags is None else flags | more
 
 
+def _aliases_of_gradient_buffer(
+    buffer: FlatBuffer, pointers: np.ndarray, strides: list, expected_strides: list, starts: np.ndarray
+) -> np.ndarray | None:
+    """Which gradients are views of our gradient buffer other than their own segment as
+    laid out (kept gradients swapped between parameters, ``p.grad = p.grad.t()``), or None
+    if none is. Staging one into the buffer could overwrite a gradient still to be read,
+    or its own source, so such gradients are copied apart first."""
+    if buffer.grad is None:
+        return None
+    itemsize = buffer.dtype.itemsize
+    begin = buffer.grad.data_ptr()
+    inside = (pointers >= begin) & (pointers < begin + buffer.total * itemsize)
+    if not np.count_nonzero(inside):
+        return None
+    aliases = inside & (pointers != begin + starts * itemsize)
+    for position in np.flatnonzero(inside & ~aliases).tolist():
+        aliases[position] = strides[position] != expected_strides[position]
+    return aliases if np.count_nonzero(aliases) else None
+
+
 @torch.no_grad()
-def _restage_segments(buffer: FlatBuffer, raw: list, segments: list[int]) -> None:
+def _copy_staged(grads: list, raw: list, segments: list[int]) -> None:
     for segment in segments:
-        buffer.grad_views[segment].copy_(raw[segment].resolve_conj().resolve_neg())
+        grads[segment].copy_(raw[segment].resolve_conj().resolve_neg())
 
 
-def _restage(buffer: FlatBuffer, plan: GradientPlan) -> None:
+def _restage(plan: GradientPlan) -> None:
     if plan.staged:
-        _restage_segments(buffer, plan.raw, plan.staged)
+        _copy_staged(plan.grads, plan.raw, plan.staged)
 
 
 @torch.no_grad()

@@ -86,8 +86,8 @@ class Scenario:
         # backward reaches and no single-parameter action picks: a group of at least
         # GATHER_MIN_TENSORS with equal step counts, whose fresh gradients the CPU backend
         # gathers into its flat gradient buffer (with two threads or more), and whose kept
-        # ones it updates in one flat span. Drawn apart, so that the other seeds' scenarios
-        # stay as they were.
+        # ones it updates in one flat span; the only action on them trades two of their
+        # gradients. Drawn apart, so that the other seeds' scenarios stay as they were.
         self.regular = count
         many = random.Random(-1 - seed).random() < MANY_SMALL_SHARE
         if many:
@@ -231,6 +231,18 @@ class Scenario:
             self.both(lambda side: setattr(side.params[index].grad, "data", values.clone()))
         elif roll < 0.41:
             self.gradients_into_a_bucket()
+        elif roll < 0.46 and len(self.shapes) > self.regular:
+            self.trade_small_gradients()
+
+    def trade_small_gradients(self) -> None:
+        """Two of the tiny tensors, of one shape, trade gradients: kept ones are views of our
+        gradient buffer at each other's place, which the gather must not copy over each other."""
+        first = self.rng.randrange(self.regular, len(self.shapes) - 9)
+        second = first + 9  # the tiny shapes repeat every 9
+        self.note(f"  p[{first}].grad, p[{second}].grad = p[{second}].grad, p[{first}].grad")
+        for side in self.sides:
+            a, b = side.params[first], side.params[second]
+            a.grad, b.grad = b.grad, a.grad
 
     def add_late_parameter(self) -> None:
         """A parameter joins after training began: through add_param_group, or appended to

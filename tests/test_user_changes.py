@@ -1125,3 +1125,81 @@ def test_a_gradient_given_data_of_another_shape_is_refused_before_anything_chang
         ours.step()
     assert all(torch.equal(p, b) for p, b in zip((first, *params), before))
     assert [float(ours.state[p]["step"]) for p in (first, *params)] == [1.0] * 4
+
+
+# Kept gradients (views of our gradient buffer) handed to other parameters after backward,
+# as code that permutes heads or experts together with their gradients does.
+_KEPT_GRADIENTS_REARRANGED = {
+    "a gradient transposed in place": lambda g: [g[0].t(), g[1], g[2]],
+    "two traded": lambda g: [g[1], g[0], g[2]],
+    "three rotated and transposed": lambda g: [g[2].t(), g[0].t(), g[1].t()],
+}
+
+
+def _train_with_rearranged_kept_gradients(model, optimizer, rearrange, scaler=None, steps=3, rearranged_at=(1,)):
+    generator = torch.Generator().manual_seed(5)
+    device = next(model.parameters()).device
+    for step in range(steps):
+        optimizer.zero_grad(set_to_none=False)
+        loss = model(torch.randn(8, generator=generator).to(device))
+        (scaler.scale(loss) if scaler else loss).backward()
+        if step in rearranged_at:
+            weights = model.weights
+            for weight, grad in zip(weights, rearrange([w.grad for w in weights[:3]])):
+                weight.grad = grad
+        # Stepped twice on the rearranged gradients: the second step finds them as before.
+        for _ in range(2 if step in rearranged_at else 1):
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+
+
+@pytest.mark.parametrize("scaled", [False, True], ids=["plain", "GradScaler unscaling in the step"])
+@pytest.mark.parametrize("rearrange", list(_KEPT_GRADIENTS_REARRANGED), ids=list(_KEPT_GRADIENTS_REARRANGED))
+def test_kept_gradients_traded_between_parameters_are_read_as_in_torch(target, rearrange, scaled):
+    """Gradients that are views of our gradient buffer at another parameter's place, or at
+    their own in another layout, were staged into the buffer one by one: over a gradient
+    still to be read (a parameter stepped with its neighbour's new gradient) or over their
+    own source (an overlap error). They are copied apart first now, and each parameter is
+    left with torch's gradient, unscaled by the step where GradScaler asks for that."""
+    make = lambda: OddModel(shapes=[(9, 9)] * 3 + [(17,), (2, 1031)])  # noqa: E731
+    ours_model, reference_model = paired(make, target.device)
+    # The reference is torch's for-loop: its CPU fused kernel ignores a gradient's strides.
+    ours = adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend, fused=scaled or None)
+    reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, foreach=False)
+    scalers = [torch.amp.GradScaler(target.device, init_scale=2.0**10) if scaled else None for _ in range(2)]
+    for model, optimizer, scaler in zip((ours_model, reference_model), (ours, reference), scalers):
+        _train_with_rearranged_kept_gradients(model, optimizer, _KEPT_GRADIENTS_REARRANGED[rearrange], scaler, steps=2)
+    assert ours._engine.buffers[0].last_plan.copied_apart
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    for model, optimizer, scaler in zip((ours_model, reference_model), (ours, reference), scalers):
+        _train_with_rearranged_kept_gradients(model, optimizer, _KEPT_GRADIENTS_REARRANGED[rearrange], scaler)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+@pytest.mark.parametrize("rearrange", list(_KEPT_GRADIENTS_REARRANGED)[1:], ids=list(_KEPT_GRADIENTS_REARRANGED)[1:])
+def test_kept_gradients_traded_between_many_small_parameters_are_not_gathered_over_each_other(rearrange):
+    """On the CPU backend with two threads, many small gradients are gathered into the flat
+    gradient buffer one copy after another; traded kept gradients were read after the copy
+    for their neighbour had overwritten them."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        make = lambda: OddModel(shapes=[(5, 5)] * 3 + [(7,)] * 70)  # noqa: E731
+        ours_model, reference_model = paired(make, "cpu")
+        ours, reference = optimizers(ours_model, reference_model, "AdamW", "torch", lr=1e-2, foreach=False)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            _train_with_rearranged_kept_gradients(model, optimizer, _KEPT_GRADIENTS_REARRANGED[rearrange], steps=2)
+        assert ours._engine.buffers[0].last_plan.copied_apart
+        for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+        assert_close_params(ours_model, reference_model)
+        assert_close_state(ours, reference, ours_model, reference_model)
+    finally:
+        torch.set_num_threads(threads)
