@@ -300,10 +300,12 @@ class Engine:
         """``add_param_group``: the last of ``groups`` is new. Its parameters move at once
         into buffers of their own, and the next ``ensure_current`` (the next step) joins
         each kind's buffers into one. Re-homing every parameter at each call would make a
-        loop of ``add_param_group`` calls quadratic in the parameters held. Everything is
-        rebuilt now instead, as the constructor does, where more than the new group changed,
-        where the new parameters come with state or lie in memory the optimizer holds, and
-        once ``_MOST_BUFFERS_APART`` buffers wait to be joined."""
+        loop of ``add_param_group`` calls quadratic in the parameters held; so would looking
+        at every earlier group at each call: edits to those are noticed at the next
+        ``ensure_current``, against their fingerprints from before. Everything is rebuilt
+        now instead, as the constructor does, where the new parameters come with state or
+        lie in memory the optimizer holds (taken out of another group), and once
+        ``_MOST_BUFFERS_APART`` buffers wait to be joined."""
         new_params, _ = self._ordered_parameters(groups[-1:])
         new_group_of = [len(groups) - 1] * len(new_params)
         options = self._options(groups[-1])
@@ -312,7 +314,6 @@ class Engine:
         # (torch's add_param_group refuses parameters that the other groups hold.)
         if (
             len(self.buffers) >= _MOST_BUFFERS_APART
-            or not self._groups_unchanged(groups[:-1])
             or any(state.get(p) for p in new_params)
             or any(b.in_place.any() or b.parameters_moved() for b in self.buffers)
             or meets_any([local(p) for p in new_params], [b.param for b in self.buffers])
@@ -449,9 +450,9 @@ class Engine:
             buffer.last_plan = None
             buffer.variant_key = None
         # Drop the empty entries a defaultdict lookup may have left behind, as torch has none.
-        ours = {id(p) for p in self._params}
-        for key in [k for k, v in state.items() if id(k) in ours and not v]:
-            del state[key]
+        # (Only the buffers' parameters: after add_param_group, those of the new group.)
+        for param in [p for buffer in buffers for p in buffer.params if p in state and not state[p]]:
+            del state[param]
 
     def _new_state_segments(self, plans: list) -> list[tuple[FlatBuffer, int]]:
         """(buffer, segment) of each parameter getting its first state this step, in the

@@ -503,6 +503,53 @@ def test_groups_added_one_at_a_time_move_only_themselves_and_train_like_torch(ta
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+def _move_the_first_parameter_to_the_second_group(groups: list, spare) -> list:
+    groups[1]["params"].append(groups[0]["params"].pop(0))
+    return [spare]
+
+
+def _swap_a_new_parameter_into_the_first_group(groups: list, spare) -> list:
+    old = groups[0]["params"][0]
+    groups[0]["params"][0] = spare
+    return [old]
+
+
+# What happens to the groups already there before ``add_param_group``; each returns the
+# parameters of the group then added.
+_EARLIER_GROUPS_EDITED = {
+    "a parameter taken out and added back": lambda groups, spare: [groups[0]["params"].pop(1), spare],
+    "a group deleted": lambda groups, spare: [*groups.pop(0)["params"], spare],
+    "a group's parameters reordered": lambda groups, spare: groups[1]["params"].reverse() or [spare],
+    "a parameter moved to another group": _move_the_first_parameter_to_the_second_group,
+    "a new parameter swapped into a group": _swap_a_new_parameter_into_the_first_group,
+    "a group's hyperparameters edited": lambda groups, spare: groups[0].update(lr=0.05, betas=(0.8, 0.99)) or [spare],
+}
+
+
+@pytest.mark.parametrize("edit", list(_EARLIER_GROUPS_EDITED), ids=list(_EARLIER_GROUPS_EDITED))
+def test_groups_edited_before_a_group_is_added_train_like_torch(target, edit):
+    """``add_param_group`` moves only the new group's parameters and leaves noticing what
+    else changed to the next step; a new parameter still in our memory (taken out of its
+    group) makes it rebuild at once."""
+    shapes = [(1,), (17,), (7, 13), (3, 5, 11), (1025,), (2, 9)]
+    ours_model, reference_model = paired(lambda: OddModel(shapes), target.device)
+    sides = []
+    for model, cls in ((ours_model, adam_triton.AdamW), (reference_model, torch.optim.AdamW)):
+        weights = list(model.weights)
+        groups = [{"params": weights[0:2]}, {"params": weights[2:4], "lr": 2e-2}]
+        optimizer = cls(groups, lr=1e-2, **({"backend": target.backend} if cls is adam_triton.AdamW else {}))
+        sides.append((model, optimizer, weights))
+    for model, optimizer, weights in sides:
+        train(model, optimizer, steps=2, set_to_none=False)
+        added = _EARLIER_GROUPS_EDITED[edit](optimizer.param_groups, weights[4])
+        optimizer.add_param_group({"params": added, "weight_decay": 0.3})
+        optimizer.add_param_group({"params": [weights[5]], "lr": 3e-3})
+        train(model, optimizer, steps=3, seed=2)
+        train(model, optimizer, steps=2, seed=3, set_to_none=False)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(sides[0][1], sides[1][1], ours_model, reference_model)
+
+
 def test_the_gradient_table_is_uploaded_only_when_a_gradient_moved(monkeypatch):
     """Gradients set to None and handed back at the same addresses (as the caching
     allocator often does) need no new shift table; gradients elsewhere do."""
