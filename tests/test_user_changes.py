@@ -1250,3 +1250,49 @@ def test_kept_gradients_traded_between_many_small_parameters_are_not_gathered_ov
         assert_close_state(ours, reference, ours_model, reference_model)
     finally:
         torch.set_num_threads(threads)
+
+
+def _flatten_like_cudnn(rnn: torch.nn.RNNBase) -> None:
+    """What ``flatten_parameters()`` does on CUDA: copy the weights into one new chunk and
+    re-point each at its slice (``set_``), so that they share one storage."""
+    weights = rnn._flat_weights
+    chunk = torch.empty(sum(w.numel() for w in weights), dtype=weights[0].dtype, device=weights[0].device)
+    offset = 0
+    with torch.no_grad():
+        for weight in weights:
+            view = chunk[offset : offset + weight.numel()].view_as(weight)
+            view.copy_(weight)
+            weight.set_(view)
+            offset += weight.numel()
+
+
+def test_rnn_weights_flattened_once_after_the_optimizer_was_built_are_updated_where_they_are(target, monkeypatch):
+    """The README's advice for cuDNN's RNNs: flattened into one chunk after the optimizer
+    moved them, the weights stay in that chunk (held by each other, so left in place), are
+    updated there as torch updates them, and are not re-homed at every step."""
+    from adam_triton._engine import Engine
+
+    torch.manual_seed(0)
+    ours_model = torch.nn.LSTM(6, 10, num_layers=2, batch_first=True).to(target.device)
+    reference_model = copy.deepcopy(ours_model)
+    ours = adam_triton.Adam(ours_model.parameters(), lr=1e-2, backend=target.backend)
+    reference = torch.optim.Adam(reference_model.parameters(), lr=1e-2, foreach=False)
+    for model in (ours_model, reference_model):
+        _flatten_like_cudnn(model)
+    where = [p.data_ptr() for p in ours_model.parameters()]
+    rebuilds = []
+    rebuild = Engine.rebuild
+    monkeypatch.setattr(Engine, "rebuild", lambda self, *a, **k: rebuilds.append(1) or rebuild(self, *a, **k))
+    generator = torch.Generator().manual_seed(1)
+    for step in range(5):
+        if step == 2:
+            rebuilds.clear()
+        x = torch.randn(3, 4, 6, generator=generator).to(target.device)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            optimizer.zero_grad()
+            model(x)[0].pow(2).mean().backward()
+            optimizer.step()
+    assert [p.data_ptr() for p in ours_model.parameters()] == where
+    assert not rebuilds
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
