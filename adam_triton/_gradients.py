@@ -363,10 +363,17 @@ def adopt_fresh_gradients(buffer: FlatBuffer, segments: np.ndarray) -> None:
 
 
 def _fits_gradient_buffer(grad: torch.Tensor, buffer: FlatBuffer) -> bool:
-    """A dense gradient of the buffer's device and dtype that is no one else's view (a
-    plain tensor, or a view of a gradient buffer of ours): it can move into the buffer."""
-    ours = grad._base is None or is_gradient_buffer(grad._base)
-    return grad.layout == torch.strided and ours and (grad.device, grad.dtype) in buffer.param_kinds
+    """A dense gradient of the buffer's device and dtype that is no one else's view (alone
+    in its storage, as autograd makes gradients, or a view of a gradient buffer of ours):
+    it can move into the buffer. (A slice of someone's flat gradient tensor need not say
+    so in ``_base``: ``.detach()`` drops it, and so does autograd when it keeps the view a
+    gradient hook returned.)"""
+    if grad.layout != torch.strided or (grad.device, grad.dtype) not in buffer.param_kinds:
+        return False
+    if grad._base is not None:
+        return is_gradient_buffer(grad._base)
+    storage = grad.untyped_storage()
+    return storage.data_ptr() == grad.data_ptr() and storage.nbytes() == grad.numel() * grad.element_size()
 
 
 def _adoptable(grad: torch.Tensor, buffer: FlatBuffer) -> bool:

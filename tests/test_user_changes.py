@@ -1296,3 +1296,49 @@ def test_rnn_weights_flattened_once_after_the_optimizer_was_built_are_updated_wh
     assert not rebuilds
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def _gradients_in_a_flat_tensor_of_ones_own(model, how: str) -> torch.Tensor:
+    """A flat gradient tensor the user owns, as Megatron-LM and Apex keep one, with each
+    parameter's gradient a slice of it that does not say so in ``_base``."""
+    params = list(model.parameters())
+    flat = torch.zeros(sum(p.numel() for p in params), device=params[0].device)
+    offset = 0
+    for p in params:
+        end = offset + p.numel()
+        if how == "a gradient hook's returned slice":  # autograd keeps it, without its _base
+            p.register_hook(lambda g, offset=offset, end=end: flat[offset:end].view_as(g).copy_(g))
+        else:
+            p.grad = flat[offset:end].view_as(p).detach()
+        offset = end
+    return flat
+
+
+@pytest.mark.parametrize("zeroed_by", ["zero_grad(set_to_none=False)", "the user"])
+@pytest.mark.parametrize("how", ["detached slices", "a gradient hook's returned slice"])
+def test_gradients_that_are_slices_of_a_users_flat_tensor_stay_there(target, how, zeroed_by):
+    """torch zeroes such gradients in place and backward accumulates into them, so the
+    user's flat tensor sees every gradient (and edits of it, an all-reduce's, reach the
+    update). We moved them into our gradient buffer, at zero_grad or at the first step,
+    as we move gradients that are alone in their storage, and the user's tensor was cut
+    off: wrong numbers, or gradients accumulated across steps."""
+    if how == "a gradient hook's returned slice" and zeroed_by == "the user":
+        pytest.skip("the hook's slice becomes the gradient at the first backward, which must be zeroed first")
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, foreach=False)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        optimizer.zero_grad(set_to_none=False)  # nothing to zero yet: under torch, a no-op
+        flat = _gradients_in_a_flat_tensor_of_ones_own(model, how)
+        generator = torch.Generator().manual_seed(3)
+        for _ in range(3):
+            if zeroed_by == "the user":
+                flat.zero_()
+            else:
+                optimizer.zero_grad(set_to_none=False)
+            model(torch.randn(8, generator=generator).to(target.device)).backward()
+            flat.mul_(0.5)  # as an all-reduce averaging over two ranks writes it
+            optimizer.step()
+            begin, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+            assert all(begin <= p.grad.data_ptr() < end for p in model.parameters())
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
