@@ -36,6 +36,21 @@ def _cast_like(param: torch.Tensor, value):
     return value
 
 
+def dtype_names(groups: list[dict]) -> None:
+    """A group's ``state_dtype`` as its name in a checkpoint ("bfloat16"): torch's
+    distributed checkpointing (full or CPU-offloaded state dicts) takes no dtype objects."""
+    for group in groups:
+        if isinstance(group.get("state_dtype"), torch.dtype):
+            group["state_dtype"] = str(group["state_dtype"]).removeprefix("torch.")
+
+
+def _dtype_named(name: str) -> torch.dtype:
+    dtype = getattr(torch, name.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype):
+        raise _bad(f"a parameter group's state_dtype {name!r} is not the name of a dtype")
+    return dtype
+
+
 def _bad(message: str) -> ValueError:
     return ValueError(f"bad optimizer checkpoint: {message}")
 
@@ -144,6 +159,8 @@ def validated(groups: list[dict], state_dict: dict) -> tuple[list[dict], default
     new_groups = []
     for group, saved in zip(groups, saved_groups):
         saved["params"] = group["params"]
+        if isinstance(saved.get("state_dtype"), str):
+            saved["state_dtype"] = _dtype_named(saved["state_dtype"])
         # What the checkpoint does not say (torch's has no precision options) stays as is.
         for key in ("param_names", *PRECISION_KEYS):
             if key in group and key not in saved:

@@ -175,6 +175,14 @@ class _FlatAdam(Optimizer):
             self._engine.zero_grad_into_buffers()
 
     @torch._disable_dynamo
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict()``; a param group's ``state_dtype`` is saved by name
+        (``"bfloat16"``), which ``load_state_dict`` reads back."""
+        state_dict = Optimizer.state_dict(self)
+        _checkpoint.dtype_names(state_dict["param_groups"])
+        return state_dict
+
+    @torch._disable_dynamo
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a checkpoint saved by this class or by ``torch.optim.Adam`` / ``AdamW``.
 

@@ -620,6 +620,44 @@ def test_loading_a_checkpoint_keeps_or_takes_each_groups_precision(target):
         assert torch.equal(straight.state[a]["master_param"], resumed.state[b]["master_param"])
 
 
+def _only_plain_values(value) -> bool:
+    """What torch's distributed checkpointing takes in a state dict (full, or offloaded to
+    the CPU): tensors, numbers, strings, None, and lists, tuples and dicts of them."""
+    if isinstance(value, dict):
+        return all(map(_only_plain_values, value.values()))
+    if isinstance(value, (list, tuple)):
+        return all(map(_only_plain_values, value))
+    return value is None or isinstance(value, (torch.Tensor, int, float, str, bytes))
+
+
+def test_a_groups_state_dtype_is_saved_by_name_and_loaded_back(target):
+    """A group's ``state_dtype`` was saved as a ``torch.dtype``, which torch's distributed
+    checkpointing refuses (``get_optimizer_state_dict`` with ``full_state_dict`` or
+    ``cpu_offload``: "Unexpected value type"). It is saved by name and loaded back."""
+    straight_model = OddModel().to(target.device)
+    resumed_model = copy.deepcopy(straight_model)
+    straight = adam_triton.AdamW(
+        [{"params": straight_model.parameters(), "state_dtype": BF16}], lr=1e-2, backend=target.backend
+    )
+    train(straight_model, straight, steps=2)
+    saved = straight.state_dict()
+    assert saved["param_groups"][0]["state_dtype"] == "bfloat16" and _only_plain_values(saved)
+    assert straight.param_groups[0]["state_dtype"] is BF16
+    resumed = adam_triton.AdamW(resumed_model.parameters(), lr=1e-2, backend=target.backend)
+    resumed_model.load_state_dict(straight_model.state_dict())
+    bad = _roundtrip(saved)
+    bad["param_groups"][0]["state_dtype"] = "bfloat17"
+    with pytest.raises(ValueError, match="'bfloat17' is not the name of a dtype"):
+        resumed.load_state_dict(bad)
+    resumed.load_state_dict(_roundtrip(saved))
+    assert resumed.param_groups[0]["state_dtype"] is BF16
+    for m, o in ((straight_model, straight), (resumed_model, resumed)):
+        train(m, o, steps=2, seed=3)
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert resumed.state[b]["exp_avg"].dtype == BF16
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "edit, message",
     [
