@@ -25,6 +25,7 @@ numpy arrays); only the rare copies above loop in Python.
 from __future__ import annotations
 
 import operator
+from collections import Counter
 from itertools import compress, repeat
 
 import numpy as np
@@ -319,6 +320,7 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
         foreign, adopted = [], []
         views, pointers = buffer.grad_views, buffer.grad_view_pointers
         if not (all(map(operator.is_, raw, views)) and list(map(torch.Tensor.data_ptr, raw)) == pointers):
+            shared = _shared_by_several(raw)
             for segment, (grad, view, pointer) in enumerate(zip(raw, views, pointers)):
                 if grad is None:
                     continue
@@ -326,7 +328,7 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
                     if grad.data_ptr() != pointer:  # our view, its .data swapped: a new view
                         adopted.append(segment)
                     continue
-                if _fits_gradient_buffer(grad, buffer):
+                if id(grad) not in shared and _fits_gradient_buffer(grad, buffer):
                     adopted.append(segment)
                 else:
                     foreign.append(grad)
@@ -352,7 +354,8 @@ def adopt_fresh_gradients(buffer: FlatBuffer, segments: np.ndarray) -> None:
     same tensors at every step of the loop, and rounds the same way whether or not the run
     was interrupted."""
     fresh = [(s, buffer.params[s].grad) for s in segments.tolist()]
-    fresh = [(s, g) for s, g in fresh if g is not None and _adoptable(g, buffer)]
+    shared = _shared_by_several([g for _, g in fresh])
+    fresh = [(s, g) for s, g in fresh if g is not None and id(g) not in shared and _adoptable(g, buffer)]
     if not fresh:
         return
     buffer.ensure_grad()
@@ -360,6 +363,13 @@ def adopt_fresh_gradients(buffer: FlatBuffer, segments: np.ndarray) -> None:
     torch._foreach_copy_(views, [g for _, g in fresh])
     for (s, _), view in zip(fresh, views):
         buffer.params[s].grad = view
+
+
+def _shared_by_several(grads: list) -> set[int]:
+    """The ids of gradient tensors that more than one parameter has (``b.grad = a.grad``):
+    moved into the buffer, each would get a view of its own, and the tie would be cut."""
+    counts = Counter(id(grad) for grad in grads if grad is not None)
+    return {key for key, count in counts.items() if count > 1}
 
 
 def _fits_gradient_buffer(grad: torch.Tensor, buffer: FlatBuffer) -> bool:

@@ -1342,3 +1342,31 @@ def test_gradients_that_are_slices_of_a_users_flat_tensor_stay_there(target, how
             assert all(begin <= p.grad.data_ptr() < end for p in model.parameters())
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
+
+
+@pytest.mark.parametrize("tied", ["before the loop", "at the loop's first step"])
+def test_parameters_given_one_gradient_tensor_keep_sharing_it(target, tied):
+    """``b.grad = a.grad``: torch zeroes the one tensor in place and backward adds both
+    parameters' gradients into it. Moving it into our buffer gave each parameter a view of
+    its own (at zero_grad, or at the first step of a kept loop), which cut the tie."""
+    make = lambda: OddModel(shapes=[(7, 13), (7, 13), (17,)])  # noqa: E731
+    ours_model, reference_model = paired(make, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, foreach=False)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        a, b = model.weights[0], model.weights[1]
+        generator = torch.Generator().manual_seed(4)
+        if tied == "before the loop":
+            model(torch.randn(8, generator=generator).to(target.device)).backward()
+            b.grad = a.grad
+            optimizer.step()
+        for step in range(3):
+            optimizer.zero_grad(set_to_none=False)
+            model(torch.randn(8, generator=generator).to(target.device)).backward()
+            if tied != "before the loop" and step == 0:
+                b.grad = a.grad
+            optimizer.step()
+            assert a.grad is b.grad
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=2e-5, atol=2e-6)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
