@@ -354,7 +354,7 @@ def adopt_fresh_gradients(buffer: FlatBuffer, segments: np.ndarray) -> None:
     same tensors at every step of the loop, and rounds the same way whether or not the run
     was interrupted."""
     fresh = [(s, buffer.params[s].grad) for s in segments.tolist()]
-    shared = _shared_by_several([g for _, g in fresh])
+    shared = _shared_by_several(list(map(_grad_of, buffer.params)))  # (with any parameter)
     fresh = [(s, g) for s, g in fresh if g is not None and id(g) not in shared and _adoptable(g, buffer)]
     if not fresh:
         return

@@ -1349,7 +1349,7 @@ def test_gradients_that_are_slices_of_a_users_flat_tensor_stay_there(target, how
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
-@pytest.mark.parametrize("tied", ["before the loop", "at the loop's first step"])
+@pytest.mark.parametrize("tied", ["before the loop", "at the loop's first step", "to a kept one at the first step"])
 def test_parameters_given_one_gradient_tensor_keep_sharing_it(target, tied):
     """``b.grad = a.grad``: torch zeroes the one tensor in place and backward adds both
     parameters' gradients into it. Moving it into our buffer gave each parameter a view of
@@ -1360,15 +1360,22 @@ def test_parameters_given_one_gradient_tensor_keep_sharing_it(target, tied):
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         a, b = model.weights[0], model.weights[1]
         generator = torch.Generator().manual_seed(4)
-        if tied == "before the loop":
+        if tied != "at the loop's first step":
             model(torch.randn(8, generator=generator).to(target.device)).backward()
-            b.grad = a.grad
+            if tied == "before the loop":
+                b.grad = a.grad
             optimizer.step()
+        if tied == "to a kept one at the first step":
+            optimizer.zero_grad(set_to_none=False)  # b's gradient kept, a's new at the next backward
+            a.grad = None
         for step in range(3):
             optimizer.zero_grad(set_to_none=False)
             model(torch.randn(8, generator=generator).to(target.device)).backward()
             if tied != "before the loop" and step == 0:
-                b.grad = a.grad
+                if tied == "to a kept one at the first step":
+                    a.grad = b.grad
+                else:
+                    b.grad = a.grad
             optimizer.step()
             assert a.grad is b.grad
     for a, b in zip(ours_model.parameters(), reference_model.parameters()):
