@@ -166,7 +166,7 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     raw = list(map(local_grad if buffer.has_dtensor else _grad_of, buffer.params))
     if previous is not None and previous.finds(raw):
         previous.hold(buffer, raw)
-        _restage(previous)
+        _copy_staged(previous.grads, previous.raw, previous.staged)
         return previous
 
     count = len(raw)
@@ -290,11 +290,6 @@ def _aliases_of_gradient_buffer(
 def _copy_staged(grads: list, raw: list, segments: list[int]) -> None:
     for segment in segments:
         grads[segment].copy_(raw[segment].resolve_conj().resolve_neg())
-
-
-def _restage(plan: GradientPlan) -> None:
-    if plan.staged:
-        _copy_staged(plan.grads, plan.raw, plan.staged)
 
 
 @torch.no_grad()
