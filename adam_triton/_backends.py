@@ -92,11 +92,12 @@ def resolve_backend(requested: str, device: torch.device) -> str:
     # requested == "triton"
     if device.type not in ("cpu", "cuda"):
         raise RuntimeError(f'backend="triton" supports CUDA (and ROCm) devices, not {device.type}.')
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise RuntimeError(f'backend="triton" got parameters on the CPU: {_INTERPRET_HINT}.')
+    # Without a usable triton, no environment variable helps: say that first.
     reason = triton_unusable()
     if reason is not None:
         raise RuntimeError(f'backend="triton" needs triton >= 3.6: {reason}.')
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f'backend="triton" got parameters on the CPU: {_INTERPRET_HINT}.')
     if device.type == "cpu" and not kernels().is_interpreted():
         raise RuntimeError(
             'backend="triton" got parameters on the CPU, but adam_triton\'s kernels were loaded before '

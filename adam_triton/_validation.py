@@ -58,9 +58,10 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_implementation_flags(*, foreach, fused, differentiable) -> None:
+def check_implementation_flags(*, foreach, fused, differentiable, torch_class: str = "Adam") -> None:
     """Raise for flag combinations torch rejects (it checks them after the parameters, so
-    the optimizer checks them there too), and for differentiable mode."""
+    the optimizer checks them there too), and for differentiable mode, pointing to
+    ``torch.optim.<torch_class>``."""
     if fused and differentiable:
         raise RuntimeError("`fused` does not support `differentiable`")
     if fused and foreach:
@@ -68,7 +69,7 @@ def check_implementation_flags(*, foreach, fused, differentiable) -> None:
     if differentiable:
         raise RuntimeError(
             "adam_triton does not support differentiable=True: its update runs in a fused kernel "
-            "outside autograd. Use torch.optim.Adam(differentiable=True) to differentiate "
+            f"outside autograd. Use torch.optim.{torch_class}(differentiable=True) to differentiate "
             "through the optimizer step."
         )
 

@@ -87,7 +87,8 @@ class _FlatAdam(Optimizer):
         self._backend = backend
         self._engine = None  # add_param_group below must not re-home before we are ready
         Optimizer.__init__(self, params, defaults)  # checks the parameters; moves nothing yet
-        check_implementation_flags(foreach=foreach, fused=fused, differentiable=differentiable)
+        torch_class = "AdamW" if isinstance(self, torch.optim.AdamW) else "Adam"
+        check_implementation_flags(foreach=foreach, fused=fused, differentiable=differentiable, torch_class=torch_class)
         self._engine = Engine(type(self).__name__, backend, self._precision)
         self._engine.rebuild(self.param_groups, self.state)
 

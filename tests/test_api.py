@@ -119,6 +119,12 @@ def test_bad_arguments_raise_before_anything_changes(kwargs, error, message):
     assert [p.data_ptr() for p in model.parameters()] == before
 
 
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_differentiable_points_to_the_torch_class_of_the_same_name(name):
+    with pytest.raises(RuntimeError, match=rf"Use torch\.optim\.{name}\(differentiable=True\)"):
+        getattr(adam_triton, name)(nn.Linear(3, 2).parameters(), differentiable=True)
+
+
 @pytest.mark.parametrize(
     "params, kwargs",
     [
@@ -321,6 +327,11 @@ def test_without_a_usable_triton_auto_warns_and_falls_back_and_triton_says_why(m
     for device in (cuda, torch.device("cpu")):
         with pytest.raises(RuntimeError, match=f"needs triton >= 3.6: .*{reason}"):
             _backends.resolve_backend("triton", device)
+    # Without the interpreter's variable too, the missing triton is the reason given:
+    # setting the variable would not help.
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match=f"needs triton >= 3.6: .*{reason}"):
+        _backends.resolve_backend("triton", torch.device("cpu"))
     assert _backends.resolve_backend("auto", torch.device("cpu")) == "torch"
 
 
