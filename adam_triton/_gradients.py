@@ -135,6 +135,7 @@ class GradientPlan:
 
 
 _dtype_of = operator.attrgetter("dtype")
+_device_of = operator.attrgetter("device")
 
 
 def _sparse_error(name: str) -> RuntimeError:
@@ -201,7 +202,9 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
         needs_copy = pointers % alignment != 0 if alignment > 1 and np.count_nonzero(pointers % alignment) else None
         # Gradients may differ from their parameter in dtype (torch's grad_dtype) or device
         # (a .data assignment): such gradients are copied into place.
-        kinds = set(torch._C._group_tensors_by_device_and_dtype([present], False).keys())
+        # (Every pair of the devices and dtypes seen: more than the pairs present only when
+        # some gradient is on another device, which the culprit search below handles.)
+        kinds = {(device, dtype) for device in set(map(_device_of, present)) for dtype in set(dtypes)}
         if strides != expected_strides or not kinds <= buffer.param_kinds:
             # Rare: find the culprits one by one.
             _check_gradient_shapes(present, segments, buffer, optimizer_name)

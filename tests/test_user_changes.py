@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from helpers import OddModel, assert_close_params, assert_close_state, optimizers, paired, train
+from helpers import TRITON, OddModel, assert_close_params, assert_close_state, optimizers, paired, train
 
 import adam_triton
 
@@ -112,6 +112,29 @@ def test_gradients_given_new_data_between_backward_and_step_are_the_ones_used(ta
             model(torch.randn(8, generator=generator).to(target.device)).backward()
             for p in model.parameters():
                 p.grad.data = -3 * p.grad.data
+            optimizer.step()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device kind: CUDA")
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=pytest.mark.skipif(not TRITON, reason="no triton")), "torch"])
+def test_a_cuda_parameters_gradient_moved_to_the_cpu_is_copied_over_not_read_as_a_device_address(backend):
+    """``p.grad.data = g.cpu()`` is allowed (CPU and CUDA tensors share a tensor type): the
+    step must bring that gradient to the device, as if it were there, and never hand the
+    kernel a host address. torch's optimizers refuse such a gradient, so the reference gets
+    it back on the device."""
+    ours_model, reference_model = paired(OddModel, "cuda")
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        generator = torch.Generator().manual_seed(0)
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, generator=generator).to("cuda")).backward()
+            moved = next(iter(model.parameters()))
+            moved.grad.data = moved.grad.data.cpu()
+            if optimizer is reference:
+                moved.grad.data = moved.grad.data.to("cuda")
             optimizer.step()
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
