@@ -58,7 +58,7 @@ def check_backend(backend) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
-def check_implementation_flags(*, foreach, fused, differentiable, torch_class: str = "Adam") -> None:
+def check_implementation_flags(*, foreach, fused, differentiable, torch_class: str) -> None:
     """Raise for flag combinations torch rejects (it checks them after the parameters, so
     the optimizer checks them there too), and for differentiable mode, pointing to
     ``torch.optim.<torch_class>``."""
