@@ -15,6 +15,20 @@ import adam_triton
 #: triton is installed and new enough for the kernel (>= 3.6).
 TRITON = adam_triton._backends.triton_importable()
 INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and TRITON
+
+
+def _interpreter_fma_rounds_once() -> bool:
+    """Triton's interpreter computed ``tl.fma`` as a product and then a sum, rounding twice,
+    before 3.9 (seen in 3.6 and 3.8; compiled kernels round once on every version)."""
+    if not INTERPRETER:
+        return False
+    import triton
+    from packaging.version import Version
+
+    return Version(triton.__version__).release >= (3, 9)
+
+
+INTERPRETER_FMA_ROUNDS_ONCE = _interpreter_fma_rounds_once()
 FP32_EPS = torch.finfo(torch.float32).eps
 
 

@@ -5,7 +5,7 @@ import io
 
 import pytest
 import torch
-from helpers import OddModel, assert_close_params, assert_close_state, optimizers, paired, train
+from helpers import INTERPRETER_FMA_ROUNDS_ONCE, OddModel, Target, assert_close_params, assert_close_state, optimizers, paired, train
 from torch import nn
 
 import adam_triton
@@ -75,11 +75,14 @@ def test_several_param_groups_with_different_hyperparameters(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
-def test_l2_decay_that_cancels_the_gradient_leaves_torchs_residue(target):
+def test_l2_decay_that_cancels_the_gradient_leaves_torchs_residue(target, request):
     """Adam's L2 term, g + weight_decay * p, where g is minus the rounded product: torch's
     kernels compute it as one fused multiply-add, which leaves the product's rounding error
     (about 1e-9 here), and eps turns that into an update of a good part of lr. A product
     rounded before the add leaves 0, and no update (seen in a bfloat16 scenario)."""
+    if target == Target("cpu", "triton") and not INTERPRETER_FMA_ROUNDS_ONCE:
+        # The kernel's tl.fma is right; this interpreter's is not (it must fail here, strictly).
+        request.applymarker(pytest.mark.xfail(strict=True, reason="triton < 3.9's interpreter rounds tl.fma twice"))
     generator = torch.Generator().manual_seed(11)
     values = torch.randn(1000, generator=generator)
     ours_param = torch.nn.Parameter(values.to(target.device))
