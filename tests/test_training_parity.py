@@ -5,7 +5,16 @@ import io
 
 import pytest
 import torch
-from helpers import INTERPRETER_FMA_ROUNDS_ONCE, OddModel, Target, assert_close_params, assert_close_state, optimizers, paired, train
+from helpers import (
+    INTERPRETER_FMA_ROUNDS_ONCE,
+    OddModel,
+    Target,
+    assert_close_params,
+    assert_close_state,
+    optimizers,
+    paired,
+    train,
+)
 from torch import nn
 
 import adam_triton
