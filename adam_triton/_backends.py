@@ -48,14 +48,18 @@ def kernels():
 MIN_TRITON = (3, 6)
 
 
+def triton_version(triton) -> tuple[int, ...]:
+    """(major, minor) of an imported triton module ("3.9.0+git1a2b" gives (3, 9))."""
+    return tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
+
+
 def triton_unusable() -> str | None:
     """Why the Triton kernel cannot run in this process, or None if it can."""
     try:
         import triton
     except ImportError as error:
         return f"the triton package cannot be imported ({error})"
-    version = tuple(int(part) for part in re.findall(r"\d+", triton.__version__)[:2])
-    if version < MIN_TRITON:
+    if triton_version(triton) < MIN_TRITON:
         return f"triton {triton.__version__} is older than {'.'.join(map(str, MIN_TRITON))}, the oldest adam-triton supports"
     return None
 

@@ -23,9 +23,8 @@ def _interpreter_fma_rounds_once() -> bool:
     if not INTERPRETER:
         return False
     import triton
-    from packaging.version import Version
 
-    return Version(triton.__version__).release >= (3, 9)
+    return adam_triton._backends.triton_version(triton) >= (3, 9)
 
 
 INTERPRETER_FMA_ROUNDS_ONCE = _interpreter_fma_rounds_once()
