@@ -67,8 +67,14 @@ class OddModel(nn.Module):
 
 
 def paired(make_model, device, dtype=torch.float32):
-    """Two identical models on ``device``: one for adam_triton, one for torch."""
-    ours = make_model().to(device=device, dtype=dtype) if dtype else make_model().to(device)
+    """Two identical models on ``device``: one for adam_triton, one for torch. ``dtype=None``
+    keeps each parameter's own dtype (a model that mixes real and complex ones)."""
+    ours = make_model()
+    if dtype is not None and not dtype.is_complex and any(p.is_complex() for p in ours.parameters()):
+        # Module.to(dtype) casts complex parameters too, silently dropping their imaginary
+        # parts: the test would no longer have the complex parameter it was written for.
+        raise ValueError(f"paired(dtype={dtype}) would make the model's complex parameters real; pass dtype=None")
+    ours = ours.to(device=device, dtype=dtype) if dtype else ours.to(device)
     reference = copy.deepcopy(ours)
     return ours, reference
 

@@ -823,7 +823,7 @@ def test_storages_shared_after_the_optimizer_was_built_keep_training_as_in_torch
     torch.multiprocessing queue) replaces its memory: no other tensor may point into the old
     memory (an empty parameter with the whole buffer's storage left every other parameter
     pointing into freed memory), and a shared moment must still be the optimizer's state."""
-    ours_model, reference_model = paired(lambda: _with_empty_and_complex(OddModel()), "cpu")
+    ours_model, reference_model = paired(lambda: _with_empty_and_complex(OddModel()), "cpu", dtype=None)
     ours, reference = optimizers(ours_model, reference_model, "AdamW", "torch", lr=1e-2)
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         generator = torch.Generator().manual_seed(0)
