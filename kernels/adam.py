@@ -31,7 +31,8 @@ SEGMENT_ALIGNMENT_BYTES = 128
 NO_GRADIENT: int = _adam_kernel.NO_GRADIENT.value
 _ACCESS_BYTES = 16  # one vector load per thread
 _UNROLL = 2  # vectors per thread per tile
-_NUM_WARPS = 4
+#: Warps per program, for every launch.
+NUM_WARPS = 4
 #: Contract a * b + c into FMAs, as triton 3.6 to 3.9 do by default (3.10 turns the default
 #: off): the kernel compiles, and rounds, the same whichever triton runs it.
 ENABLE_FP_FUSION = True
@@ -46,7 +47,13 @@ def is_interpreted() -> bool:
 def block_size(dtype: torch.dtype) -> int:
     """Elements one program handles per tile: 16-byte accesses for every storage dtype."""
     elements_per_access = _ACCESS_BYTES // dtype.itemsize
-    return _NUM_WARPS * 32 * elements_per_access * _UNROLL
+    return NUM_WARPS * 32 * elements_per_access * _UNROLL
+
+
+def tile_constants(dtype: torch.dtype) -> dict[str, int]:
+    """The compile-time tile every launch for storage ``dtype`` specialises the kernel on:
+    ``BLOCK`` elements per program and tile, ``VEC`` elements per 16-byte access."""
+    return {"BLOCK": block_size(dtype), "VEC": _ACCESS_BYTES // dtype.itemsize}
 
 
 def _fail(message: str) -> None:
@@ -231,8 +238,7 @@ def adam_chunked_update(
             steps if grad_scale is None else grad_scale,
             steps if found_inf is None else found_inf,
             0 if stochastic_rounding_seed is None else stochastic_rounding_seed,
-            BLOCK=block_size(model_dtype),
-            VEC=_ACCESS_BYTES // model_dtype.itemsize,
+            **tile_constants(model_dtype),
             AMSGRAD=amsgrad,
             MAXIMIZE=maximize,
             DECOUPLED_WEIGHT_DECAY=decoupled_weight_decay,
@@ -242,6 +248,6 @@ def adam_chunked_update(
             HAS_FOUND_INF=found_inf is not None,
             WRITE_PARAM_COPY=param_copy is not None,
             STOCHASTIC_ROUNDING=stochastic_rounding_seed is not None,
-            num_warps=_NUM_WARPS,
+            num_warps=NUM_WARPS,
             enable_fp_fusion=ENABLE_FP_FUSION,
         )

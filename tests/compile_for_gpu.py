@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from adam_triton.kernels import _adam_kernel
-from adam_triton.kernels.adam import ENABLE_FP_FUSION, block_size
+from adam_triton.kernels.adam import ENABLE_FP_FUSION, NUM_WARPS, tile_constants
 
 TORCH_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "fp64": "float64"}
 
@@ -39,7 +39,8 @@ def compile_variant(dtype, amsgrad, maximize, decoupled, arch, master=False, sto
         "STOCHASTIC_ROUNDING": "constexpr",
     }
     constants = {
-        "BLOCK": block_size(model_dtype), "VEC": 16 // model_dtype.itemsize, "AMSGRAD": amsgrad,
+        # The launcher's own tile, so that what is checked is what it launches.
+        **tile_constants(model_dtype), "AMSGRAD": amsgrad,
         "MAXIMIZE": maximize, "DECOUPLED_WEIGHT_DECAY": decoupled, "BUMP_STEPS": True, "COMPUTE_DTYPE": compute,
         "HAS_GRAD_SCALE": grad_scale, "HAS_FOUND_INF": grad_scale, "WRITE_PARAM_COPY": master,
         "STOCHASTIC_ROUNDING": stochastic_rounding,
@@ -47,13 +48,14 @@ def compile_variant(dtype, amsgrad, maximize, decoupled, arch, master=False, sto
     # As the JIT does for 16-byte aligned pointers.
     attrs = {(index,): [["tt.divisibility", 16]] for index in range(13)}
     source = ASTSource(fn=_adam_kernel._adam_chunk_kernel, signature=signature, constexprs=constants, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4, "enable_fp_fusion": ENABLE_FP_FUSION})
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options={"num_warps": NUM_WARPS, "enable_fp_fusion": ENABLE_FP_FUSION})
     ptx = compiled.asm["ptx"]
     memory = collections.Counter(re.findall(r"((?:ld|st)\.global[\.\w]*)", ptx))
     return {
         "dtype": dtype, "amsgrad": amsgrad, "maximize": maximize, "decoupled": decoupled, "master": master,
         "stochastic_rounding": stochastic_rounding, "grad_scale": grad_scale,
         "memory": dict(memory),
+        "elements_per_thread": constants["BLOCK"] // (NUM_WARPS * 32),
         "approximate_division": "div.full.f32" in ptx or "div.approx.f32" in ptx,
         "approximate_sqrt": "sqrt.approx.f32" in ptx,
     }
