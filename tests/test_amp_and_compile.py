@@ -9,7 +9,7 @@ from helpers import OddModel, assert_close_params
 import adam_triton
 
 
-def _scaled_training(model, optimizer, scaler, steps, inf_at=(), clip=False):
+def _scaled_training(model, optimizer, scaler, steps, inf_at=(), clip=False, before_step=None):
     generator = torch.Generator().manual_seed(3)
     device = next(model.parameters()).device
     skipped = []
@@ -22,6 +22,8 @@ def _scaled_training(model, optimizer, scaler, steps, inf_at=(), clip=False):
         if clip:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        if before_step is not None:
+            before_step(scaler)
         scaler.step(optimizer)
         scaler.update()
         if hasattr(optimizer, "last_step_skipped"):
@@ -62,7 +64,8 @@ def test_grad_scaler_matches_torch_and_skips_infs(target, clip, fused):
 @pytest.mark.parametrize("master_weights", [False, True], ids=["float16 states", "float32 masters"])
 def test_a_float16_model_with_grad_scaler_needs_fused_as_under_torch(target, master_weights):
     """GradScaler refuses to unscale float16 gradients itself: torch's default AdamW cannot
-    train a float16 model with it, its fused AdamW can, and so with ours."""
+    train a float16 model with it, its fused AdamW can, and so with ours. With float32
+    masters the update follows torch's float32 AdamW fed the unscaled gradients."""
     models = [OddModel().to(target.device, torch.float16) for _ in range(2)]
     for model, make in zip(
         models, (lambda ps: adam_triton.AdamW(ps, lr=1e-2, backend=target.backend, master_weights=master_weights),
@@ -76,8 +79,16 @@ def test_a_float16_model_with_grad_scaler_needs_fused_as_under_torch(target, mas
         ours_model.parameters(), lr=1e-2, backend=target.backend, master_weights=master_weights, fused=True
     )
     reference = torch.optim.AdamW(reference_model.parameters(), lr=1e-2, fused=True)
+    masters = [torch.nn.Parameter(p.detach().float().clone()) for p in ours_model.parameters()]
+    unscaled = []  # per step, the gradients the update must see, or None where it must skip
+
+    def record_unscaled(scaler):
+        scale = scaler.get_scale()  # a power of two: dividing by it is exact
+        gradients = [p.grad.float() / scale for p in ours_model.parameters()]
+        unscaled.append(gradients if all(g.isfinite().all() for g in gradients) else None)
+
     scalers = [torch.amp.GradScaler(target.device, init_scale=2.0**8, growth_interval=2) for _ in range(2)]
-    skipped = _scaled_training(ours_model, ours, scalers[0], 5, inf_at=(2,))
+    skipped = _scaled_training(ours_model, ours, scalers[0], 5, inf_at=(2,), before_step=record_unscaled)
     _scaled_training(reference_model, reference, scalers[1], 5, inf_at=(2,))
     assert skipped == [False, False, True, False, False]
     assert scalers[0].get_scale() == scalers[1].get_scale()
@@ -85,6 +96,16 @@ def test_a_float16_model_with_grad_scaler_needs_fused_as_under_torch(target, mas
         assert float(ours.state[a]["step"]) == float(reference.state[b]["step"]) == 4
     if not master_weights:  # the same float16 arithmetic as torch's fused kernel
         assert_close_params(ours_model, reference_model, rtol=1e-3, atol=1e-4)
+        return
+    float32_reference = torch.optim.AdamW(masters, lr=1e-2)
+    for gradients in filter(None, unscaled):
+        for master, gradient in zip(masters, gradients):
+            master.grad = gradient
+        float32_reference.step()
+    for p, master, gradient in zip(ours_model.parameters(), masters, unscaled[-1]):
+        torch.testing.assert_close(ours.state[p]["master_param"], master.detach(), rtol=1e-5, atol=1e-6)
+        assert torch.equal(p.detach(), ours.state[p]["master_param"].half()), "parameter != master rounded"
+        assert torch.equal(p.grad, gradient.half()), "gradient not left unscaled, as torch's fused kernel leaves it"
 
 
 def test_grad_scaler_leaves_unscaled_gradients_with_compact_states_too(target):
