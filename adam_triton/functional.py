@@ -49,6 +49,10 @@ def _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad):
     for name, tensor in tensors.items():
         if not isinstance(tensor, torch.Tensor):
             raise TypeError(f"{name} must be a tensor, got {type(tensor).__name__}")
+        if tensor.layout != torch.strided:
+            raise ValueError(f"{name} must be a dense tensor, got layout {tensor.layout}")
+        if tensor.device.type == "meta":
+            raise ValueError(f"{name} is on the meta device: it holds no values")
         if tensor.device != param.device or tensor.shape != param.shape:
             raise ValueError(f"{name} must have param's shape {tuple(param.shape)} and device {param.device}")
         if not tensor.is_contiguous():
@@ -63,6 +67,18 @@ def _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad):
         raise ValueError(f"step must be on {param.device}")
     written = {name: t for name, t in tensors.items() if name != "grad"}
     written["step"] = step
+    for name, tensor in written.items():
+        if tensor.is_neg():
+            # Its memory holds the negated values, and the update writes memory: the result
+            # would be neither negated nor not. (A gradient, only read, is resolved instead.)
+            raise ValueError(
+                f"{name} is a view with a pending negation (torch._neg_view): it is updated in place, "
+                "so it must hold its own values; pass tensor.resolve_neg()"
+            )
+    # A count below zero makes the bias correction divide by zero (torch's functional adam
+    # raises). Read only on the CPU: on a GPU, reading it would wait for the device.
+    if step.device.type == "cpu" and float(step) < 0:
+        raise ValueError(f"step counts the completed steps: it must be >= 0, got {float(step)}")
     if not torch.is_inference_mode_enabled():
         for name, tensor in written.items():
             if is_inference_tensor(tensor):
@@ -128,7 +144,9 @@ def adam(
     torch's fused kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``), on float32
     (float64) copies when the tensors' dtypes differ. Flags may be any truthy value. Bad
     input (another shape, device or dtype, tensors that share memory, an inference tensor
-    outside inference mode) raises before anything is written, ``step`` included.
+    outside inference mode, a written tensor with a pending negation, a sparse or meta
+    tensor, a negative ``step`` on the CPU) raises before anything is written, ``step``
+    included.
     """
     amsgrad, maximize, decoupled_weight_decay = bool(amsgrad), bool(maximize), bool(decoupled_weight_decay)
     _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)

@@ -149,15 +149,28 @@ def _inference_moments(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step):
     return dict(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
 
 
+def _negated_param(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step):
+    # The values of ``param`` held as negated bytes: a kernel that wrote the bytes as values
+    # would flip the parameter's sign.
+    return dict(param=torch._neg_view(-param), grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+
+
+def _negated_second_moment(param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step):
+    return dict(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=torch._neg_view(-exp_avg_sq))
+
+
 @pytest.mark.parametrize(
     "make, error, message",
     [
+        (_negated_param, ValueError, "pending negation"),
+        (_negated_second_moment, ValueError, "pending negation"),
         (_share_memory, ValueError, "share memory"),
         (_overlapping_moments, ValueError, "share memory"),
         (_float8_moments, ValueError, "float16, bfloat16, float32 or float64"),
         (_inference_moments, RuntimeError, "inference tensor"),
     ],
-    ids=["grad is exp_avg", "overlapping moments", "float8 moments", "inference-mode moments"],
+    ids=["negated param", "negated exp_avg_sq", "grad is exp_avg", "overlapping moments", "float8 moments",
+         "inference-mode moments"],
 )
 def test_inputs_neither_backend_can_update_are_refused_before_anything_changes(target, make, error, message):
     param, grad, exp_avg, exp_avg_sq, max_exp_avg_sq, step = _fresh(target)
@@ -175,3 +188,30 @@ def test_a_nan_step_count_gives_nan_as_torch(target):
     step.fill_(float("nan"))
     functional.adam(param, grad, exp_avg, exp_avg_sq, step, lr=1e-2, backend=target.backend)
     assert torch.isnan(param).all()
+
+
+def test_a_negative_step_count_raises_before_anything_changes():
+    """torch's functional adam raises too (its bias correction divides by zero). Checked on
+    the CPU only, where reading the count does not wait for a device."""
+    generator = torch.Generator().manual_seed(0)
+    param, grad, exp_avg, exp_avg_sq = (torch.rand(33, generator=generator) for _ in range(4))
+    step = torch.zeros(1)
+    before = [t.clone() for t in (param, exp_avg, exp_avg_sq)]
+    step.fill_(-1.0)
+    for backend in ("torch", "triton"):  # (raised before the backend is looked at)
+        with pytest.raises(ValueError, match=">= 0, got -1.0"):
+            functional.adam(param, grad, exp_avg, exp_avg_sq, step, lr=1e-2, backend=backend)
+    assert float(step) == -1.0
+    assert all(torch.equal(t, b) for t, b in zip((param, exp_avg, exp_avg_sq), before))
+
+
+@pytest.mark.parametrize("device", ["meta", "sparse"])
+def test_tensors_without_dense_values_are_named_as_such(device):
+    """Not as a shape, contiguity or aliasing problem, which the later checks would report."""
+    dense = [torch.rand(8) for _ in range(4)]
+    if device == "meta":
+        given, message = [t.to("meta") for t in dense] + [torch.zeros(1, device="meta")], "param is on the meta device"
+    else:
+        given, message = [dense[0], dense[1].to_sparse(), dense[2], dense[3], torch.zeros(1)], "grad must be a dense"
+    with pytest.raises(ValueError, match=message):
+        functional.adam(*given, lr=1e-3, backend="torch")
