@@ -83,6 +83,23 @@ def check_step(step, where: str, value_too: bool = True) -> None:
         raise ValueError(f"{where}: 'step' must be a finite count >= 0 (at most float32's largest), got {value}")
 
 
+def check_step_values(steps: list[tuple[object, str]]) -> None:
+    """``check_step``'s value check for each ``(step, where)`` whose value can be read without
+    waiting for a device: numbers, and CPU tensors (read in one pass). Device tensors are
+    left as they are."""
+    on_cpu = [(step, where) for step, where in steps if isinstance(step, torch.Tensor) and step.device.type == "cpu"]
+    for step, where in steps:
+        if not isinstance(step, torch.Tensor):
+            check_step(step, where)
+    if not on_cpu:
+        return
+    values = torch.stack([step.detach().reshape(()).to(torch.float64) for step, _ in on_cpu])
+    bad = ~(torch.isfinite(values) & (values >= 0) & (values <= _LARGEST_STEP))
+    if bool(bad.any()):
+        step, where = on_cpu[int(bad.nonzero()[0])]
+        check_step(step, where)
+
+
 #: The keys every parameter's state has (``max_exp_avg_sq`` comes with AMSGrad, and is
 #: made from zero when AMSGrad is switched on; ``master_param`` from the parameter).
 REQUIRED_STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")

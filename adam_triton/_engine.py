@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from . import _backends
-from ._checkpoint import REQUIRED_STATE_KEYS
+from ._checkpoint import REQUIRED_STATE_KEYS, check_step_values
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import held_elsewhere, in_shared_memory, is_dtensor, local
 from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
@@ -239,6 +239,7 @@ class Engine:
         options = [self._options(g) for g in groups]
         check_group_options(options)
         check_parameters(options, [local(p) for p in params], group_of, self.name)
+        readable_steps = []
         for param, group_index in zip(params, group_of):
             entry = state.get(param)
             moment = entry.get("exp_avg") if isinstance(entry, dict) else None
@@ -249,11 +250,13 @@ class Engine:
                     "its state (optimizer.state[p] = {}) to start it afresh"
                 )
             # The state is imported after parameters have moved: an entry it cannot take
-            # (a key deleted, a tensor put there by hand) is refused now. (Step values are
-            # not read here: that would wait for the device at every re-homing.)
+            # (a key deleted, a tensor put there by hand) is refused now. Step values are
+            # read where that does not wait for a device (on the CPU), all in one pass.
             if entry:
                 where = f"{self.name}: optimizer.state[p] of a parameter of shape {tuple(param.shape)} (param group {group_index})"
                 check_local_entry(param, entry, where, step_value=False)
+                readable_steps.append((local(entry["step"]), where))
+        check_step_values(readable_steps)
         return params, group_of
 
     # Buffers made under inference_mode (an optimizer built there) would be inference

@@ -375,25 +375,40 @@ def _step_after_a_move(model, optimizer, extra):
     train(model, optimizer, steps=1, seed=3)  # after model.double()
 
 
+def _entry_lacking_a_moment(param):
+    return {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(param)}
+
+
+def _entry_with_a_negative_step(param):
+    return {"step": torch.tensor(-1.0), "exp_avg": torch.zeros_like(param), "exp_avg_sq": torch.zeros_like(param)}
+
+
+@pytest.mark.parametrize(
+    "make_entry, message",
+    [(_entry_lacking_a_moment, r"lacks \['exp_avg_sq'\]"), (_entry_with_a_negative_step, r"'step' must be a finite count >= 0")],
+    ids=["lacking exp_avg_sq", "negative step"],
+)
 @pytest.mark.parametrize(
     "rehome", [_add_group_with_bad_state, _step_after_a_move], ids=["add_param_group", "step after model.double()"]
 )
-def test_an_entry_a_re_homing_cannot_take_is_refused_before_any_parameter_moves(target, rehome):
-    """An entry lacking a key met while parameters are re-homed (add_param_group of a
-    parameter with state, or the step after ``model.double()``): refused before anything
-    moves. It once raised half-way, after the parameters had moved, and the others' step
-    counts read 0 afterwards: training went on with the wrong bias corrections."""
+def test_an_entry_a_re_homing_cannot_take_is_refused_before_any_parameter_moves(target, rehome, make_entry, message):
+    """An entry lacking a key, or with a step count below zero, met while parameters are
+    re-homed (add_param_group of a parameter with state, or the step after
+    ``model.double()``): refused before anything moves. A missing key once raised half-way,
+    after the parameters had moved, and the others' step counts read 0 afterwards: training
+    went on with the wrong bias corrections. A negative step (on the CPU, where it is read
+    without waiting for a device) was once taken in, and the parameter became NaN."""
     ours_model, reference_model = paired(lambda: OddModel(shapes=SHAPES), target.device)
     ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         train(model, optimizer, steps=2)
     extra = torch.nn.Parameter(torch.randn(3, device=target.device))
     bad = extra if rehome is _add_group_with_bad_state else next(ours_model.parameters())
-    ours.state[bad] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros_like(bad)}
+    ours.state[bad] = make_entry(bad)
     if rehome is _step_after_a_move:
         ours_model.double()  # the parameters leave the buffers; the step would re-home them
     pointers = [p.data_ptr() for p in ours_model.parameters()]
-    with pytest.raises(ValueError, match=r"lacks \['exp_avg_sq'\]"):
+    with pytest.raises(ValueError, match=message):
         rehome(ours_model, ours, extra)
     assert [p.data_ptr() for p in ours_model.parameters()] == pointers
     assert len(ours.param_groups) == 1
