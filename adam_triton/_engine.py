@@ -630,6 +630,7 @@ class Engine:
                         _backends.update_torch(buffer, plan, groups, self.hyper, scale, inf)
                     if scale is not None and plan.staged:
                         _backends.return_unscaled_gradients(buffer, plan)
+                    buffer.mark_parameters_written(plan.with_grad)
                 if buffer.grad is not None and not _gradient_buffer_read(buffer, plan):
                     # The gradients arrive elsewhere now (after kept ones, a loop that drops
                     # them with model.zero_grad() or p.grad = None, which this optimizer does

@@ -501,6 +501,16 @@ class FlatBuffer:
                 self.reseed_master(segment)
         self.param_versions = versions
 
+    def mark_parameters_written(self, segments: np.ndarray) -> None:
+        """Count the update in the version counters of the parameters of ``segments``, as
+        torch's in-place update does: a backward through a graph that saved them before the
+        step raises then, instead of using the new values. (The kernel writes the buffer, and
+        a ``.data =`` view keeps its Parameter's own counter.) One C-level call."""
+        written = self.params if len(segments) == len(self.params) else [self.params[i] for i in segments.tolist()]
+        torch.autograd.graph.increment_version(written)
+        if self.master is not None:
+            self.param_versions = self.param_versions_now()  # (our own write, not an edit)
+
     def param_versions_now(self) -> list[int]:
         return list(map(_version_of, self.version_sources))
 

@@ -419,3 +419,34 @@ def test_a_hyperparameter_that_is_not_a_real_number_is_refused_before_anything_c
     optimizer.param_groups[1][key] = (0.9, 0.999) if key == "betas" else 1e-2 if key == "lr" else 1e-8
     optimizer.step()
     assert {float(s["step"]) for s in optimizer.state.values()} == {1.0}
+
+
+@pytest.mark.parametrize("master_weights", [False, True], ids=["plain", "master weights"])
+def test_a_backward_through_values_the_step_overwrote_raises_as_in_torch(target, master_weights, monkeypatch):
+    """torch's in-place update counts in each parameter's version, so autograd refuses a
+    backward that needs values a step overwrote (a GAN's discriminator output reused after
+    its optimizer's step) instead of using the new ones. Ours writes the flat buffer, whose
+    writes a Parameter's ``.data`` view does not count: the step counts them itself, in the
+    parameters it updated only."""
+    dtype = torch.bfloat16 if master_weights else torch.float32
+    reseeded = []
+    monkeypatch.setattr(
+        adam_triton._layout.FlatBuffer, "reseed_master",
+        lambda self, segment, original=adam_triton._layout.FlatBuffer.reseed_master: (reseeded.append(segment), original(self, segment)),
+    )
+    for make in (torch.optim.AdamW, lambda params: adam_triton.AdamW(params, backend=target.backend, master_weights=master_weights)):
+        generator = torch.Generator().manual_seed(0)
+        model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1)).to(target.device, dtype)
+        without_gradient = nn.Parameter(torch.randn(7, generator=generator).to(target.device, dtype))
+        optimizer = make([*model.parameters(), without_gradient])
+        x = torch.randn(9, 3, generator=generator).to(target.device, dtype).requires_grad_()
+        out = model(x)
+        out.square().mean().backward(retain_graph=True)
+        versions = [p._version for p in model.parameters()], without_gradient._version
+        optimizer.step()
+        assert all(p._version > before for p, before in zip(model.parameters(), versions[0]))
+        assert without_gradient._version == versions[1]  # not updated: not counted (as torch)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            torch.autograd.grad(out.sum(), x)
+        optimizer.step()  # the counts the step made are not taken for edits of the weights
+    assert reseeded == []
