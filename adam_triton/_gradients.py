@@ -31,7 +31,7 @@ from itertools import compress, repeat
 import numpy as np
 import torch
 
-from ._in_place import local_grad
+from ._in_place import local, local_grad
 from ._layout import FlatBuffer, is_gradient_buffer
 
 NO_GRADIENT = -1  # must equal adam_triton.kernels.NO_GRADIENT (checked by the tests)
@@ -156,6 +156,16 @@ def _check_gradient_shapes(present: list, segments: np.ndarray, buffer: FlatBuff
     does not): torch's fused kernels would read past it, its for-loop raises."""
     for grad, segment in zip(present, segments.tolist()):
         if tuple(grad.shape) != buffer.shapes[segment]:
+            reshaped = tuple(local(buffer.params[segment]).shape)
+            if reshaped != buffer.shapes[segment]:
+                # A move is noticed by the parameter's address; a view that starts where the
+                # parameter did (``p.data = p.data[:n]``) leaves it unchanged.
+                raise RuntimeError(
+                    f"{name}: a parameter of shape {buffer.shapes[segment]} became {reshaped} where it was "
+                    "(its .data re-pointed at a view that starts at the same address), which the optimizer "
+                    "cannot tell from an unmoved parameter: give it memory of its own "
+                    "(p.data = p.data[...].clone()) and, as torch needs too, fresh state (optimizer.state.pop(p))"
+                )
             raise RuntimeError(
                 f"{name}: a gradient of shape {tuple(grad.shape)} cannot update a parameter of shape "
                 f"{buffer.shapes[segment]} (param group {int(buffer.group_of_segment[segment])})"

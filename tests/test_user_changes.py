@@ -891,6 +891,34 @@ def test_a_parameter_given_another_shape_is_refused_before_anything_changes(targ
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+def test_a_parameter_cut_short_where_it_was_is_named_and_trains_as_in_torch_once_given_its_own_memory(target):
+    """``emb.weight.data = emb.weight.data[:n]`` (a vocabulary trimmed) keeps the parameter's
+    address, by which moves are noticed: the error names that, not the gradient's shape, and
+    its advice (memory of its own, fresh state as torch needs) trains on as torch does."""
+    ours_model, reference_model = paired(lambda: torch.nn.Embedding(10, 4), target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+
+    def train_on(vocabulary, seed, models=((ours_model, ours), (reference_model, reference))):
+        for model, optimizer in models:
+            tokens = torch.randint(0, vocabulary, (7,), generator=torch.Generator().manual_seed(seed)).to(target.device)
+            optimizer.zero_grad()
+            model(tokens).square().sum().backward()
+            optimizer.step()
+
+    for seed in range(2):
+        train_on(10, seed)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        model.weight.data = model.weight.data[:6]
+        optimizer.state.pop(model.weight)
+    with pytest.raises(RuntimeError, match=r"shape \(10, 4\) became \(6, 4\) where it was .* memory of its own"):
+        train_on(6, 2, models=[(ours_model, ours)])
+    ours_model.weight.data = ours_model.weight.data.clone()
+    for seed in range(2, 5):
+        train_on(6, seed)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 @pytest.mark.parametrize("dtype", [torch.int32, torch.bool, torch.complex64], ids=str)
 def test_a_gradient_that_cannot_belong_to_its_parameter_is_refused(target, dtype):
     """An integer, boolean or complex gradient of a real parameter (through .data, or a
