@@ -7,6 +7,7 @@ optimizers, parameter groups or checkpoints.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import triton.language as tl
@@ -138,6 +139,55 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
         _fail("chunks must be [n, 5] (start, end, segment, hyper row, step counter) and hyper [rows, 5]")
     if not bump_steps and steps.numel() != 1:
         _fail("with bump_steps=False, steps must hold the one shared step count")
+    if chunks.shape[0] and (hyper.shape[0] == 0 or steps.numel() == 0 or grad_shifts.numel() == 0):
+        _fail("hyper, steps and grad_shifts must each hold at least one row for the chunks to index")
+    written = dict(buffers)
+    if bump_steps:
+        written["steps"] = steps
+    if grad_scale is not None:
+        written["grad_base"] = grad_base  # (the unscaled gradients are stored back)
+    _check_disjoint(written)
+    if chunks.device.type == "cpu":
+        _check_table_values(chunks, exp_avg.numel(), grad_shifts, param_shifts, steps, hyper, bump_steps,
+                            tile_constants(model_dtype)["VEC"])
+
+
+def _check_disjoint(written: dict) -> None:
+    """The tensors a launch writes, each its own memory: the programs read and write them
+    in parallel, so one that shares memory with another would give racing results."""
+    spans = sorted(
+        (t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name) for name, t in written.items() if t.numel()
+    )
+    for (_, end, name), (start, _, other) in itertools.pairwise(spans):
+        if start < end:
+            _fail(f"{name} and {other} share memory; each tensor the kernel writes must have memory of its own")
+
+
+def _check_table_values(chunks, numel, grad_shifts, param_shifts, steps, hyper, bump_steps, vec) -> None:
+    """The tables' values, where reading them waits for no device (CPU tensors, under the
+    interpreter): an index out of range reads or writes outside the tensors. On a GPU they
+    are the caller's contract. (Shifts may address any memory: only their alignment is
+    checked.)"""
+    rows = chunks.numpy()
+    start, end, segment, hyper_row, counter = rows.T
+    if ((start < 0) | (start > end) | (end > numel)).any():
+        _fail(f"chunk rows must have 0 <= start <= end <= {numel} (the buffers' elements)")
+    if (start % 16).any():
+        _fail("chunk starts must be multiples of 16 elements")
+    segments = grad_shifts.numel() if param_shifts is None else min(grad_shifts.numel(), param_shifts.numel())
+    if ((segment < 0) | (segment >= segments)).any():
+        _fail(f"chunk segments must index grad_shifts and param_shifts (0 to {segments - 1})")
+    if ((hyper_row < 0) | (hyper_row >= hyper.shape[0])).any():
+        _fail(f"chunk hyper rows must index hyper (0 to {hyper.shape[0] - 1})")
+    if bump_steps:
+        if ((counter < 0) | (counter >= steps.numel())).any():
+            _fail(f"chunk counters must index steps (0 to {steps.numel() - 1})")
+        if len(set(counter.tolist())) != len(counter):
+            _fail("with bump_steps, no two chunks may share a step counter")
+    shifts = [grad_shifts.numpy()] + ([] if param_shifts is None else [param_shifts.numpy()])
+    shifts[0] = shifts[0][shifts[0] != NO_GRADIENT]
+    if any((table % vec).any() for table in shifts):
+        _fail(f"grad and param shifts must be multiples of {vec} elements (16 bytes)")
 
 
 def adam_chunked_update(
@@ -212,6 +262,12 @@ def adam_chunked_update(
             their flat buffer (``param``, or ``param_copy`` with master weights, is then only
             the base): flat element ``i`` of segment ``s`` is element ``i + param_shifts[s]``
             counted from it; 0 for a segment in the buffer. Multiples of ``16 // itemsize``.
+
+    Raises ``ValueError`` before launching for tensors of the wrong kind, size or device,
+    for tensors the launch writes that share memory, and, where the tables are CPU tensors
+    (the interpreter), for chunk rows that index past the buffers or tables, shared step
+    counters and misaligned shifts. On a GPU the tables' values are the caller's contract:
+    reading them would wait for the device.
     """
     _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, chunks, steps, hyper,
            amsgrad, bump_steps, param_copy, grad_scale, found_inf, stochastic_rounding_seed, param_shifts)

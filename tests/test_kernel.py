@@ -285,6 +285,76 @@ def test_launcher_rejects_bad_inputs(kernel_device):
                                     stochastic_rounding_seed=0, **flags)
     with pytest.raises(ValueError, match="max_exp_avg_sq"):
         kernels.adam_chunked_update(**good, amsgrad=True, maximize=False, decoupled_weight_decay=False)
+    with pytest.raises(ValueError, match="at least one row"):
+        kernels.adam_chunked_update(**dict(good, hyper=good["hyper"][:0]), **flags)
+
+
+def test_launcher_rejects_written_tensors_that_share_memory(kernel_device):
+    """Programs read and write them in parallel: an alias gives racing results."""
+    n = 64
+    memory = torch.zeros(3 * n, device=kernel_device)
+    good = dict(
+        param=memory[:n], grad_base=torch.zeros(n, device=kernel_device), exp_avg=memory[n : 2 * n],
+        exp_avg_sq=memory[2 * n :], max_exp_avg_sq=None,
+        grad_shifts=torch.zeros(1, dtype=torch.int64, device=kernel_device),
+        chunks=torch.tensor([[0, n, 0, 0, 0]], dtype=torch.int64, device=kernel_device),
+        steps=torch.zeros(1, device=kernel_device),
+        hyper=torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.0]], dtype=torch.float64, device=kernel_device),
+    )
+    flags = dict(amsgrad=False, maximize=False, decoupled_weight_decay=False)
+    aliases = {
+        "exp_avg_sq is exp_avg": dict(exp_avg_sq=good["exp_avg"]),
+        "overlapping moments": dict(exp_avg=memory[n + 1 : 2 * n + 1]),
+        "steps in param": dict(steps=memory[:1]),
+        "unscaled gradients over exp_avg": dict(grad_base=good["exp_avg"], grad_scale=torch.ones(1, device=kernel_device)),
+        "amsgrad maximum is param": dict(max_exp_avg_sq=good["param"]),
+    }
+    for name, changes in aliases.items():
+        amsgrad = "max_exp_avg_sq" in changes
+        with pytest.raises(ValueError, match="share memory"):
+            kernels.adam_chunked_update(**{**good, **changes}, **{**flags, "amsgrad": amsgrad})
+        assert memory.eq(0).all(), name
+    # Read-only tables may be shared: one step count read by every chunk, bump_steps=False.
+    kernels.adam_chunked_update(**good, **flags, bump_steps=False)
+
+
+def test_launcher_checks_table_values_where_they_can_be_read_without_a_device_wait(kernel_device):
+    """On the CPU (the interpreter) an index out of range would read or write outside the
+    tensors (a segment past grad_shifts crashed the process); on a GPU reading the tables
+    would wait for the device, and they are the caller's contract."""
+    if kernel_device != "cpu":
+        pytest.skip("on a GPU the tables' values are the caller's contract")
+    n = 64
+    good = dict(
+        param=torch.zeros(n), grad_base=torch.zeros(n), exp_avg=torch.zeros(n), exp_avg_sq=torch.zeros(n),
+        max_exp_avg_sq=None, grad_shifts=torch.tensor([0, kernels.NO_GRADIENT]),
+        chunks=torch.tensor([[0, 32, 0, 0, 0], [32, n, 1, 0, 1]]), steps=torch.zeros(2),
+        hyper=torch.tensor([[1e-3, 0.9, 0.999, 1e-8, 0.0]], dtype=torch.float64),
+    )
+    flags = dict(amsgrad=False, maximize=False, decoupled_weight_decay=False)
+
+    def rows(*changed):
+        table = good["chunks"].clone()
+        for row, column, value in changed:
+            table[row, column] = value
+        return dict(chunks=table)
+
+    bad = {
+        "an end past the buffers": (rows((1, 1, n + 16)), "start <= end"),
+        "a start past its end": (rows((0, 0, 48)), "start <= end"),
+        "a start off 16 elements": (rows((1, 0, 40)), "multiples of 16"),
+        "a segment past grad_shifts": (rows((1, 2, 2)), "segments must index"),
+        "a segment past param_shifts": (dict(param_shifts=torch.zeros(1, dtype=torch.int64)), "segments must index"),
+        "a hyper row past the table": (rows((0, 3, 1)), "hyper rows must index"),
+        "a negative counter": (rows((0, 4, -1)), "counters must index"),
+        "a counter past steps": (rows((1, 4, 2)), "counters must index"),
+        "two chunks on one counter": (rows((1, 4, 0)), "share a step counter"),
+        "a gradient shift off 16 bytes": (dict(grad_shifts=torch.tensor([2, kernels.NO_GRADIENT])), "multiples of 4"),
+    }
+    for name, (changes, message) in bad.items():
+        with pytest.raises(ValueError, match=message):
+            kernels.adam_chunked_update(**{**good, **changes}, **flags)
+    kernels.adam_chunked_update(**good, **flags)  # (a segment without a gradient has no shift to align)
 
 
 def test_constants_shared_with_the_host_agree():
