@@ -490,9 +490,12 @@ class Engine:
     def _notice_replaced_state(self, groups: list[dict], state) -> None:
         """Take in what someone changed in ``optimizer.state`` since the last step: whole
         entries reset or replaced, and single state tensors replaced (``_state_tensors``)."""
-        if not self._state_unchanged(state):
+        # A key added to an entry (a maximum put there while AMSGrad is off) changes no
+        # state buffer's count of users, but the entry's size.
+        entries_changed = not self._state_unchanged(state)
+        if entries_changed:
             self._notice_replaced_entries(groups, state)
-        self._notice_replaced_tensors(state)
+        self._notice_replaced_tensors(state, look=entries_changed)
 
     def _notice_replaced_entries(self, groups: list[dict], state) -> None:
         """Re-import the state of buffers where someone reset or replaced a parameter's
@@ -521,9 +524,9 @@ class Engine:
             # In one import: an entry moved from one buffer to another is read before either is written.
             self.import_state(groups, state, [buffer for buffer in self.buffers if id(buffer) in replaced])
 
-    def _notice_replaced_tensors(self, state) -> None:
+    def _notice_replaced_tensors(self, state, look: bool = False) -> None:
         references = [buffer.state_references() for buffer in self.buffers]
-        if references == self._state_references_seen and None not in references:
+        if not look and references == self._state_references_seen and None not in references:
             return
         # Every replacement is checked before any is copied in.
         replaced = [(buffer, replaced_state_tensors(buffer, state, self.name)) for buffer in self.buffers]

@@ -41,6 +41,13 @@ def replaced_state_tensors(buffer: FlatBuffer, state, optimizer_name: str) -> li
             raise ValueError(f"{_where(optimizer_name, buffer, segment)} lacks {missing}, which the step needs")
         for key, value in entry.items():
             ours = buffer.internal_state_view(key, segment)
+            if ours is None and key == "max_exp_avg_sq" and value is not None:
+                # Put there while the buffer keeps no maximum (AMSGrad off): torch's step
+                # uses it once AMSGrad is on, so it is taken in like any replacement, into
+                # a maximum made for it (checked against a moment of the same shape).
+                _check_replacement(value, buffer.internal_state_view("exp_avg", segment), key, buffer, segment, optimizer_name)
+                found.append((segment, key, value))
+                continue
             if ours is None or _is_view_of(value, ours):
                 continue
             _check_replacement(value, ours, key, buffer, segment, optimizer_name)
@@ -52,6 +59,8 @@ def replaced_state_tensors(buffer: FlatBuffer, state, optimizer_name: str) -> li
 def adopt_state_tensors(buffer: FlatBuffer, replaced: list[tuple[int, str, object]]) -> None:
     """Copy each replacement into the buffer and give its entry a view of the buffer again."""
     for segment, key, value in replaced:
+        if key == "max_exp_avg_sq":
+            buffer.ensure_max_exp_avg_sq()
         ours = buffer.internal_state_view(key, segment)
         values = local(value) if isinstance(value, torch.Tensor) else torch.tensor(float(value))
         ours.copy_(values.reshape(ours.shape) if key == "step" else values)

@@ -228,6 +228,39 @@ def test_amsgrad_switched_on_mid_training_is_in_the_state_and_the_checkpoint(tar
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+def test_a_maximum_put_in_the_state_while_amsgrad_is_off_is_the_one_used_once_it_is_on(target):
+    """torch's step uses whatever ``state[p]["max_exp_avg_sq"]`` holds once AMSGrad is on
+    (and keeps it, unused, while it is off). Ours keeps no maximum while AMSGrad is off: the
+    tensor was once left unchecked, not used at the first AMSGrad step and copied in at the
+    second, over the maximum that step had made."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2)
+        generator = torch.Generator().manual_seed(5)
+        for p in model.parameters():  # above most of the second moments, not all
+            optimizer.state[p]["max_exp_avg_sq"] = (torch.rand(p.shape, generator=generator) * 2e-3).to(p.device)
+        train(model, optimizer, steps=1, seed=2)  # still off: kept, unused
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        optimizer.param_groups[0]["amsgrad"] = True
+        train(model, optimizer, steps=3, seed=3)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_a_maximum_of_another_shape_put_in_the_state_is_refused_before_anything_changes(target):
+    model = OddModel().to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer.state[next(model.parameters())]["max_exp_avg_sq"] = torch.ones(2, device=target.device)
+    optimizer.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError, match=r"\['max_exp_avg_sq'\] .* tensor of shape \(2,\)"):
+        optimizer.step()
+    assert all(torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    assert {float(optimizer.state[p]["step"]) for p in model.parameters()} == {2.0}
+
+
 def test_zero_grad_lets_the_gradients_go(target):
     model = OddModel().to(target.device)
     optimizer = adam_triton.AdamW(model.parameters(), backend=target.backend)
