@@ -442,12 +442,16 @@ class FlatBuffer:
                 shifts[segment] = (address - self.param.data_ptr()) // self.dtype.itemsize - self.starts[segment]
         self.param_shifts = shifts
         self.param_shifts_on_device = None
-        # Whose version counter tells that a parameter was written: the Parameter's own
-        # (a `.data =` view does not share the buffer's), or a DTensor's local shard's.
-        self.version_sources = [
-            _UNVERSIONED if inference else local(p) if spec is not None else p
-            for p, spec, inference in zip(self.params, self.dtensor_specs, self.inference)
-        ]
+        # Whose version counters tell that a parameter was written: the Parameter's own (a
+        # `.data =` view does not share the buffer's); for a DTensor, its own (edits made
+        # through it: load_state_dict, p.mul_()) and its local shard's (writes to the shard).
+        self.version_sources = [_UNVERSIONED if inference else p for p, inference in zip(self.params, self.inference)]
+        self.shard_version_sources = None
+        if self.has_dtensor:
+            self.shard_version_sources = [
+                local(p) if spec is not None and not inference else _UNVERSIONED
+                for p, spec, inference in zip(self.params, self.dtensor_specs, self.inference)
+            ]
         self.param_ptrs = self._current_pointers()
         self.sync_master_weights(force=True)
 
@@ -512,7 +516,10 @@ class FlatBuffer:
             self.param_versions = self.param_versions_now()  # (our own write, not an edit)
 
     def param_versions_now(self) -> list[int]:
-        return list(map(_version_of, self.version_sources))
+        versions = map(_version_of, self.version_sources)
+        if self.shard_version_sources is None:
+            return list(versions)
+        return list(map(operator.add, versions, map(_version_of, self.shard_version_sources)))
 
     @torch.no_grad()
     def reseed_master(self, segment: int) -> None:

@@ -534,6 +534,21 @@ def mixed_precision_under_each_engine(rank, world_size, device, backend, engine)
             torch.testing.assert_close(ours_master, master.detach(), **tolerance)
         if engine != "fsdp2":
             assert_replicas_agree(model.module)
+        # Weights edited outside the optimizer (through a DTensor, which counts in its own
+        # version, or through its local shard) are the truth at the next step: the masters
+        # take them, instead of writing the old values back over them.
+        with torch.no_grad():
+            for index, p in enumerate(model.parameters()):
+                if index % 2:
+                    _local(p).add_(0.25)
+                else:
+                    p.mul_(0.5)
+        edited = [_local(p).detach().clone() for p in stepped]
+        for group in optimizer.param_groups:
+            group["lr"] = 0.0
+        optimizer.step()
+        for p, values in zip(stepped, edited):
+            assert torch.equal(_local(p).detach(), values), "an edit of the weights was undone by the masters"
 
 
 # -- Hogwild: a model in shared memory, trained by another process ------------------------------
