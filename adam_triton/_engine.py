@@ -607,6 +607,10 @@ class Engine:
                 raise error(self.name, local(buffer.params[segment]), group_index)
         variants = [variant_of(group) for group in groups]
         self.found_inf = found_inf
+        # GradScaler's skip, where reading it waits for no device: nothing is written then,
+        # and nothing is counted (a skip decided on a GPU is counted, as reading it would
+        # wait for the device).
+        skipped_on_the_host = found_inf is not None and found_inf.device.type == "cpu" and bool(found_inf != 0)
         on_device: dict = {}
 
         def scaler_value(value, device):
@@ -633,7 +637,8 @@ class Engine:
                         _backends.update_torch(buffer, plan, groups, self.hyper, scale, inf)
                     if scale is not None and plan.staged:
                         _backends.return_unscaled_gradients(buffer, plan)
-                    buffer.mark_parameters_written(plan.with_grad)
+                    if not skipped_on_the_host:
+                        buffer.mark_parameters_written(plan.with_grad)
                 if buffer.grad is not None and not _gradient_buffer_read(buffer, plan):
                     # The gradients arrive elsewhere now (after kept ones, a loop that drops
                     # them with model.zero_grad() or p.grad = None, which this optimizer does

@@ -450,3 +450,28 @@ def test_a_backward_through_values_the_step_overwrote_raises_as_in_torch(target,
             torch.autograd.grad(out.sum(), x)
         optimizer.step()  # the counts the step made are not taken for edits of the weights
     assert reseeded == []
+
+
+def test_a_step_gradscaler_skipped_on_the_cpu_counts_nothing_in_the_parameters_versions():
+    """torch's step is not run, or writes nothing (fused), when the gradients hold an inf:
+    a backward through the weights after that step is no misuse. Ours knows the skip on
+    the host where GradScaler's flag is a CPU tensor (on a GPU, reading it would wait)."""
+    for make in (torch.optim.Adam, adam_triton.Adam):
+        generator = torch.Generator().manual_seed(0)
+        weight = nn.Parameter(torch.randn(5, generator=generator))
+        optimizer = make([weight], lr=0.1, fused=True)
+        scaler = torch.amp.GradScaler("cpu")
+        x = torch.randn(5, generator=generator, requires_grad=True)
+        out = (weight * x).sum()
+        scaler.scale(weight.square().sum()).backward()
+        weight.grad[2] = float("inf")
+        version = weight._version
+        scaler.step(optimizer)
+        scaler.update()
+        assert weight._version == version
+        torch.autograd.grad(out, x)  # no "modified by an inplace operation"
+        if make is adam_triton.Adam:  # (torch's fused kernel counts no step in them)
+            weight.grad.fill_(1.0)
+            scaler.step(optimizer)  # a step that is taken is counted
+            assert weight._version > version
+
