@@ -141,12 +141,10 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
         _fail("with bump_steps=False, steps must hold the one shared step count")
     if chunks.shape[0] and (hyper.shape[0] == 0 or steps.numel() == 0 or grad_shifts.numel() == 0):
         _fail("hyper, steps and grad_shifts must each hold at least one row for the chunks to index")
-    written = dict(buffers)
-    if bump_steps:
-        written["steps"] = steps
-    if grad_scale is not None:
-        written["grad_base"] = grad_base  # (the unscaled gradients are stored back)
-    _check_disjoint(written)
+    # The step counts too (read by programs that write the buffers, and written back with
+    # bump_steps). The unscaled gradients are stored back where the shifts point, not over
+    # grad_base, which is only the base they count from.
+    _check_disjoint({**buffers, "steps": steps})
     if chunks.device.type == "cpu":
         _check_table_values(chunks, exp_avg.numel(), grad_shifts, param_shifts, steps, hyper, bump_steps,
                             tile_constants(model_dtype)["VEC"])

@@ -292,7 +292,8 @@ def test_launcher_rejects_bad_inputs(kernel_device):
 def test_launcher_rejects_written_tensors_that_share_memory(kernel_device):
     """Programs read and write them in parallel: an alias gives racing results."""
     n = 64
-    memory = torch.zeros(3 * n, device=kernel_device)
+    memory = torch.rand(3 * n, generator=torch.Generator().manual_seed(0)).to(kernel_device)
+    before = memory.clone()
     good = dict(
         param=memory[:n], grad_base=torch.zeros(n, device=kernel_device), exp_avg=memory[n : 2 * n],
         exp_avg_sq=memory[2 * n :], max_exp_avg_sq=None,
@@ -306,16 +307,24 @@ def test_launcher_rejects_written_tensors_that_share_memory(kernel_device):
         "exp_avg_sq is exp_avg": dict(exp_avg_sq=good["exp_avg"]),
         "overlapping moments": dict(exp_avg=memory[n + 1 : 2 * n + 1]),
         "steps in param": dict(steps=memory[:1]),
-        "unscaled gradients over exp_avg": dict(grad_base=good["exp_avg"], grad_scale=torch.ones(1, device=kernel_device)),
         "amsgrad maximum is param": dict(max_exp_avg_sq=good["param"]),
     }
     for name, changes in aliases.items():
         amsgrad = "max_exp_avg_sq" in changes
         with pytest.raises(ValueError, match="share memory"):
             kernels.adam_chunked_update(**{**good, **changes}, **{**flags, "amsgrad": amsgrad})
-        assert memory.eq(0).all(), name
-    # Read-only tables may be shared: one step count read by every chunk, bump_steps=False.
-    kernels.adam_chunked_update(**good, **flags, bump_steps=False)
+        assert torch.equal(memory, before), name
+    # grad_base is only the base the shifts count from: the parameter's own buffer serves,
+    # with the unscaled gradients stored back where the shifts point.
+    grad = torch.rand(n, generator=torch.Generator().manual_seed(1)).to(kernel_device)
+    shift = (grad.data_ptr() - good["param"].data_ptr()) // 4
+    scaled = grad.clone()
+    kernels.adam_chunked_update(
+        **dict(good, grad_base=good["param"], grad_shifts=torch.tensor([shift], device=kernel_device)),
+        grad_scale=torch.full((1,), 2.0, device=kernel_device), **flags, bump_steps=False,
+    )
+    assert not torch.equal(memory[:n], before[:n])
+    assert torch.equal(grad, scaled / 2)
 
 
 def test_launcher_checks_table_values_where_they_can_be_read_without_a_device_wait(kernel_device):
