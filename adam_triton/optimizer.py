@@ -276,9 +276,9 @@ _ARGS = r"""
         amsgrad (bool, optional): use the AMSGrad variant, which normalises by the largest
             second moment seen so far (default: False).
 {decoupled_doc}        foreach (bool, optional): accepted for compatibility; has no effect (the update is
-            already fused: one launch per buffer and kernel variant with Triton, torch's fused
-            kernel per param group on the CPU). ``foreach=True`` with ``fused=True`` raises
-            as in torch.
+            already fused: one launch per buffer and kernel variant with Triton, torch's
+            fused kernel per param group with the pure-PyTorch backend). ``foreach=True``
+            with ``fused=True`` raises as in torch.
         maximize (bool, optional): maximize the objective instead of minimizing (default: False).
         capturable (bool, optional): accepted and stored in the param groups as in torch; the
             Triton backend's step never synchronises with the device either way (the
