@@ -631,14 +631,17 @@ class Engine:
                     buffer.sync_step_counters()
                     buffer.sync_master_weights()
                     scale, inf = scaler_value(grad_scale, buffer.device), scaler_value(found_inf, buffer.device)
+                    if not skipped_on_the_host:
+                        # Counted before the update writes: right after streaming the
+                        # buffers, the parameters' counters would be out of the caches.
+                        buffer.mark_parameters_written(plan.with_grad)
                     if self.backend_of[id(buffer)] == "triton":
                         _backends.update_triton(buffer, plan, self.hyper, scale, inf)
                     else:
                         _backends.update_torch(buffer, plan, groups, self.hyper, scale, inf)
                     if scale is not None and plan.staged:
                         _backends.return_unscaled_gradients(buffer, plan)
-                    if not skipped_on_the_host:
-                        buffer.mark_parameters_written(plan.with_grad)
+                    buffer.remember_own_writes()
                 if buffer.grad is not None and not _gradient_buffer_read(buffer, plan):
                     # The gradients arrive elsewhere now (after kept ones, a loop that drops
                     # them with model.zero_grad() or p.grad = None, which this optimizer does

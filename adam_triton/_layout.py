@@ -512,8 +512,12 @@ class FlatBuffer:
         a ``.data =`` view keeps its Parameter's own counter.) One C-level call."""
         written = self.params if len(segments) == len(self.params) else [self.params[i] for i in segments.tolist()]
         torch.autograd.graph.increment_version(written)
+
+    def remember_own_writes(self) -> None:
+        """After the step: its counts (``mark_parameters_written``, and the shards' own
+        when a step writes them) are the optimizer's writes, not edits of the weights."""
         if self.master is not None:
-            self.param_versions = self.param_versions_now()  # (our own write, not an edit)
+            self.param_versions = self.param_versions_now()
 
     def param_versions_now(self) -> list[int]:
         versions = map(_version_of, self.version_sources)
