@@ -56,8 +56,9 @@ def compile_variant(dtype, amsgrad, maximize, decoupled, arch, master=False, sto
         "stochastic_rounding": stochastic_rounding, "grad_scale": grad_scale,
         "memory": dict(memory),
         "elements_per_thread": constants["BLOCK"] // (NUM_WARPS * 32),
-        "approximate_division": "div.full.f32" in ptx or "div.approx.f32" in ptx,
-        "approximate_sqrt": "sqrt.approx.f32" in ptx,
+        # Modifiers may stand between the rounding mode and the type (``sqrt.approx.ftz.f32``).
+        "approximate_division": bool(re.search(r"\bdiv\.(?:approx|full)(?:\.\w+)*\.f32\b", ptx)),
+        "approximate_sqrt": bool(re.search(r"\br?sqrt\.approx(?:\.\w+)*\.f32\b", ptx)),
     }
 
 
