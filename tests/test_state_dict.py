@@ -396,3 +396,63 @@ def test_state_loaded_under_inference_mode_can_be_trained(target):
     for m, o in zip(resumed, optimizers):
         train(m, o, steps=2, seed=2)
     assert_close_params(resumed[0], resumed[1], rtol=0, atol=0)
+
+
+def _dcp_round_trip(model, optimizer, source_model, source_optimizer, directory, partial=False):
+    """Save ``source``'s model and optimizer with torch.distributed.checkpoint in this one
+    process (no process group), and load them into ``model`` and ``optimizer`` the way DCP
+    loads: into the state dicts it is given, then set."""
+    dcp = pytest.importorskip("torch.distributed.checkpoint")
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optimizer_state = get_state_dict(source_model, source_optimizer)
+    dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=directory, no_dist=True)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    loaded = {"model": model_state, "optim": optimizer_state}
+    planner = dcp.DefaultLoadPlanner(allow_partial_load=True) if partial else None
+    dcp.load(loaded, checkpoint_id=directory, no_dist=True, planner=planner)
+    set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optim"])
+
+
+@pytest.mark.parametrize("state_dtype", [None, torch.bfloat16], ids=["float32 states", "bfloat16 states"])
+def test_distributed_checkpoint_in_one_process_resumes_master_weights_exactly(target, state_dtype, tmp_path):
+    """``torch.distributed.checkpoint`` without a process group (``no_dist=True``): the
+    masters travel under ``master_param`` and a resumed bfloat16 run repeats the
+    uninterrupted one bit for bit. A checkpoint saved by torch's AdamW (no masters) loaded
+    with ``allow_partial_load`` trains as the same checkpoint loaded by ``load_state_dict``:
+    the masters it leaves are re-seeded from the loaded parameters."""
+    options = dict(lr=1e-2, weight_decay=0.1, master_weights=True, state_dtype=state_dtype, backend=target.backend)
+
+    def bf16_model():
+        return OddModel().to(device=target.device, dtype=torch.bfloat16)
+
+    straight_model = bf16_model()
+    straight = adam_triton.AdamW(straight_model.parameters(), **options)
+    train(straight_model, straight, steps=3)
+    resumed_model = bf16_model()
+    resumed = adam_triton.AdamW(resumed_model.parameters(), **options)
+    _dcp_round_trip(resumed_model, resumed, straight_model, straight, tmp_path / "ours")
+    assert all("master_param" in entry for entry in resumed.state_dict()["state"].values())
+    for optimizer, model in ((straight, straight_model), (resumed, resumed_model)):
+        train(model, optimizer, steps=3, seed=2)
+    for a, b in zip(straight_model.parameters(), resumed_model.parameters()):
+        assert torch.equal(a, b)
+        for key in ("step", "exp_avg", "exp_avg_sq", "master_param"):
+            assert torch.equal(straight.state[a][key], resumed.state[b][key]), key
+
+    torch_model = bf16_model()
+    torch_optimizer = torch.optim.AdamW(torch_model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(torch_model, torch_optimizer, steps=3)
+    by_dcp_model, by_load_model = bf16_model(), bf16_model()
+    by_dcp = adam_triton.AdamW(by_dcp_model.parameters(), **options)
+    _dcp_round_trip(by_dcp_model, by_dcp, torch_model, torch_optimizer, tmp_path / "torch", partial=True)
+    by_load = adam_triton.AdamW(by_load_model.parameters(), **options)
+    by_load_model.load_state_dict(torch_model.state_dict())
+    by_load.load_state_dict(copy.deepcopy(torch_optimizer.state_dict()))
+    for optimizer, model in ((by_dcp, by_dcp_model), (by_load, by_load_model)):
+        train(model, optimizer, steps=3, seed=2)
+    for a, b, c in zip(by_dcp_model.parameters(), by_load_model.parameters(), torch_model.parameters()):
+        assert torch.equal(a, b)
+        assert not torch.equal(a, c)  # trained on from the checkpoint
+        for key in ("step", "exp_avg", "exp_avg_sq", "master_param"):
+            assert torch.equal(by_dcp.state[a][key], by_load.state[b][key]), key
