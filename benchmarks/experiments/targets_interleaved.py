@@ -20,7 +20,9 @@ Against torch's fused optimizer, the time spent outside torch's fused kernel (wh
 call: adam_triton's CPU backend is that kernel on its flat buffers) is printed too, as the
 median per step: the host work each optimizer adds around the same kernel.
 
-    python -m benchmarks.experiments.targets_interleaved [ROUNDS] [INSTANCES]
+    python -m benchmarks.experiments.targets_interleaved [ROUNDS] [INSTANCES] [NAME]
+
+NAME, if given, keeps the targets whose name contains it (e.g. "2000x8000: ours <= 0.4x").
 """
 
 import sys
@@ -79,7 +81,7 @@ def instance_medians(case: Case, names: tuple[str, ...], instances: int, rounds:
     return medians, outside
 
 
-def main(rounds: int, instances: int) -> None:
+def main(rounds: int, instances: int, name: str = "") -> None:
     torch._fused_adam_ = _timing_kernel(torch._fused_adam_)
     torch._fused_adamw_ = _timing_kernel(torch._fused_adamw_)
     with open("/proc/loadavg") as load:
@@ -89,7 +91,7 @@ def main(rounds: int, instances: int) -> None:
         f"implementation per case, {rounds} interleaved rounds, load average at start {load_average}"
     )
     for target in TARGETS:
-        if target.device != "cpu":
+        if target.device != "cpu" or name not in target.name:
             continue
         for grads in ("fresh", "kept"):
             case = Case("cpu", target.shapes, Config(torch.float32, target.optimizer, target.amsgrad, grads))
@@ -114,4 +116,5 @@ if __name__ == "__main__":
     main(
         int(sys.argv[1]) if len(sys.argv) > 1 else 30,
         int(sys.argv[2]) if len(sys.argv) > 2 else 3,
+        sys.argv[3] if len(sys.argv) > 3 else "",
     )
