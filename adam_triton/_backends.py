@@ -4,9 +4,9 @@
   variant present in it), reading gradients in place through the shift table.
 * ``torch``: pure PyTorch over views of the same flat buffers: torch's own fused Adam
   kernel (``torch._fused_adam_`` / ``torch._fused_adamw_``), one call per parameter group
-  per buffer, on a single flat span when the gradients are in the buffer's gradient buffer
-  (or, for many small fresh gradients on several threads, gathered into it), else on the
-  list of segment views. Master weights, a separate state dtype or stochastic rounding
+  per buffer, on a single flat span when the gradients are in the buffer's gradient buffer,
+  else on the list of segment views (on one thread for lists of many small tensors).
+  Master weights, a separate state dtype or stochastic rounding
   (which torch's kernel cannot do) run it on float32 (float64) working copies, whose
   results are then rounded back (stochastically, for stochastic rounding).
 """
@@ -315,12 +315,9 @@ def _update_fused(
     with a group per tensor (layer-wise learning rates) pays little Python per group."""
     working = isinstance(tensors, _WorkingCopies)
     with_grad = segments_in_groups(plan.has_grad, buffer.group_firsts)
-    # One flat span needs the gradients flat too: in working copies, kept in the gradient
-    # buffer, or gathered there (groups of GATHER_MIN_TENSORS or more). A small model's
-    # fresh gradients are none of these, and skip the look.
-    if buffer.device.type == "cpu" and (
-        working or len(buffer.params) >= GATHER_MIN_TENSORS or np.count_nonzero(plan.in_grad_buffer)
-    ):
+    # One flat span needs the gradients flat too: in working copies or kept in the gradient
+    # buffer. Fresh gradients are neither, and skip the look.
+    if buffer.device.type == "cpu" and (working or np.count_nonzero(plan.in_grad_buffer)):
         flat = _flat_groups(buffer, with_grad, working)
         grads_flat = segments_in_groups(plan.in_grad_buffer, buffer.group_firsts) == buffer.group_sizes
     else:
@@ -346,9 +343,7 @@ def _update_fused(
             lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
             amsgrad=amsgrad, maximize=bool(group["maximize"]), **scaler,
         )
-        one_span = flat[row] and (
-            working or grads_flat[row] or (grad_scale is None and _gather_small_gradients(buffer, plan, first, last))
-        )
+        one_span = flat[row] and (working or grads_flat[row])
         if one_span:
             spans = [[tensors.span(name, first, last)] for name in names]
             maxima = [tensors.span("max_exp_avg_sq", first, last)] if amsgrad else []
@@ -361,7 +356,10 @@ def _update_fused(
             spans = [tensors.segments(name, segments) for name in names]
             maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
             steps = _step_views(buffer, segments)
-        fused(*spans, maxima, steps, **arguments)
+        if not one_span and _many_small_tensors(buffer, first, last):
+            _fused_on_one_thread(fused, *spans, maxima, steps, **arguments)
+        else:
+            fused(*spans, maxima, steps, **arguments)
     if found_inf is not None:
         # One tensor per counter: a lone tensor would bind as a Scalar and be read on the host.
         views = _step_views(buffer, counted.tolist())
@@ -369,32 +367,40 @@ def _update_fused(
         buffer.steps_version = buffer.steps._version
 
 
-#: On CPU, torch's fused kernel opens a parallel region per tensor. For lists of many small
-#: tensors that costs more than copying their gradients into the flat gradient buffer and
-#: updating the group as one tensor (benchmarks/NOTES.md, idea 3: 0.61x the list update for
-#: 2,000 tensors of 8,000 elements on two threads; 1.12x for GPT-2's list of larger tensors,
-#: and a loss on one thread). Groups of at least this many tensors of at most this mean size
-#: take the copy.
-GATHER_MIN_TENSORS = 64
-GATHER_MAX_MEAN_ELEMENTS = 65536
+#: On CPU, torch's fused kernel opens a parallel region per tensor (``at::parallel_for``).
+#: For lists of many small tensors the regions cost about what the work in them does, and
+#: when another process holds a core each region waits for it; with one thread
+#: ``at::parallel_for`` runs inline and opens none. On 2,000 tensors of 8,000 elements
+#: (benchmarks/NOTES.md, idea 30) the list on one thread took 23 to 25 ms against 20 to 23 on
+#: two on a quiet machine, 59 to 65 against 145 to 435 with the machine loaded, and beat the
+#: copy of the gradients into the flat gradient buffer for one flat update that it replaces
+#: (idea 3: 26 to 28 ms quiet, 71 to 80 loaded), which also kept a gradient-sized buffer.
+#: Groups of at least this many tensors of at most this mean size take one thread.
+ONE_THREAD_MIN_TENSORS = 64
+ONE_THREAD_MAX_MEAN_ELEMENTS = 65536
 
 
-def _gather_small_gradients(buffer: FlatBuffer, plan: GradientPlan, first: int, last: int) -> bool:
-    """Copy a group's fresh gradients into the flat gradient buffer if that beats one
-    parallel region per tensor; True if they are there now."""
-    count = last - first + 1
-    if (
-        plan.copied_apart  # some gradients are views of buffer.grad: it must not be written
-        or count < GATHER_MIN_TENSORS
-        or torch.get_num_threads() < 2
-        or buffer.lengths[first : last + 1].mean() > GATHER_MAX_MEAN_ELEMENTS
-    ):
-        return False
-    buffer.ensure_grad()
-    buffer.grad_gathered = True
-    outside = (first + np.flatnonzero(~plan.in_grad_buffer[first : last + 1])).tolist()
-    torch._foreach_copy_(_pick(buffer.real_views("grad"), outside), _real_gradients(buffer, plan, outside))
-    return True
+def _many_small_tensors(buffer: FlatBuffer, first: int, last: int) -> bool:
+    return (
+        buffer.device.type == "cpu"
+        and last + 1 - first >= ONE_THREAD_MIN_TENSORS
+        and buffer.lengths[first : last + 1].mean() <= ONE_THREAD_MAX_MEAN_ELEMENTS
+    )
+
+
+def _fused_on_one_thread(fused, *args, **kwargs) -> None:
+    """``fused(*args, **kwargs)`` with torch's intra-op thread count at 1, put back after.
+    The count is torch's process-wide setting: a thread whose first parallel operation
+    falls inside the call starts with one thread (the README says so)."""
+    threads = torch.get_num_threads()
+    if threads == 1:
+        fused(*args, **kwargs)
+        return
+    torch.set_num_threads(1)
+    try:
+        fused(*args, **kwargs)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _real_gradients(buffer: FlatBuffer, plan: GradientPlan, segments: list[int]) -> list:

@@ -127,8 +127,8 @@ def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:
 
 def _gradient_buffer_read(buffer: FlatBuffer, plan) -> bool:
     """Did this step read the flat gradient buffer: gradients kept there or staged there
-    (a staged segment reads its view of the buffer: ``in_grad_buffer``), or gathered into it?"""
-    return buffer.grad_gathered or bool(np.count_nonzero(plan.in_grad_buffer))
+    (a staged segment reads its view of the buffer: ``in_grad_buffer``)?"""
+    return bool(np.count_nonzero(plan.in_grad_buffer))
 
 
 @torch.no_grad()
@@ -625,7 +625,6 @@ class Engine:
             self._initialize_new_state(new_state, groups, state)
             for buffer, plan in zip(self.buffers, plans):
                 buffer.last_plan = plan
-                buffer.grad_gathered = False
                 if len(plan.with_grad):
                     self._prepare_variants(buffer, variants, state)
                     buffer.sync_step_counters()

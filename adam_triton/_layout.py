@@ -288,7 +288,6 @@ class FlatBuffer:
         self.groups_in_place = segments_in_groups(self.in_place, self.group_firsts) > 0
         self._real_views: dict[str, list] = {}
         self.span_cache: dict = {}  # (name, first segment, last segment) -> that span of the tensor
-        self.grad_gathered = False  # this step copied fresh gradients into ``grad`` (CPU backend)
 
         # Filled in by the engine: the chunk table in launch order, its kernel-variant
         # ranges, and the last step's gradient plan and shift table.

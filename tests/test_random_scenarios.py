@@ -84,10 +84,10 @@ class Scenario:
         self.dtypes = self.rng.choices(list(DTYPES), weights=list(DTYPES.values()), k=count)
         # Some scenarios add many tiny float32 tensors in a group of their own, which every
         # backward reaches and no single-parameter action picks: a group of at least
-        # GATHER_MIN_TENSORS with equal step counts, whose fresh gradients the CPU backend
-        # gathers into its flat gradient buffer (with two threads or more), and whose kept
-        # ones it updates in one flat span; the only action on them trades two of their
-        # gradients. Drawn apart, so that the other seeds' scenarios stay as they were.
+        # ONE_THREAD_MIN_TENSORS with equal step counts, whose fresh gradients the CPU
+        # backend updates as a list on one thread, and whose kept ones it updates in one
+        # flat span; the only action on them trades two of their gradients. Drawn apart,
+        # so that the other seeds' scenarios stay as they were.
         self.regular = count
         many = random.Random(-1 - seed).random() < MANY_SMALL_SHARE
         if many:

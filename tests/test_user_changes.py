@@ -1318,10 +1318,11 @@ def test_kept_gradients_traded_between_parameters_are_read_as_in_torch(target, r
 
 
 @pytest.mark.parametrize("rearrange", list(_KEPT_GRADIENTS_REARRANGED)[1:], ids=list(_KEPT_GRADIENTS_REARRANGED)[1:])
-def test_kept_gradients_traded_between_many_small_parameters_are_not_gathered_over_each_other(rearrange):
-    """On the CPU backend with two threads, many small gradients are gathered into the flat
-    gradient buffer one copy after another; traded kept gradients were read after the copy
-    for their neighbour had overwritten them."""
+def test_kept_gradients_traded_between_many_small_parameters_train_like_torch(rearrange):
+    """On the CPU backend with two threads, many small fresh gradients were once gathered
+    into the flat gradient buffer one copy after another, and traded kept gradients were
+    read after the copy for their neighbour had overwritten them. They are copied apart
+    first, and the long list is updated on one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:

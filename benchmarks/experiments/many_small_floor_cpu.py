@@ -3,8 +3,8 @@
 Prints, as medians of 30 steps in one process: torch's fused kernel on one 16M tensor and on
 the list of 2,000 (the floor a flat update cannot beat, and what torch's kernel pays for the
 list), torch.optim.AdamW(fused=True).step() and adam_triton's step with kept gradients, then
-an A/B of adam_triton's step with fresh gradients with and without the gather into the flat
-gradient buffer (idea 3 in benchmarks/NOTES.md).
+an A/B of adam_triton's step with fresh gradients with the list updated on one thread and
+on all (ideas 30 and 2 in benchmarks/NOTES.md; the gather of idea 3 is gone since).
 
     python -m benchmarks.experiments.many_small_floor_cpu [ROUNDS]
 """
@@ -73,13 +73,15 @@ def main(rounds: int) -> None:
     reference = [torch.nn.Parameter(torch.randn(SIZE)) for _ in range(TENSORS)]
     grads = [torch.randn(SIZE) for _ in range(TENSORS)]
     ours, theirs = adam_triton.AdamW(params, lr=1e-3), torch.optim.AdamW(reference, lr=1e-3, fused=True)
-    gather = _backends.GATHER_MIN_TENSORS
-    for _ in range(rounds):
-        for label, minimum in (("gather", gather), ("list", 10**9)):
-            _backends.GATHER_MIN_TENSORS = minimum
-            a, b = fresh_median_ms(params, ours, grads), fresh_median_ms(reference, theirs, grads)
-            print(f"fresh gradients, {label:6}: adam_triton {a:.2f} ms, torch fused {b:.2f} ms, ratio {a / b:.2f}")
-    _backends.GATHER_MIN_TENSORS = gather
+    minimum = _backends.ONE_THREAD_MIN_TENSORS
+    try:
+        for _ in range(rounds):
+            for label, value in (("one thread", minimum), ("all threads", 10**9)):
+                _backends.ONE_THREAD_MIN_TENSORS = value
+                a, b = fresh_median_ms(params, ours, grads), fresh_median_ms(reference, theirs, grads)
+                print(f"fresh gradients, list on {label:11}: adam_triton {a:.2f} ms, torch fused {b:.2f} ms, ratio {a / b:.2f}")
+    finally:
+        _backends.ONE_THREAD_MIN_TENSORS = minimum
 
 
 if __name__ == "__main__":

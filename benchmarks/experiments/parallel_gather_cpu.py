@@ -1,7 +1,7 @@
 """Can the CPU backend's gather of fresh gradients use both cores?
 
-With fresh gradients (the default ``zero_grad()``), a group of many small tensors is
-updated by copying its gradients into the flat gradient buffer and then running torch's
+With fresh gradients (the default ``zero_grad()``), a group of many small tensors was
+updated (until NOTES idea 30 replaced it) by copying its gradients into the flat gradient buffer and then running torch's
 fused kernel once over the group (``_backends._gather_small_gradients``). The copy is
 ``torch._foreach_copy_``: a loop of per-tensor copies, each too short for
 ``at::parallel_for`` to split, so it runs on one core. On the 2-core Intel Xeon of the

@@ -1,7 +1,7 @@
 """Fresh gradients of many small tensors: gather them all, or a cache-sized run at a time?
 
-With fresh gradients (the default ``zero_grad()``), the CPU backend updates a group of many
-small tensors by copying every gradient into the flat gradient buffer and then running
+With fresh gradients (the default ``zero_grad()``), the CPU backend updated a group of many
+small tensors (until NOTES idea 30 replaced it) by copying every gradient into the flat gradient buffer and then running
 torch's fused kernel once over the group (``_backends._gather_small_gradients``, NOTES
 idea 3). That writes a full-size copy of the gradients to memory and reads it back, and it
 keeps a full-size gradient buffer alive between steps only to gather into.
