@@ -124,6 +124,33 @@ def test_grad_scaler_leaves_unscaled_gradients_with_compact_states_too(target):
     assert_close_params(ours_model, reference_model, rtol=2e-2, atol=2e-3)
 
 
+def test_grad_scaler_leaves_a_gradient_with_other_strides_unscaled_too(target):
+    """A gradient laid out otherwise than its parameter (column-major, as a hook may return
+    it) is copied into place for the update; with the scale handed to the step, the user's
+    gradient must still come back unscaled, as torch leaves it. The reference is torch's
+    for-loop: its CPU fused kernel misreads such a gradient (README, Backends)."""
+    results = []
+    for make in (
+        lambda params: torch.optim.AdamW(params, lr=1e-2, foreach=False),
+        lambda params: adam_triton.AdamW(params, lr=1e-2, fused=True, backend=target.backend),
+    ):
+        generator = torch.Generator().manual_seed(0)
+        weight = torch.nn.Parameter(torch.randn(4, 8, generator=generator).to(target.device))
+        optimizer = make([weight])
+        scaler = torch.amp.GradScaler(target.device, init_scale=2.0**10)
+        x = torch.randn(3, 8, generator=generator).to(target.device)
+        scaler.scale((x @ weight.t()).pow(2).sum()).backward()
+        weight.grad = weight.grad.t().contiguous().t()
+        assert weight.grad.stride() == (1, 4)  # the case the test is for
+        scaler.step(optimizer)
+        scaler.update()
+        results.append((weight.detach().clone(), weight.grad.clone()))
+    (reference_weight, reference_grad), (weight, grad) = results
+    assert reference_grad.abs().max() < 100  # unscaled (scaled, it would be about 2**10 larger)
+    torch.testing.assert_close(grad, reference_grad, rtol=0, atol=0)
+    torch.testing.assert_close(weight, reference_weight, rtol=1e-6, atol=1e-7)
+
+
 def test_a_skipped_step_changes_nothing(target):
     model = OddModel().to(target.device)
     optimizer = adam_triton.Adam(model.parameters(), lr=1e-2, backend=target.backend, amsgrad=True, fused=True)

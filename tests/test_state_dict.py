@@ -456,3 +456,56 @@ def test_distributed_checkpoint_in_one_process_resumes_master_weights_exactly(ta
         assert not torch.equal(a, c)  # trained on from the checkpoint
         for key in ("step", "exp_avg", "exp_avg_sq", "master_param"):
             assert torch.equal(by_dcp.state[a][key], by_load.state[b][key]), key
+
+
+def test_a_checkpoint_without_amsgrad_starts_the_maximum_from_zero_in_a_trained_optimizer(target):
+    """Loading a checkpoint saved without AMSGrad into an optimizer that has trained with it,
+    then switching AMSGrad on: the maximum starts from zero, as in a fresh optimizer loading
+    the same checkpoint (and as torch makes it), not from the maxima the optimizer had."""
+    source = OddModel().to(target.device)
+    source_optimizer = adam_triton.AdamW(source.parameters(), lr=1e-2, backend=target.backend)
+    train(source, source_optimizer, steps=3)
+    checkpoint = copy.deepcopy(source_optimizer.state_dict())
+    results = []
+    for trained_first in (False, True):
+        model = copy.deepcopy(source)
+        optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, amsgrad=True, backend=target.backend)
+        if trained_first:
+            train(model, optimizer, steps=3, seed=2)
+            model.load_state_dict(source.state_dict())
+        optimizer.load_state_dict(checkpoint)
+        assert not optimizer.param_groups[0]["amsgrad"]
+        optimizer.param_groups[0]["amsgrad"] = True
+        train(model, optimizer, steps=2, seed=3)
+        results.append((model, optimizer))
+    (fresh_model, fresh), (trained_model, trained) = results
+    for a, b in zip(fresh_model.parameters(), trained_model.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(fresh.state[a]["max_exp_avg_sq"], trained.state[b]["max_exp_avg_sq"])
+
+
+def test_a_parameter_first_stepped_later_under_amsgrad_gets_torch_s_state_keys(target):
+    """A parameter whose first gradient comes steps after the others' gets the AMSGrad
+    maximum in its state when it gets the rest, as under torch, so that the checkpoint
+    carries it and torch's AdamW(amsgrad=True) continues from it."""
+    def run(make):
+        generator = torch.Generator().manual_seed(0)
+        early = torch.nn.Parameter(torch.randn(5, generator=generator).to(target.device))
+        late = torch.nn.Parameter(torch.randn(3, generator=generator).to(target.device))
+        optimizer = make([early, late])
+        for step in range(3):
+            optimizer.zero_grad()
+            loss = early.pow(2).sum() + (late.pow(3).sum() if step > 0 else 0)
+            loss.backward()
+            optimizer.step()
+        return optimizer, early, late
+
+    reference, *reference_params = run(lambda p: torch.optim.AdamW(p, lr=1e-2, amsgrad=True))
+    ours, early, late = run(lambda p: adam_triton.AdamW(p, lr=1e-2, amsgrad=True, backend=target.backend))
+    assert set(ours.state[late]) == set(reference.state[reference_params[1]]) == {
+        "step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"
+    }
+    continued = torch.optim.AdamW([early, late], lr=1e-2, amsgrad=True)
+    continued.load_state_dict(copy.deepcopy(ours.state_dict()))
+    early.grad, late.grad = torch.ones_like(early), torch.ones_like(late)
+    continued.step()

@@ -1065,7 +1065,11 @@ def test_data_given_storage_of_the_same_kind_is_re_homed_unless_someone_else_hol
 def test_a_parameter_whose_elements_share_memory_is_refused_before_anything_changes(target, when):
     """An expanded tensor (stride 0) cannot be updated in place (torch raises at its step),
     and a segment of its own would untie its elements: a clear error, with nothing moved or
-    counted. Frozen, it is harmless and accepted, as torch accepts it."""
+    counted. Frozen, it is harmless and accepted, as torch accepts it. Elements that share
+    memory without a zero stride (overlapping rows) are refused alike."""
+    overlapping = torch.nn.Parameter(torch.randn(5, device=target.device).as_strided((2, 3), (2, 1)))
+    with pytest.raises(ValueError, match="share memory"):
+        adam_triton.AdamW([overlapping], lr=1e-2, backend=target.backend)
     model = OddModel(shapes=[(5,), (7, 13)]).to(target.device)
     expanded = torch.randn(1, device=target.device).expand(5)
     if when == "at construction":
