@@ -22,15 +22,14 @@ pools of gradients used alternately (as fresh gradients land in new memory), med
     python -m benchmarks.experiments.staged_gather_cpu [ROUNDS] [TENSORS] [SIZE]
 """
 
-import statistics
 import sys
-import time
 
 import torch
 
+from benchmarks.experiments.small_tensor_lists import ADAMW, SmallTensorGroup
+
 REPEATS = 15
 BUDGETS = (128 * 1024, 256 * 1024, 512 * 1024, 1024 * 1024)
-ARGS = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01, "eps": 1e-8, "amsgrad": False, "maximize": False}
 
 
 def runs(lengths: list[int], budget: int) -> list[tuple[int, int, int, int]]:
@@ -49,27 +48,12 @@ def runs(lengths: list[int], budget: int) -> list[tuple[int, int, int, int]]:
 def main(rounds: int, tensors: int, size: int) -> None:
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {tensors} x {size} fp32 tensors")
-    total = tensors * size
-    pools = [[torch.randn(size) for _ in range(tensors)] for _ in range(2)]
-    param, exp_avg, exp_avg_sq = (torch.randn(total) for _ in range(3))
-    exp_avg_sq.abs_()
-    grad = torch.empty(total)
-    grad_views = list(grad.split(size))
-    lists = [list(t.split(size)) for t in (param, exp_avg, exp_avg_sq)]
-    steps = [torch.tensor(1.0) for _ in range(tensors)]
-    region = torch.randn(total)
-    turn = [0]
-
-    def fresh() -> list[torch.Tensor]:
-        turn[0] += 1
-        return pools[turn[0] % 2]
-
-    def update_list():
-        torch._fused_adamw_(lists[0], fresh(), lists[1], lists[2], [], steps, **ARGS)
+    group = SmallTensorGroup(tensors, size)
+    param, exp_avg, exp_avg_sq, steps = group.param, group.exp_avg, group.exp_avg_sq, group.steps
 
     def gather_then_flat():
-        torch._foreach_copy_(grad_views, fresh())
-        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], steps[:1], **ARGS)
+        torch._foreach_copy_(group.grad_views, group.fresh())
+        group.update_flat()
 
     def staged(budget: int):
         plan = runs([size] * tensors, budget)
@@ -77,35 +61,21 @@ def main(rounds: int, tensors: int, size: int) -> None:
         stage_views = list(stage.split(size))
 
         def call():
-            gradients = fresh()
+            gradients = group.fresh()
             for first, end, start, stop in plan:
                 torch._foreach_copy_(stage_views[: end - first], gradients[first:end])
                 torch._fused_adamw_(
                     [param[start:stop]], [stage[: stop - start]], [exp_avg[start:stop]],
-                    [exp_avg_sq[start:stop]], [], steps[:1], **ARGS,
+                    [exp_avg_sq[start:stop]], [], steps[:1], **ADAMW,
                 )
 
         return call
 
-    def kept_flat():
-        torch._fused_adamw_([param], [grad], [exp_avg], [exp_avg_sq], [], steps[:1], **ARGS)
-
-    cases = {"list": update_list, "gather+flat": gather_then_flat}
+    cases = {"list": lambda: group.update_list(group.fresh()), "gather+flat": gather_then_flat}
     cases.update({f"staged {b // 1024}K": staged(b) for b in BUDGETS})
-    cases["kept flat"] = kept_flat
-
-    def median_ms(call) -> float:
-        times = []
-        for index in range(REPEATS + 2):
-            region.mul_(1.0)  # a parallel region just before, as backward's last
-            start = time.perf_counter()
-            call()
-            if index >= 2:
-                times.append(time.perf_counter() - start)
-        return statistics.median(times) * 1e3
-
+    cases["kept flat"] = group.update_flat
     for _ in range(rounds):
-        print(", ".join(f"{name} {median_ms(call):.2f}" for name, call in cases.items()) + " (ms)")
+        print(", ".join(f"{name} {group.median_ms(call, REPEATS):.2f}" for name, call in cases.items()) + " (ms)")
 
 
 if __name__ == "__main__":
