@@ -48,3 +48,13 @@ def target(request):
 def kernel_device(request):
     """A device the Triton kernel runs on here: the interpreter on CPU, or a real GPU."""
     return request.param
+
+
+@pytest.fixture
+def two_torch_threads():
+    """torch on two intra-op threads for the test (the CPU backend's choices between one
+    thread and all of them show only with several), and the suite's own count back after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)

@@ -102,63 +102,53 @@ def test_step_does_not_synchronise_with_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
-def test_many_small_fresh_gradients_are_updated_as_a_list_on_one_thread(monkeypatch):
+def test_many_small_fresh_gradients_are_updated_as_a_list_on_one_thread(monkeypatch, two_torch_threads):
     """CPU fallback, several threads: a group of many small tensors with fresh gradients is
     one call of torch's fused kernel on the list, made with one thread (torch's CPU kernel
     would otherwise open a parallel region per tensor), after which torch's thread count is
     what it was. The gradients are read where they are: no gradient buffer is made. Same
     numbers as torch."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        generator = torch.Generator().manual_seed(0)
-        shapes = [(1 + 37 * i % 300,) for i in range(80)]
-        ours_params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
-        reference_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
-        ours = adam_triton.AdamW(ours_params, lr=1e-2, backend="torch")
-        reference = torch.optim.AdamW(reference_params, lr=1e-2)
-        calls = []
-        real = torch._fused_adamw_
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1 + 37 * i % 300,) for i in range(80)]
+    ours_params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = adam_triton.AdamW(ours_params, lr=1e-2, backend="torch")
+    reference = torch.optim.AdamW(reference_params, lr=1e-2)
+    calls = []
+    real = torch._fused_adamw_
 
-        def recording(params, *args, **kwargs):
-            calls.append((len(params), torch.get_num_threads()))
-            return real(params, *args, **kwargs)
+    def recording(params, *args, **kwargs):
+        calls.append((len(params), torch.get_num_threads()))
+        return real(params, *args, **kwargs)
 
-        monkeypatch.setattr(torch, "_fused_adamw_", recording)
-        for _ in range(3):
-            for p, q in zip(ours_params, reference_params):
-                grad = torch.randn(p.shape, generator=generator)
-                p.grad, q.grad = grad, grad.clone()
-            ours.step()
-            reference.step()
-            assert torch.get_num_threads() == 2
-        assert calls == [(80, 1)] * 3
-        assert ours._engine.buffers[0].grad is None
+    monkeypatch.setattr(torch, "_fused_adamw_", recording)
+    for _ in range(3):
         for p, q in zip(ours_params, reference_params):
-            torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
-    finally:
-        torch.set_num_threads(threads)
-
-
-def test_a_failing_update_on_one_thread_gives_torch_its_thread_count_back(monkeypatch):
-    """The kernel's error propagates, and torch's thread count is put back on the way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        params = [torch.nn.Parameter(torch.randn(5)) for _ in range(70)]
-        optimizer = adam_triton.AdamW(params, backend="torch")
-        for p in params:
-            p.grad = torch.randn(5)
-
-        def failing(*args, **kwargs):
-            raise RuntimeError("the kernel failed")
-
-        monkeypatch.setattr(torch, "_fused_adamw_", failing)
-        with pytest.raises(RuntimeError, match="the kernel failed"):
-            optimizer.step()
+            grad = torch.randn(p.shape, generator=generator)
+            p.grad, q.grad = grad, grad.clone()
+        ours.step()
+        reference.step()
         assert torch.get_num_threads() == 2
-    finally:
-        torch.set_num_threads(threads)
+    assert calls == [(80, 1)] * 3
+    assert ours._engine.buffers[0].grad is None
+    for p, q in zip(ours_params, reference_params):
+        torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
+
+
+def test_a_failing_update_on_one_thread_gives_torch_its_thread_count_back(monkeypatch, two_torch_threads):
+    """The kernel's error propagates, and torch's thread count is put back on the way."""
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(70)]
+    optimizer = adam_triton.AdamW(params, backend="torch")
+    for p in params:
+        p.grad = torch.randn(5)
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("the kernel failed")
+
+    monkeypatch.setattr(torch, "_fused_adamw_", failing)
+    with pytest.raises(RuntimeError, match="the kernel failed"):
+        optimizer.step()
+    assert torch.get_num_threads() == 2
 
 
 def test_many_small_parameters_train_like_torch_after_the_gradient_buffer_was_let_go():

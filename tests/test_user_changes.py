@@ -1322,26 +1322,21 @@ def test_kept_gradients_traded_between_parameters_are_read_as_in_torch(target, r
 
 
 @pytest.mark.parametrize("rearrange", list(_KEPT_GRADIENTS_REARRANGED)[1:], ids=list(_KEPT_GRADIENTS_REARRANGED)[1:])
-def test_kept_gradients_traded_between_many_small_parameters_train_like_torch(rearrange):
+def test_kept_gradients_traded_between_many_small_parameters_train_like_torch(rearrange, two_torch_threads):
     """On the CPU backend with two threads, many small fresh gradients were once gathered
     into the flat gradient buffer one copy after another, and traded kept gradients were
     read after the copy for their neighbour had overwritten them. They are copied apart
     first, and the long list is updated on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        make = lambda: OddModel(shapes=[(5, 5)] * 3 + [(7,)] * 70)  # noqa: E731
-        ours_model, reference_model = paired(make, "cpu")
-        ours, reference = optimizers(ours_model, reference_model, "AdamW", "torch", lr=1e-2, foreach=False)
-        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
-            _train_with_rearranged_kept_gradients(model, optimizer, _KEPT_GRADIENTS_REARRANGED[rearrange], steps=2)
-        assert ours._engine.buffers[0].last_plan.copied_apart
-        for a, b in zip(ours_model.parameters(), reference_model.parameters()):
-            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-        assert_close_params(ours_model, reference_model)
-        assert_close_state(ours, reference, ours_model, reference_model)
-    finally:
-        torch.set_num_threads(threads)
+    make = lambda: OddModel(shapes=[(5, 5)] * 3 + [(7,)] * 70)  # noqa: E731
+    ours_model, reference_model = paired(make, "cpu")
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", "torch", lr=1e-2, foreach=False)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        _train_with_rearranged_kept_gradients(model, optimizer, _KEPT_GRADIENTS_REARRANGED[rearrange], steps=2)
+    assert ours._engine.buffers[0].last_plan.copied_apart
+    for a, b in zip(ours_model.parameters(), reference_model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
 
 
 def _flatten_like_cudnn(rnn: torch.nn.RNNBase) -> None:
