@@ -82,6 +82,10 @@ def instance_medians(case: Case, names: tuple[str, ...], instances: int, rounds:
 
 
 def main(rounds: int, instances: int, name: str = "") -> None:
+    chosen = [target for target in TARGETS if target.device == "cpu" and name in target.name]
+    if not chosen:
+        names = "; ".join(target.name for target in TARGETS if target.device == "cpu")
+        raise SystemExit(f"no CPU target's name contains {name!r}; the names are: {names}")
     torch._fused_adam_ = _timing_kernel(torch._fused_adam_)
     torch._fused_adamw_ = _timing_kernel(torch._fused_adamw_)
     with open("/proc/loadavg") as load:
@@ -90,9 +94,7 @@ def main(rounds: int, instances: int, name: str = "") -> None:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {instances} instances of each "
         f"implementation per case, {rounds} interleaved rounds, load average at start {load_average}"
     )
-    for target in TARGETS:
-        if target.device != "cpu" or name not in target.name:
-            continue
+    for target in chosen:
         for grads in ("fresh", "kept"):
             case = Case("cpu", target.shapes, Config(torch.float32, target.optimizer, target.amsgrad, grads))
             medians, outside = instance_medians(case, (OURS, target.peer), instances, rounds)
