@@ -24,6 +24,7 @@ import torch
 from ._grad_mode import no_grad
 from ._gradients import GradientPlan
 from ._layout import FlatBuffer, segments_in_groups
+from ._one_thread import run_on_one_thread
 from ._tables import HyperTable, refuse_upload_while_capturing, upload
 from ._validation import BACKENDS
 
@@ -357,7 +358,7 @@ def _update_fused(
             maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
             steps = _step_views(buffer, segments)
         if not one_span and _many_small_tensors(buffer, first, last):
-            _fused_on_one_thread(fused, *spans, maxima, steps, **arguments)
+            run_on_one_thread(fused, *spans, maxima, steps, **arguments)
         else:
             fused(*spans, maxima, steps, **arguments)
     if found_inf is not None:
@@ -386,21 +387,6 @@ def _many_small_tensors(buffer: FlatBuffer, first: int, last: int) -> bool:
         and last + 1 - first >= ONE_THREAD_MIN_TENSORS
         and buffer.lengths[first : last + 1].mean() <= ONE_THREAD_MAX_MEAN_ELEMENTS
     )
-
-
-def _fused_on_one_thread(fused, *args, **kwargs) -> None:
-    """``fused(*args, **kwargs)`` with torch's intra-op thread count at 1, put back after.
-    The count is torch's process-wide setting: a thread whose first parallel operation
-    falls inside the call starts with one thread (the README says so)."""
-    threads = torch.get_num_threads()
-    if threads == 1:
-        fused(*args, **kwargs)
-        return
-    torch.set_num_threads(1)
-    try:
-        fused(*args, **kwargs)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _real_gradients(buffer: FlatBuffer, plan: GradientPlan, segments: list[int]) -> list:

@@ -1,6 +1,8 @@
 """Flat buffers and gradients: where things live, and what the step reads."""
 
 import copy
+import sys
+import threading
 
 import pytest
 import torch
@@ -8,7 +10,7 @@ from torch import nn
 from helpers import OddModel, assert_close_params, optimizers, paired, train
 
 import adam_triton
-from adam_triton import _layout
+from adam_triton import _layout, _one_thread
 
 
 def test_views_land_on_their_segments_when_the_buffer_is_not_at_its_storage_start(target, monkeypatch):
@@ -149,6 +151,52 @@ def test_a_failing_update_on_one_thread_gives_torch_its_thread_count_back(monkey
     with pytest.raises(RuntimeError, match="the kernel failed"):
         optimizer.step()
     assert torch.get_num_threads() == 2
+
+
+def test_a_thread_starting_during_an_update_on_one_thread_keeps_torchs_thread_count(monkeypatch, two_torch_threads):
+    """The one-thread call lowers the count of the stepping thread alone (through the
+    OpenMP runtime torch reads, found on Linux): another thread whose first parallel torch
+    operation falls inside it still gets torch's count. (``torch.set_num_threads`` would
+    also lower torch's process-wide default, which that thread would adopt for good.)"""
+    if _one_thread._openmp_runtime() is None:
+        assert sys.platform != "linux", "torch's OpenMP runtime should be found on Linux"
+        pytest.skip("no OpenMP runtime found: the process-wide fallback is documented")
+    params = [torch.nn.Parameter(torch.randn(5)) for _ in range(70)]
+    optimizer = adam_triton.AdamW(params, backend="torch")
+    for p in params:
+        p.grad = torch.randn(5)
+    seen = {}
+    real = torch._fused_adamw_
+
+    def starting_a_thread(*args, **kwargs):
+        seen["stepping"] = torch.get_num_threads()
+        other = threading.Thread(target=lambda: seen.setdefault("other", torch.get_num_threads()))
+        other.start()
+        other.join()
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", starting_a_thread)
+    optimizer.step()
+    assert seen == {"stepping": 1, "other": 2}
+    assert torch.get_num_threads() == 2
+
+
+def test_an_openmp_runtime_torch_does_not_read_is_not_used(monkeypatch, two_torch_threads):
+    """A runtime whose count torch does not see (another library's copy) is refused, and
+    with none found the call still runs on one thread, through torch's own setting."""
+
+    class Unrelated:
+        def omp_get_max_threads(self):
+            return torch.get_num_threads()
+
+        def omp_set_num_threads(self, count):
+            pass
+
+    assert not _one_thread._is_torchs(Unrelated())
+    monkeypatch.setattr(_one_thread, "_runtime", None)
+    counts = []
+    _one_thread.run_on_one_thread(lambda: counts.append(torch.get_num_threads()))
+    assert counts == [1] and torch.get_num_threads() == 2
 
 
 def test_many_small_parameters_train_like_torch_after_the_gradient_buffer_was_let_go():
