@@ -137,6 +137,33 @@ def test_many_small_fresh_gradients_are_updated_as_a_list_on_one_thread(monkeypa
         torch.testing.assert_close(p, q, rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize(
+    "count, size, threads",
+    [(64, "cutoff", 1), (64, "above", 2), (63, 8, 2)],
+    ids=["64-at-the-mean-cutoff", "64-just-above-it", "63-tiny"],
+)
+def test_which_lists_take_one_thread(monkeypatch, two_torch_threads, count, size, threads):
+    """The one-thread list needs at least ONE_THREAD_MIN_TENSORS tensors averaging at most
+    ONE_THREAD_MAX_MEAN_ELEMENTS (the boundaries, benchmarks/NOTES.md ideas 30 and 31)."""
+    from adam_triton._backends import ONE_THREAD_MAX_MEAN_ELEMENTS
+
+    size = {"cutoff": ONE_THREAD_MAX_MEAN_ELEMENTS, "above": ONE_THREAD_MAX_MEAN_ELEMENTS + 1}.get(size, size)
+    params = [torch.nn.Parameter(torch.randn(size)) for _ in range(count)]
+    optimizer = adam_triton.AdamW(params, backend="torch")
+    for p in params:
+        p.grad = torch.randn(size)
+    calls = []
+    real = torch._fused_adamw_
+
+    def recording(params, *args, **kwargs):
+        calls.append((len(params), torch.get_num_threads()))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", recording)
+    optimizer.step()
+    assert calls == [(count, threads)]
+
+
 def test_a_failing_update_on_one_thread_gives_torch_its_thread_count_back(monkeypatch, two_torch_threads):
     """The kernel's error propagates, and torch's thread count is put back on the way."""
     params = [torch.nn.Parameter(torch.randn(5)) for _ in range(70)]
