@@ -668,8 +668,8 @@ class Engine:
         """After ``zero_grad(set_to_none=True)``: hold no gradient, so that it can be freed.
         That includes the gradient buffer when the last step's gradients all lived in it
         (``zero_grad(set_to_none=False)`` before): backward will now make new ones, and
-        keeping it would double gradient memory. As a staging or gathering area for
-        gradients that arrive elsewhere it is kept, to be reused next step."""
+        keeping it would double gradient memory. As a staging area for gradients that
+        arrive elsewhere it is kept, to be reused next step."""
         for buffer in self.buffers:
             plan = buffer.last_plan
             if plan is not None and buffer.grad is not None and plan.lived_in_grad_buffer():

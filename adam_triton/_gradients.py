@@ -14,9 +14,8 @@ gradients as a list. Neither copies a gradient, except:
 * ``zero_grad(set_to_none=False)`` replaces gradients with views of that gradient buffer,
   zeroed in one operation; backward then accumulates into them in place, and the CPU
   fallback can update whole parameter groups as single flat tensors;
-* on the CPU fallback (``_backends``), many small fresh gradients are gathered into that
-  buffer when there are threads to share one flat update, and master weights or another
-  state dtype read every gradient through a float32 (float64) copy.
+* on the CPU fallback (``_backends``), master weights or another state dtype read every
+  gradient through a float32 (float64) copy.
 
 Everything on the per-step path works on whole lists (``map`` over C-level accessors and
 numpy arrays); only the rare copies above loop in Python.
