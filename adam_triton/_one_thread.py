@@ -62,8 +62,9 @@ def _candidate_paths() -> list:
                     mapped.append(fields[5].strip())
     except OSError:
         pass
-    torch_directory = os.path.dirname(os.path.dirname(torch.__file__))
-    mapped = sorted(set(mapped), key=lambda path: not path.startswith(torch_directory))
+    # (torch/lib/ in torch's wheels; torch.libs/ where auditwheel vendored it)
+    torch_package = os.path.dirname(torch.__file__)
+    mapped = sorted(set(mapped), key=lambda path: not path.startswith(torch_package))
     return [*mapped, None]
 
 

@@ -1,6 +1,8 @@
 """Flat buffers and gradients: where things live, and what the step reads."""
 
 import copy
+import io
+import os
 import sys
 import threading
 
@@ -224,6 +226,27 @@ def test_an_openmp_runtime_torch_does_not_read_is_not_used(monkeypatch, two_torc
     counts = []
     _one_thread.run_on_one_thread(lambda: counts.append(torch.get_num_threads()))
     assert counts == [1] and torch.get_num_threads() == 2
+
+
+def test_openmp_runtimes_are_tried_torchs_own_first(monkeypatch):
+    """Of the OpenMP runtimes mapped into the process (another package may vendor its own
+    libgomp), torch's comes first, then the others once each, then the process's global
+    symbols; other libraries and anonymous mappings are not candidates."""
+    torch_lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libgomp.so.1")
+    vendored = "/site-packages/scikit_learn.libs/libgomp-a34b3233.so.1.0.0"
+    maps = "\n".join(
+        [
+            f"7f0000000000-7f0000001000 r-xp 00000000 08:01 11 {vendored}",
+            "7f0000001000-7f0000002000 rw-p 00000000 00:00 0 ",
+            f"7f0000002000-7f0000003000 r-xp 00000000 08:01 12 {torch_lib}",
+            f"7f0000003000-7f0000004000 r--p 00001000 08:01 12 {torch_lib}",
+            "7f0000004000-7f0000005000 r-xp 00000000 08:01 13 /usr/lib/libc.so.6",
+            f"7f0000005000-7f0000006000 r-xp 00000000 08:01 11 {vendored}",
+            "7f0000006000-7f0000007000 r-xp 00000000 08:01 14 [vdso]",
+        ]
+    )
+    monkeypatch.setattr(_one_thread, "open", lambda path: io.StringIO(maps), raising=False)
+    assert _one_thread._candidate_paths() == [torch_lib, vendored, None]
 
 
 def test_many_small_parameters_train_like_torch_after_the_gradient_buffer_was_let_go():
