@@ -106,6 +106,20 @@ def test_step_does_not_synchronise_with_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def record_fused_adamw_calls(monkeypatch) -> list:
+    """From now on, each call of torch's fused AdamW kernel appends (its tensor count, the
+    calling thread's torch thread count) to the list returned, and then runs."""
+    calls = []
+    real = torch._fused_adamw_
+
+    def recording(params, *args, **kwargs):
+        calls.append((len(params), torch.get_num_threads()))
+        return real(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", recording)
+    return calls
+
+
 def test_many_small_fresh_gradients_are_updated_as_a_list_on_one_thread(monkeypatch, two_torch_threads):
     """CPU fallback, several threads: a group of many small tensors with fresh gradients is
     one call of torch's fused kernel on the list, made with one thread (torch's CPU kernel
@@ -118,14 +132,7 @@ def test_many_small_fresh_gradients_are_updated_as_a_list_on_one_thread(monkeypa
     reference_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
     ours = adam_triton.AdamW(ours_params, lr=1e-2, backend="torch")
     reference = torch.optim.AdamW(reference_params, lr=1e-2)
-    calls = []
-    real = torch._fused_adamw_
-
-    def recording(params, *args, **kwargs):
-        calls.append((len(params), torch.get_num_threads()))
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "_fused_adamw_", recording)
+    calls = record_fused_adamw_calls(monkeypatch)
     for _ in range(3):
         for p, q in zip(ours_params, reference_params):
             grad = torch.randn(p.shape, generator=generator)
@@ -154,14 +161,7 @@ def test_which_lists_take_one_thread(monkeypatch, two_torch_threads, count, size
     optimizer = adam_triton.AdamW(params, backend="torch")
     for p in params:
         p.grad = torch.randn(size)
-    calls = []
-    real = torch._fused_adamw_
-
-    def recording(params, *args, **kwargs):
-        calls.append((len(params), torch.get_num_threads()))
-        return real(params, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "_fused_adamw_", recording)
+    calls = record_fused_adamw_calls(monkeypatch)
     optimizer.step()
     assert calls == [(count, threads)]
 
