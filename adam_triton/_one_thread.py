@@ -6,7 +6,7 @@ count and, besides, torch's process-wide default, which every thread adopts at i
 parallel operation: a thread starting one while the default is lowered keeps one thread
 for good. So the count is set through the OpenMP runtime's own ``omp_set_num_threads``,
 which sets it for the calling thread only, once that runtime has been found and seen to be
-the one torch reads. Where it is not found (no ``/proc``, a build that hides it), torch's
+the one torch reads. Where it is not found (on Windows, or a build that hides it), torch's
 process-wide setting is used, and the README says what that means.
 """
 
