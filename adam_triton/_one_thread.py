@@ -14,15 +14,16 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from collections.abc import Callable
 
 import torch
 
 _OPENMP_NAMES = ("libgomp", "libiomp", "libomp")
 _UNRESOLVED = object()
-_runtime = _UNRESOLVED  # the OpenMP runtime torch reads, None where none was found
-_resolving = threading.Lock()
+# The OpenMP runtime torch reads, None where none was found. Resolving it twice at once, in
+# two threads, is harmless (each probes its own count) and needs no lock, which a fork
+# during the resolution would leave held in the child.
+_runtime = _UNRESOLVED
 
 
 def run_on_one_thread(call: Callable, *args, **kwargs) -> None:
@@ -44,9 +45,7 @@ def run_on_one_thread(call: Callable, *args, **kwargs) -> None:
 def _openmp_runtime():
     global _runtime
     if _runtime is _UNRESOLVED:
-        with _resolving:
-            if _runtime is _UNRESOLVED:
-                _runtime = next(filter(_is_torchs, map(_load, _candidate_paths())), None)
+        _runtime = next(filter(_is_torchs, map(_load, _candidate_paths())), None)
     return _runtime
 
 
@@ -81,14 +80,15 @@ def _load(path):
 
 def _is_torchs(library) -> bool:
     """Does torch see what this runtime sets? Checked by setting this thread's count one
-    above torch's, reading it back through torch, and putting it back."""
+    below torch's (more than 1 here; one above could meet OMP_THREAD_LIMIT), reading it
+    back through torch, and putting it back."""
     if library is None:
         return False
     threads = torch.get_num_threads()
-    if library.omp_get_max_threads() != threads:
+    if threads < 2 or library.omp_get_max_threads() != threads:
         return False
-    library.omp_set_num_threads(threads + 1)
+    library.omp_set_num_threads(threads - 1)
     try:
-        return torch.get_num_threads() == threads + 1
+        return torch.get_num_threads() == threads - 1
     finally:
         library.omp_set_num_threads(threads)

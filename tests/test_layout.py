@@ -5,6 +5,7 @@ import io
 import os
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -226,6 +227,47 @@ def test_an_openmp_runtime_torch_does_not_read_is_not_used(monkeypatch, two_torc
     counts = []
     _one_thread.run_on_one_thread(lambda: counts.append(torch.get_num_threads()))
     assert counts == [1] and torch.get_num_threads() == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_process_forked_while_the_openmp_runtime_is_looked_for_can_look_for_it(monkeypatch, two_torch_threads):
+    """A fork while another thread is finding the OpenMP runtime (the first one-thread
+    step) leaves the child able to find it: nothing the search holds (a lock, say) is
+    inherited half-way."""
+    import time
+
+    monkeypatch.setattr(_one_thread, "_runtime", _one_thread._UNRESOLVED)
+    searching, release = threading.Event(), threading.Event()
+    real_paths = _one_thread._candidate_paths
+
+    def slow_in_the_searching_thread():
+        if threading.current_thread().name == "searching":
+            searching.set()
+            release.wait(30)
+        return real_paths()
+
+    monkeypatch.setattr(_one_thread, "_candidate_paths", slow_in_the_searching_thread)
+    searcher = threading.Thread(target=_one_thread._openmp_runtime, name="searching")
+    searcher.start()
+    try:
+        assert searching.wait(30)
+        child = os.fork()
+        if child == 0:  # the child: find the runtime, then leave at once
+            try:
+                found = _one_thread._openmp_runtime() is not None or sys.platform != "linux"
+            finally:
+                os._exit(0 if found else 1)
+        deadline = time.monotonic() + 30
+        while (status := os.waitpid(child, os.WNOHANG))[0] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if status[0] == 0:
+            os.kill(child, 9)
+            os.waitpid(child, 0)
+            pytest.fail("the forked child hung looking for the OpenMP runtime")
+        assert os.waitstatus_to_exitcode(status[1]) == 0
+    finally:
+        release.set()
+        searcher.join()
 
 
 def test_openmp_runtimes_are_tried_torchs_own_first(monkeypatch):
