@@ -17,6 +17,7 @@ import operator
 import os
 import re
 import warnings
+from itertools import compress
 
 import numpy as np
 import torch
@@ -357,10 +358,13 @@ def _update_fused(
             spans = [tensors.segments(name, segments) for name in names]
             maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
             steps = _step_views(buffer, segments)
-        if not one_span and _many_small_tensors(buffer, first, last):
-            run_on_one_thread(fused, *spans, maxima, steps, **arguments)
-        else:
+        if one_span or buffer.device.type != "cpu":
             fused(*spans, maxima, steps, **arguments)
+        else:
+            lengths = buffer.lengths[first : last + 1]
+            if with_grad[row] != last + 1 - first:
+                lengths = lengths[plan.has_grad[first : last + 1]]
+            _update_list_on_cpu(fused, [*spans, maxima, steps], lengths, arguments)
     if found_inf is not None:
         # One tensor per counter: a lone tensor would bind as a Scalar and be read on the host.
         views = _step_views(buffer, counted.tolist())
@@ -376,19 +380,33 @@ def _update_fused(
 #: two on a quiet machine, 59 to 65 against 145 to 435 with the machine loaded, and beat the
 #: copy of the gradients into the flat gradient buffer for one flat update that it replaces
 #: (idea 3: 26 to 28 ms quiet, 71 to 80 loaded), which also kept a gradient-sized buffer.
-#: Groups of at least this many tensors of at most this mean size take one thread. The size
+#: Lists of at least this many tensors of at most this mean size take one thread. The size
 #: (idea 31): on lists of one size, one thread's time over two threads' had a median of 1.06
-#: at 32K elements quiet and 0.56 loaded, and 1.11 quiet and 0.98 loaded at 64K.
+#: at 32K elements quiet and 0.56 loaded, and 1.11 quiet and 0.98 loaded at 64K. What
+#: counts is the tensors updated (those with gradients), not the whole group. A tensor of
+#: more than ONE_THREAD_MAX_ELEMENTS in such a list keeps every thread, in a call of its
+#: own: one thread on it would leave the other cores idle (on a 2-core machine it cost 10 %
+#: on a 32M tensor, and more cores would lose more).
 ONE_THREAD_MIN_TENSORS = 64
 ONE_THREAD_MAX_MEAN_ELEMENTS = 32768
+ONE_THREAD_MAX_ELEMENTS = 32768
 
 
-def _many_small_tensors(buffer: FlatBuffer, first: int, last: int) -> bool:
-    return (
-        buffer.device.type == "cpu"
-        and last + 1 - first >= ONE_THREAD_MIN_TENSORS
-        and buffer.lengths[first : last + 1].mean() <= ONE_THREAD_MAX_MEAN_ELEMENTS
-    )
+def _update_list_on_cpu(fused, lists: list, lengths: np.ndarray, arguments: dict) -> None:
+    """``fused`` on ``lists`` (parameters, gradients, moments, maxima, step counts: an entry
+    per tensor, of ``lengths`` elements), on one thread where the list is many small
+    tensors, with its large tensors, if any, on every thread. The bits are the same
+    on any number of threads."""
+    if len(lengths) < ONE_THREAD_MIN_TENSORS or lengths.mean() > ONE_THREAD_MAX_MEAN_ELEMENTS:
+        fused(*lists, **arguments)
+        return
+    large = lengths > ONE_THREAD_MAX_ELEMENTS
+    if not large.any():
+        run_on_one_thread(fused, *lists, **arguments)
+        return
+    small = ~large
+    run_on_one_thread(fused, *(list(compress(items, small)) for items in lists), **arguments)
+    fused(*(list(compress(items, large)) for items in lists), **arguments)
 
 
 def _real_gradients(buffer: FlatBuffer, plan: GradientPlan, segments: list[int]) -> list:

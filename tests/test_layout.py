@@ -167,6 +167,65 @@ def test_which_lists_take_one_thread(monkeypatch, two_torch_threads, count, size
     assert calls == [(count, threads)]
 
 
+def test_a_list_of_many_small_tensors_leaves_its_large_ones_every_thread(monkeypatch, two_torch_threads):
+    """CPU fallback, several threads, fresh gradients, AMSGrad: in a list that takes one
+    thread (ONE_THREAD_MIN_TENSORS or more tensors with gradients, small on average), the
+    tensors above ONE_THREAD_MAX_ELEMENTS get a call of their own on every thread; what
+    counts is the tensors updated in the step, not the group. The bits of torch's fused
+    AdamW."""
+    from adam_triton._backends import ONE_THREAD_MAX_ELEMENTS, ONE_THREAD_MIN_TENSORS
+
+    generator = torch.Generator().manual_seed(0)
+    small = [(1 + 37 * i % 300,) for i in range(ONE_THREAD_MIN_TENSORS + 6)]
+    small[10] = (ONE_THREAD_MAX_ELEMENTS,)
+    large = [(ONE_THREAD_MAX_ELEMENTS + 1,), (190, 181), (ONE_THREAD_MAX_ELEMENTS + 77,)]
+    shapes = small[:20] + large[:1] + small[20:50] + large[1:] + small[50:]
+    is_large = [shape in large for shape in shapes]
+    ours_params = [torch.nn.Parameter(torch.randn(s, generator=generator)) for s in shapes]
+    reference_params = [torch.nn.Parameter(p.detach().clone()) for p in ours_params]
+    ours = adam_triton.AdamW(ours_params, lr=1e-2, amsgrad=True, backend="torch")
+    reference = torch.optim.AdamW(reference_params, lr=1e-2, amsgrad=True, fused=True)
+    # Step 2: four small tensors and a large one skip; step 3: ten small ones do, which
+    # leaves fewer than ONE_THREAD_MIN_TENSORS in the list: one call on every thread.
+    without = [set(), {3, 7, 20, 40, 66}, set(range(30, 40)), set()]
+    expected = []
+    for step_without in without:
+        stepped = [(p.numel(), big) for i, (p, big) in enumerate(zip(ours_params, is_large)) if i not in step_without]
+        if len(stepped) >= ONE_THREAD_MIN_TENSORS:
+            expected += [(sum(not big for _, big in stepped), 1), (sum(big for _, big in stepped), 2)]
+        else:
+            expected.append((len(stepped), 2))
+    assert expected[2:4] == [(66, 1), (2, 2)] and expected[4] == (63, 2)
+    for step_without in without:
+        for index, (p, q) in enumerate(zip(ours_params, reference_params)):
+            grad = None if index in step_without else torch.randn(p.shape, generator=generator)
+            p.grad, q.grad = grad, None if grad is None else grad.clone()
+        calls = record_fused_adamw_calls(monkeypatch)
+        ours.step()
+        monkeypatch.undo()
+        reference.step()
+        assert calls == expected[: len(calls)]
+        expected = expected[len(calls) :]
+        assert torch.get_num_threads() == 2
+    assert expected == []
+    for p, q in zip(ours_params, reference_params):
+        assert torch.equal(p, q)
+        assert torch.equal(ours.state[p]["max_exp_avg_sq"], reference.state[q]["max_exp_avg_sq"])
+        assert torch.equal(ours.state[p]["step"], reference.state[q]["step"])
+
+
+def test_one_thread_is_decided_on_the_tensors_with_gradients(monkeypatch, two_torch_threads):
+    """A group of many tiny tensors, most of them without a gradient this step (frozen or
+    unused), and one large one with: the step's list is a few tensors, on every thread."""
+    params = [torch.nn.Parameter(torch.randn(16)) for _ in range(200)] + [torch.nn.Parameter(torch.randn(50_000))]
+    optimizer = adam_triton.AdamW(params, backend="torch")
+    for p in params[-3:]:
+        p.grad = torch.randn(p.shape)
+    calls = record_fused_adamw_calls(monkeypatch)
+    optimizer.step()
+    assert calls == [(3, 2)]
+
+
 def test_a_failing_update_on_one_thread_gives_torch_its_thread_count_back(monkeypatch, two_torch_threads):
     """The kernel's error propagates, and torch's thread count is put back on the way."""
     params = [torch.nn.Parameter(torch.randn(5)) for _ in range(70)]
