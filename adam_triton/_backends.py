@@ -345,26 +345,24 @@ def _update_fused(
             lr=lr, beta1=float(beta1), beta2=float(beta2), weight_decay=float(weight_decay), eps=float(eps),
             amsgrad=amsgrad, maximize=bool(group["maximize"]), **scaler,
         )
-        one_span = flat[row] and (working or grads_flat[row])
-        if one_span:
+        if flat[row] and (working or grads_flat[row]):
             spans = [[tensors.span(name, first, last)] for name in names]
             maxima = [tensors.span("max_exp_avg_sq", first, last)] if amsgrad else []
-            steps = [buffer.step_views[first]]
+            fused(*spans, maxima, [buffer.step_views[first]], **arguments)
+            continue
+        lengths = buffer.lengths[first : last + 1]
+        if with_grad[row] == last + 1 - first:
+            segments = list(range(first, last + 1))
         else:
-            if with_grad[row] == last + 1 - first:
-                segments = list(range(first, last + 1))
-            else:
-                segments = (first + np.flatnonzero(plan.has_grad[first : last + 1])).tolist()
-            spans = [tensors.segments(name, segments) for name in names]
-            maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
-            steps = _step_views(buffer, segments)
-        if one_span or buffer.device.type != "cpu":
-            fused(*spans, maxima, steps, **arguments)
-        else:
-            lengths = buffer.lengths[first : last + 1]
-            if with_grad[row] != last + 1 - first:
-                lengths = lengths[plan.has_grad[first : last + 1]]
+            present = plan.has_grad[first : last + 1]
+            segments, lengths = (first + np.flatnonzero(present)).tolist(), lengths[present]
+        spans = [tensors.segments(name, segments) for name in names]
+        maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
+        steps = _step_views(buffer, segments)
+        if buffer.device.type == "cpu":
             _update_list_on_cpu(fused, [*spans, maxima, steps], lengths, arguments)
+        else:
+            fused(*spans, maxima, steps, **arguments)
     if found_inf is not None:
         # One tensor per counter: a lone tensor would bind as a Scalar and be read on the host.
         views = _step_views(buffer, counted.tolist())
