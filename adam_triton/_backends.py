@@ -350,16 +350,19 @@ def _update_fused(
             maxima = [tensors.span("max_exp_avg_sq", first, last)] if amsgrad else []
             fused(*spans, maxima, [buffer.step_views[first]], **arguments)
             continue
-        lengths = buffer.lengths[first : last + 1]
-        if with_grad[row] == last + 1 - first:
+        present = None if with_grad[row] == last + 1 - first else plan.has_grad[first : last + 1]
+        if present is None:
             segments = list(range(first, last + 1))
         else:
-            present = plan.has_grad[first : last + 1]
-            segments, lengths = (first + np.flatnonzero(present)).tolist(), lengths[present]
+            segments = (first + np.flatnonzero(present)).tolist()
         spans = [tensors.segments(name, segments) for name in names]
         maxima = tensors.segments("max_exp_avg_sq", segments) if amsgrad else []
         steps = _step_views(buffer, segments)
-        if buffer.device.type == "cpu":
+        if buffer.device.type == "cpu" and len(segments) >= ONE_THREAD_MIN_TENSORS:
+            # (The lengths are looked up only for lists long enough to take one thread: a
+            # model with a group per tensor makes this call per group.)
+            lengths = buffer.lengths[first : last + 1]
+            lengths = lengths if present is None else lengths[present]
             _update_list_on_cpu(fused, [*spans, maxima, steps], lengths, arguments)
         else:
             fused(*spans, maxima, steps, **arguments)
@@ -392,10 +395,10 @@ ONE_THREAD_MAX_ELEMENTS = 32768
 
 def _update_list_on_cpu(fused, lists: list, lengths: np.ndarray, arguments: dict) -> None:
     """``fused`` on ``lists`` (parameters, gradients, moments, maxima, step counts: an entry
-    per tensor, of ``lengths`` elements), on one thread where the list is many small
-    tensors, with its large tensors, if any, on every thread. The bits are the same
-    on any number of threads."""
-    if len(lengths) < ONE_THREAD_MIN_TENSORS or lengths.mean() > ONE_THREAD_MAX_MEAN_ELEMENTS:
+    per tensor, of ``lengths`` elements; at least ONE_THREAD_MIN_TENSORS of them, which the
+    caller checks), on one thread where the tensors are small on average, with the large
+    ones, if any, on every thread. The bits are the same on any number of threads."""
+    if lengths.mean() > ONE_THREAD_MAX_MEAN_ELEMENTS:
         fused(*lists, **arguments)
         return
     large = lengths > ONE_THREAD_MAX_ELEMENTS
