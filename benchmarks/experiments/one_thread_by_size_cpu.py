@@ -23,10 +23,10 @@ import time
 
 import torch
 
+from benchmarks.experiments.small_tensor_lists import ADAMW
 from benchmarks.shapes import gpt2_small, resnet50
 
 REPEATS = 9
-ADAMW = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "weight_decay": 0.01, "eps": 1e-8, "amsgrad": False, "maximize": False}
 UNIFORM_ELEMENTS = 8 * 2**20
 
 
