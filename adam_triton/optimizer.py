@@ -178,9 +178,24 @@ class _FlatAdam(Optimizer):
     @torch._disable_dynamo
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict()``; a param group's ``state_dtype`` is saved by name
-        (``"bfloat16"``), which ``load_state_dict`` reads back."""
-        state_dict = Optimizer.state_dict(self)
+        (``"bfloat16"``), which ``load_state_dict`` reads back. Hooks run as in torch: the
+        post-hooks see the names, and what the last of them returns is returned, whatever its
+        shape."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        # torch's packing, with the hooks out of the way: the names go in before any post-hook
+        # sees the checkpoint (one may return a dict of another shape, a flat one for a saver).
+        pre_hooks, post_hooks = self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks
+        self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = {}, {}
+        try:
+            state_dict = Optimizer.state_dict(self)
+        finally:
+            self._optimizer_state_dict_pre_hooks, self._optimizer_state_dict_post_hooks = pre_hooks, post_hooks
         _checkpoint.dtype_names(state_dict["param_groups"])
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hook_result = post_hook(self, state_dict)
+            if hook_result is not None:
+                state_dict = hook_result
         return state_dict
 
     @torch._disable_dynamo

@@ -203,6 +203,40 @@ def test_load_state_dict_hooks_run(target):
     assert optimizer.param_groups[0]["lr"] == 0.123
 
 
+def test_state_dict_hooks_run_as_torchs(target):
+    """A post-hook may return a dict of any shape (a flat one for a saver), and torch returns
+    what the last one returned; post-hooks see a group's state_dtype by name, as saved."""
+    ours_model, torch_model = paired(OddModel, target.device)
+    ours = adam_triton.AdamW(
+        [{"params": ours_model.weights[1:]}, {"params": ours_model.weights[:1], "state_dtype": torch.bfloat16}],
+        lr=1e-2,
+        backend=target.backend,
+    )
+    reference = torch.optim.AdamW([{"params": torch_model.weights[1:]}, {"params": torch_model.weights[:1]}], lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (torch_model, reference)):
+        train(model, optimizer, steps=2)
+    seen = {}
+
+    def flat(opt, state_dict):
+        seen[opt] = [group.get("state_dtype") for group in state_dict["param_groups"]]
+        return {
+            f"state.{index}.{key}": value
+            for index, entry in state_dict["state"].items()
+            for key, value in entry.items()
+        } | {f"param_groups.{i}.lr": group["lr"] for i, group in enumerate(state_dict["param_groups"])}
+
+    for optimizer in (ours, reference):
+        optimizer.register_state_dict_pre_hook(lambda opt: seen.setdefault("pre", []).append(opt))
+        optimizer.register_state_dict_post_hook(lambda opt, sd: None)
+        optimizer.register_state_dict_post_hook(flat)
+    saved, expected = ours.state_dict(), reference.state_dict()
+    assert seen["pre"] == [ours, reference]
+    assert seen[ours] == [None, "bfloat16"]
+    assert saved.keys() == expected.keys()
+    assert saved["param_groups.1.lr"] == expected["param_groups.1.lr"] == 1e-2
+    assert ours.state_dict() is not saved  # a fresh dict every call, the hooks still in place
+
+
 def test_deepcopy_and_pickle_give_working_optimizers(target):
     model = OddModel().to(target.device)
     optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
