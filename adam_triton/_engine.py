@@ -452,10 +452,6 @@ class Engine:
             buffer.param_versions = [-1] * len(buffer.params) if saved_masters_win else buffer.param_versions_now()
             buffer.last_plan = None
             buffer.variant_key = None
-        # Drop the empty entries a defaultdict lookup may have left behind, as torch has none.
-        # (Only the buffers' parameters: after add_param_group, those of the new group.)
-        for param in [p for buffer in buffers for p in buffer.params if p in state and not state[p]]:
-            del state[param]
 
     def _new_state_segments(self, plans: list) -> list[tuple[FlatBuffer, int]]:
         """(buffer, segment) of each parameter getting its first state this step, in the

@@ -51,6 +51,34 @@ def test_state_looked_up_before_the_first_step_is_filled_as_in_torch(target):
     assert len(ours.state_dict()["state"]) == len(list(ours_model.parameters()))
 
 
+def test_empty_state_entries_stay_as_in_torch(target):
+    """An empty entry (a lookup of a parameter that never steps; a checkpoint's ``{}``) is
+    kept by torch, in ``optimizer.state`` and in the next checkpoint, also where the
+    optimizer re-homes its parameters (one frozen after it was built) or loads state."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    results = []
+    for model, optimizer, cls in ((ours_model, ours, adam_triton.AdamW), (reference_model, reference, torch.optim.AdamW)):
+        frozen = model.weights[1]
+        frozen.requires_grad_(False)
+        assert len(optimizer.state[frozen]) == 0
+        train(model, optimizer, steps=2)
+        saved = optimizer.state_dict()
+        frozen.requires_grad_(True)
+        saved["state"][len(list(model.parameters())) - 1] = {}  # the last parameter's: no state
+        loaded = cls(model.parameters(), lr=1e-2, **({"backend": target.backend} if cls is adam_triton.AdamW else {}))
+        loaded.load_state_dict(saved)
+        results.append(
+            (
+                frozen in optimizer.state,
+                {k: sorted(v) for k, v in optimizer.state_dict()["state"].items()},
+                {k: sorted(v) for k, v in loaded.state_dict()["state"].items()},
+            )
+        )
+    assert results[0] == results[1]
+    assert results[0][1][1] == [] and results[0][2][1] == []
+
+
 def _swap_gradient_data(model):
     for p in model.parameters():
         p.grad.data = p.grad.data.clone()
