@@ -348,9 +348,11 @@ class Engine:
         }
         return current == wanted and same_groups
 
-    def ensure_current(self, groups: list[dict], state: defaultdict) -> None:
+    def ensure_current(self, groups: list[dict], state: defaultdict, strides: bool = True) -> None:
         """Re-home if the groups' parameters or precision changed, or a parameter's data moved
-        away (``model.to(device)``, ``model.half()``, a ``.data`` assignment)."""
+        away (``model.to(device)``, ``model.half()``, a ``.data`` assignment) or, with
+        ``strides``, was laid out anew where it was. Zeroing gradients needs no look at the
+        strides (a pass over every parameter), the update does."""
         if not self._groups_unchanged(groups):
             # Options edited into a group dict are checked as the constructor checks them,
             # also when they leave every parameter where it is.
@@ -360,7 +362,7 @@ class Engine:
             else:
                 self.rebuild(groups, state)
                 return
-        moved = [(b, s) for b in self.buffers if b.parameters_moved() for s in b.moved_segments()]
+        moved = [(b, s) for b in self.buffers if b.parameters_moved(strides) for s in b.moved_segments(strides)]
         if moved:
             for buffer, segment in moved:
                 param = buffer.params[segment]

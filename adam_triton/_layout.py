@@ -452,6 +452,9 @@ class FlatBuffer:
                 for p, spec, inference in zip(self.params, self.dtensor_specs, self.inference)
             ]
         self.param_ptrs = self._current_pointers()
+        self.param_strides = self._current_strides()
+        self.param_contiguous = self._of_local_values(torch.Tensor.is_contiguous)
+        self.strided_segments = [i for i, contiguous in enumerate(self.param_contiguous) if not contiguous]
         self.sync_master_weights(force=True)
 
     def model_values(self, segment: int) -> torch.Tensor:
@@ -531,23 +534,45 @@ class FlatBuffer:
         master, param = self.master_views[segment], self.model_values(segment)
         torch.where(master.to(self.dtype) == param, master, param.to(torch.float32), out=master)
 
-    def _current_pointers(self) -> list[int]:
+    def _of_local_values(self, getter) -> list:
+        """``getter`` of each parameter's values (a DTensor's local shard: a DTensor's own
+        ``data_ptr()`` is 0). C-level getters when no parameter, or every one, is a DTensor
+        (as under FSDP2)."""
         if not self.has_dtensor:
-            return list(map(torch.Tensor.data_ptr, self.params))
-        # A DTensor's own data_ptr() is 0: ask its local shard (C-level getters when every
-        # parameter is a DTensor, as under FSDP2).
+            return list(map(getter, self.params))
         if all(spec is not None for spec in self.dtensor_specs):
-            return list(map(torch.Tensor.data_ptr, map(_local_tensor_of, self.params)))
-        return [local(p).data_ptr() for p in self.params]
+            return list(map(getter, map(_local_tensor_of, self.params)))
+        return [getter(local(p)) for p in self.params]
 
-    def parameters_moved(self) -> bool:
+    def _current_pointers(self) -> list[int]:
+        return self._of_local_values(torch.Tensor.data_ptr)
+
+    def _current_strides(self) -> list[tuple[int, ...]]:
+        return self._of_local_values(torch.Tensor.stride)
+
+    def parameters_moved(self, strides: bool = True) -> bool:
         """True when some parameter's values no longer live where this buffer put (or found)
-        them (e.g. after ``model.to(device)``, ``model.half()`` or an ``.data =`` assignment)."""
-        return self._current_pointers() != self.param_ptrs
+        them (e.g. after ``model.to(device)``, ``model.half()`` or an ``.data =`` assignment),
+        or (``strides``) are laid out in another order there: re-pointed at a transposed view
+        of themselves (a parametrization whose ``right_inverse`` returns ``A.T``), the update
+        would pair each element with another's gradient and moments."""
+        if self._current_pointers() != self.param_ptrs:
+            return True
+        return strides and self._laid_out_anew()
 
-    def moved_segments(self) -> list[int]:
-        pointers = self._current_pointers()
-        return [i for i, (now, then) in enumerate(zip(pointers, self.param_ptrs)) if now != then]
+    def _laid_out_anew(self) -> bool:
+        # is_contiguous() is a flag read, about half the price of stride(), which builds a
+        # tuple; a contiguous parameter keeps its elements' order unless it stops being
+        # contiguous (a contiguous view of another shape keeps the order, and the gradient
+        # checks refuse its shape). The others' strides are compared.
+        if self._of_local_values(torch.Tensor.is_contiguous) != self.param_contiguous:
+            return True
+        return any(local(self.params[i]).stride() != self.param_strides[i] for i in self.strided_segments)
+
+    def moved_segments(self, strides: bool = True) -> list[int]:
+        now = zip(self._current_pointers(), self._current_strides() if strides else self.param_strides)
+        then = zip(self.param_ptrs, self.param_strides)
+        return [i for i, (place, place_then) in enumerate(zip(now, then)) if place != place_then]
 
     # -- step counters ----------------------------------------------------------------------
     @no_grad

@@ -172,7 +172,7 @@ class _FlatAdam(Optimizer):
         with torch.autograd.profiler.record_function(self._zero_grad_profile_name):
             # Parameters moved since the last step (model.double(), model.to(...)) are re-homed
             # first, so that their gradients are zeroed into a buffer of their new kind.
-            self._engine.ensure_current(self.param_groups, self.state)
+            self._engine.ensure_current(self.param_groups, self.state, strides=False)
             self._engine.zero_grad_into_buffers()
 
     @torch._disable_dynamo

@@ -79,6 +79,70 @@ def test_empty_state_entries_stay_as_in_torch(target):
     assert results[0][1][1] == [] and results[0][2][1] == []
 
 
+class _StoredTransposed(torch.nn.Module):
+    """Keeps a weight as its transpose: ``right_inverse`` returns a view, so registering or
+    removing it re-points the parameter at the same memory with other strides (``set_``)."""
+
+    def forward(self, stored):
+        return stored.T
+
+    def right_inverse(self, weight):
+        return weight.T
+
+
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["fresh gradients", "kept gradients"])
+@pytest.mark.parametrize(
+    "change", ["registered after the first steps", "removed mid-training", "channels_last weight read in another order"]
+)
+@pytest.mark.parametrize("after_zero_grad", [False, True], ids=["before zero_grad", "after zero_grad"])
+def test_parameters_laid_out_anew_in_place_train_as_in_torch(target, change, set_to_none, after_zero_grad):
+    """A parameter re-pointed at a transposed view of its own memory (same address, other
+    strides) is re-homed: updated by its old layout, each element would take another's
+    gradient and moments. Also when that happens after zero_grad, which does not look."""
+    from torch.nn.utils import parametrize
+
+    def make_model():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        if change == "channels_last weight read in another order":
+            model[0] = torch.nn.Conv2d(8, 8, 2)
+            model[2] = torch.nn.Conv2d(8, 3, 1)
+            model = model.to(memory_format=torch.channels_last)
+        if change == "removed mid-training":
+            parametrize.register_parametrization(model[0], "weight", _StoredTransposed())
+        return model
+
+    # Made twice from one seed: a parametrized module does not deep-copy.
+    ours_model, reference_model = make_model().to(target.device), make_model().to(target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        generator = torch.Generator().manual_seed(1)
+        for step in range(6):
+            if after_zero_grad:
+                optimizer.zero_grad(set_to_none=set_to_none)
+            if step == 2 and change == "registered after the first steps":
+                parametrize.register_parametrization(model[0], "weight", _StoredTransposed())
+            if step == 2 and change == "removed mid-training":
+                parametrize.remove_parametrizations(model[0], "weight")
+            if step == 2 and change == "channels_last weight read in another order":
+                weight = model[0].weight
+                # The same memory, its elements in another order, neither contiguous nor
+                # channels_last: the first two dimensions' strides traded.
+                strides = weight.stride()
+                with torch.no_grad():
+                    weight.set_(weight.as_strided(weight.shape, (strides[1], strides[0], *strides[2:])))
+                assert not weight.is_contiguous()
+            if not after_zero_grad:
+                optimizer.zero_grad(set_to_none=set_to_none)
+            shape = (2, 8, 3, 3) if change == "channels_last weight read in another order" else (5, 8)
+            x = torch.randn(shape, generator=generator).to(target.device)
+            model(x).square().mean().backward()
+            optimizer.step()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def _swap_gradient_data(model):
     for p in model.parameters():
         p.grad.data = p.grad.data.clone()
