@@ -163,7 +163,8 @@ def _check_gradient_shapes(present: list, segments: np.ndarray, buffer: FlatBuff
                     f"{name}: a parameter of shape {buffer.shapes[segment]} became {reshaped} where it was "
                     "(its .data re-pointed at a view that starts at the same address), which the optimizer "
                     "cannot tell from an unmoved parameter: give it memory of its own "
-                    "(p.data = p.data[...].clone()) and, if it has state, fresh state (optimizer.state.pop(p)), as torch needs too"
+                    "(p.data = p.data[...].clone()) and, if it has state, fresh state "
+                    "(optimizer.state.pop(p)), as torch needs too"
                 )
             raise RuntimeError(
                 f"{name}: a gradient of shape {tuple(grad.shape)} cannot update a parameter of shape "
