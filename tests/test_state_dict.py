@@ -234,7 +234,7 @@ def test_state_dict_hooks_run_as_torchs(target):
     assert seen[ours] == [None, "bfloat16"]
     assert saved.keys() == expected.keys()
     assert saved["param_groups.1.lr"] == expected["param_groups.1.lr"] == 1e-2
-    assert ours.state_dict() is not saved  # a fresh dict every call, the hooks still in place
+    assert ours.state_dict().keys() == saved.keys()  # the hooks still in place for the next call
 
 
 def test_deepcopy_and_pickle_give_working_optimizers(target):
