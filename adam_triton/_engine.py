@@ -493,7 +493,7 @@ class Engine:
         entries_changed = not self._state_unchanged(state)
         if entries_changed:
             self._notice_replaced_entries(groups, state)
-        self._notice_replaced_tensors(state, look=entries_changed)
+        self._notice_replaced_tensors(groups, state, look=entries_changed)
 
     def _notice_replaced_entries(self, groups: list[dict], state) -> None:
         """Re-import the state of buffers where someone reset or replaced a parameter's
@@ -522,12 +522,12 @@ class Engine:
             # In one import: an entry moved from one buffer to another is read before either is written.
             self.import_state(groups, state, [buffer for buffer in self.buffers if id(buffer) in replaced])
 
-    def _notice_replaced_tensors(self, state, look: bool = False) -> None:
+    def _notice_replaced_tensors(self, groups: list[dict], state, look: bool = False) -> None:
         references = [buffer.state_references() for buffer in self.buffers]
         if not look and references == self._state_references_seen and None not in references:
             return
         # Every replacement is checked before any is copied in.
-        replaced = [(buffer, replaced_state_tensors(buffer, state, self.name)) for buffer in self.buffers]
+        replaced = [(buffer, replaced_state_tensors(buffer, groups, state, self.name)) for buffer in self.buffers]
         # ... and every one that is another entry's view is read before any is copied in.
         replaced = [(buffer, apart_from_state(self.buffers, found)) for buffer, found in replaced]
         for buffer, found in replaced:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import numbers
 
+import numpy as np
 import torch
 
 from ._checkpoint import REQUIRED_STATE_KEYS, check_entry, check_step
@@ -28,7 +29,9 @@ from ._in_place import local
 from ._layout import ENGINE_STATE_KEYS, FlatBuffer
 
 
-def replaced_state_tensors(buffer: FlatBuffer, state, optimizer_name: str) -> list[tuple[int, str, object]]:
+def replaced_state_tensors(
+    buffer: FlatBuffer, groups: list[dict], state, optimizer_name: str
+) -> list[tuple[int, str, object]]:
     """``(segment, key, value)`` for each state tensor in ``buffer``'s entries that is no
     longer the optimizer's view of its segment. Raises ``ValueError`` for one that cannot
     stand in for it, before anything is changed."""
@@ -36,7 +39,7 @@ def replaced_state_tensors(buffer: FlatBuffer, state, optimizer_name: str) -> li
     for segment, entry in enumerate(buffer.state_entries):
         if entry is None or state.get(buffer.params[segment]) is not entry:
             continue  # no state yet, or a replaced entry: the engine re-imports those
-        missing = [key for key in REQUIRED_STATE_KEYS if key not in entry]
+        missing = [key for key in _keys_the_step_needs(buffer, groups, segment) if key not in entry]
         if missing:  # deleted (torch's next step raises a KeyError)
             raise ValueError(f"{_where(optimizer_name, buffer, segment)} lacks {missing}, which the step needs")
         for key, value in entry.items():
@@ -53,6 +56,22 @@ def replaced_state_tensors(buffer: FlatBuffer, state, optimizer_name: str) -> li
             _check_replacement(value, ours, key, buffer, segment, optimizer_name)
             found.append((segment, key, value))
     return found
+
+
+def _keys_the_step_needs(buffer: FlatBuffer, groups: list[dict], segment: int) -> tuple[str, ...]:
+    """The keys whose deletion from an entry of ours the step refuses: without them torch's
+    step raises a ``KeyError``, and ours would go on from its buffers while checkpoints
+    lost the key. A maximum is needed where its group had AMSGrad on at the last step and
+    still has (a group switching it on gains the key at its next step)."""
+    keys = REQUIRED_STATE_KEYS
+    if buffer.master_views is not None:
+        keys += ("master_param",)
+    if buffer.variant_key is not None:
+        group_range = int(np.searchsorted(buffer.group_firsts, segment, side="right")) - 1
+        group_index = buffer.group_ranges[group_range][0]
+        if buffer.variant_key[group_range][0] and groups[group_index]["amsgrad"]:
+            keys += ("max_exp_avg_sq",)
+    return keys
 
 
 @torch.no_grad()

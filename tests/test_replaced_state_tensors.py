@@ -347,24 +347,71 @@ def test_a_replaced_entry_that_cannot_stand_in_is_refused_before_anything_change
         pytest.param(lambda entry: entry.pop("exp_avg_sq"), id="exp_avg_sq deleted"),
         pytest.param(lambda entry: entry.pop("step"), id="step deleted"),
         pytest.param(lambda entry: entry.pop("exp_avg_sq") is entry.__setitem__("note", 1), id="deleted, a key added"),
+        pytest.param(lambda entry: entry.pop("max_exp_avg_sq"), id="max_exp_avg_sq deleted, AMSGrad on"),
+        pytest.param(lambda entry: entry.pop("master_param"), id="master_param deleted"),
     ],
 )
-def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete):
+def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, request):
     """``del optimizer.state[p]["exp_avg_sq"]``: torch's next step raises a KeyError. Ours
     raises too, before anything changes; it once stepped on with the key missing for good,
-    and its state_dict() then saved a checkpoint that it refused to load."""
-    model = OddModel(shapes=SHAPES).to(target.device)
-    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    and its state_dict() then saved a checkpoint that it refused to load. A deleted maximum
+    or master was worse: the step went on from the buffer, and checkpoints lost them."""
+    case = request.node.callspec.id
+    dtype = torch.bfloat16 if "master_param" in case else torch.float32
+    model = OddModel(shapes=SHAPES).to(device=target.device, dtype=dtype)
+    optimizer = adam_triton.AdamW(
+        model.parameters(),
+        lr=1e-2,
+        amsgrad="max_exp_avg_sq" in case,
+        master_weights="master_param" in case,
+        backend=target.backend,
+    )
     train(model, optimizer, steps=2)
     entries = list(optimizer.state.values())
     before = [p.detach().clone() for p in model.parameters()], entries[0]["exp_avg"].clone()
     held = delete(entries[2])  # noqa: F841
-    with pytest.raises(ValueError, match=r"optimizer.state\[p\] of a parameter of shape .* lacks \['(exp_avg_sq|step)'\]"):
+    missing = r"lacks \['(exp_avg_sq|step|max_exp_avg_sq|master_param)'\]"
+    with pytest.raises(ValueError, match=r"optimizer.state\[p\] of a parameter of shape .* " + missing):
         optimizer.step()
     for p, value in zip(model.parameters(), before[0]):
         assert torch.equal(p.detach(), value)
     assert torch.equal(entries[0]["exp_avg"], before[1])
     assert float(entries[0]["step"]) == 2.0
+
+
+def test_a_maximum_deleted_with_amsgrad_switched_off_trains_as_in_torch(target):
+    """Torch's step needs no maximum once AMSGrad is off, so deleting it then is fine; a
+    maximum deleted while AMSGrad is on is refused (above), not this."""
+    ours_model, reference_model = paired(lambda: OddModel(shapes=SHAPES), target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2, amsgrad=True)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+        optimizer.param_groups[0]["amsgrad"] = False
+        for entry in optimizer.state.values():
+            del entry["max_exp_avg_sq"]
+        train(model, optimizer, steps=3, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    assert all("max_exp_avg_sq" not in entry for entry in ours.state_dict()["state"].values())
+
+
+def test_amsgrad_switched_on_while_state_is_replaced_starts_its_maximum_from_zero(target):
+    """Switched on after the state was made, AMSGrad starts from a zero maximum (torch
+    raises a ``KeyError``; its reference here is given zeros by hand). A state tensor
+    replaced at the same time makes the step look at every entry, which lack the maximum
+    the group now wants: that is not a deleted maximum."""
+    ours_model, reference_model = paired(lambda: OddModel(shapes=SHAPES), target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+        optimizer.param_groups[0]["amsgrad"] = True
+    _offload_by_assignment(ours, target.device)
+    for p, entry in reference.state.items():
+        entry["max_exp_avg_sq"] = torch.zeros_like(p)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
 
 
 def _add_group_with_bad_state(model, optimizer, extra):
