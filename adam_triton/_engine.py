@@ -189,11 +189,14 @@ class Engine:
     def _ordered_parameters(groups: list[dict]) -> tuple[list, list[int]]:
         """The parameters the buffers hold, each once. Integer (and bool) tensors are left
         out: they cannot have gradients, so torch never updates them either (a quantized
-        model's frozen weights passed along with ``model.parameters()``)."""
+        model's frozen weights passed along with ``model.parameters()``). So are frozen
+        ones of a floating dtype no buffer holds (float8 weights): torch cannot step them."""
         params, group_of, seen = [], [], set()
         for index, group in enumerate(groups):
             for param in group["params"]:
                 if not (param.is_floating_point() or param.is_complex()):
+                    continue
+                if param.dtype not in SUPPORTED_DTYPES and not param.requires_grad and param.grad is None:
                     continue
                 if id(param) not in seen:  # torch warns about duplicates; update them once
                     seen.add(id(param))

@@ -162,17 +162,22 @@ def test_unsupported_parameters_raise_clearly():
         adam_triton.Adam([torch.zeros(3, requires_grad=True) * 2])
 
 
-def test_integer_parameters_are_accepted_and_left_alone_as_in_torch(target):
-    """Quantized models hand their frozen integer weights to the optimizer along with
-    ``model.parameters()``; torch's optimizer accepts them and, as they can never have a
-    gradient, never updates them."""
+@pytest.mark.parametrize("codes_dtype", [torch.int8, torch.float8_e4m3fn], ids=["int8", "float8"])
+@pytest.mark.parametrize("added", [False, True], ids=["in the constructor", "in an added group"])
+def test_quantized_parameters_are_accepted_and_left_alone_as_in_torch(target, codes_dtype, added):
+    """Quantized models hand their frozen integer (or float8) weights to the optimizer along
+    with ``model.parameters()``; torch's optimizer accepts them and, as integer ones can
+    never have a gradient and float8 ones cannot be stepped, never updates them."""
     trained = []
     for make in (adam_triton.AdamW, torch.optim.AdamW):
         torch.manual_seed(0)
         weight = torch.nn.Parameter(torch.randn(5, 3, device=target.device))
-        codes = torch.nn.Parameter(torch.randint(-8, 8, (5, 3), dtype=torch.int8, device=target.device), requires_grad=False)
+        values = torch.randint(-8, 8, (5, 3), device=target.device).to(codes_dtype)
+        codes = torch.nn.Parameter(values, requires_grad=False)
         kwargs = {"backend": target.backend} if make is adam_triton.AdamW else {}
-        optimizer = make([weight, codes], lr=1e-2, **kwargs)
+        optimizer = make([weight] if added else [weight, codes], lr=1e-2, **kwargs)
+        if added:
+            optimizer.add_param_group({"params": [codes]})
         for step in range(3):
             optimizer.zero_grad()
             x = torch.randn(4, 5, generator=torch.Generator().manual_seed(step)).to(target.device)
@@ -181,9 +186,9 @@ def test_integer_parameters_are_accepted_and_left_alone_as_in_torch(target):
         trained.append((weight, codes, optimizer.state_dict()))
     (weight, codes, state), (expected_weight, expected_codes, expected_state) = trained
     torch.testing.assert_close(weight, expected_weight, rtol=2e-5, atol=2e-6)
-    assert torch.equal(codes, expected_codes)
+    assert torch.equal(codes.view(torch.uint8), expected_codes.view(torch.uint8))
     assert state["state"].keys() == expected_state["state"].keys() == {0}
-    assert state["param_groups"][0]["params"] == expected_state["param_groups"][0]["params"]
+    assert [g["params"] for g in state["param_groups"]] == [g["params"] for g in expected_state["param_groups"]]
 
 
 def test_a_bad_added_group_leaves_the_optimizer_as_it_was():
