@@ -85,6 +85,9 @@ def _check(param, grad_base, exp_avg, exp_avg_sq, max_exp_avg_sq, grad_shifts, c
         _fail(f"grad_base dtype {grad_base.dtype} differs from the parameters' dtype {model_dtype}")
     if grad_base.device != param.device:
         _fail(f"grad_base is on {grad_base.device}, param on {param.device}")
+    if not grad_base.is_contiguous():
+        # Only its first element's address is used: strides would be silently ignored.
+        _fail("grad_base must be contiguous: gradients are addressed from its first element, as one flat array")
     buffers = {"exp_avg": exp_avg, "exp_avg_sq": exp_avg_sq}
     # With parameter shifts the model's parameters may live anywhere: their buffer is then
     # only the base the shifts count from.
@@ -231,7 +234,7 @@ def adam_chunked_update(
             index (ideally on ``SEGMENT_ALIGNMENT_BYTES`` boundaries, for vector accesses).
             ``max_exp_avg_sq`` is only read with ``amsgrad``. The moments may have another
             dtype than ``param``.
-        grad_base: a tensor of the gradients' dtype (the model parameters' dtype); gradients
+        grad_base: a contiguous tensor of the gradients' dtype (the model parameters' dtype); gradients
             are addressed from its first element (see ``grad_shifts``).
         grad_shifts: ``int64[segments]``. The gradient of flat element ``i`` of segment ``s``
             is element ``i + grad_shifts[s]`` counted from ``grad_base``; every shift must be

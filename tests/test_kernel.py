@@ -315,6 +315,7 @@ def test_launcher_says_which_input_is_wrong(kernel_device):
         "a second moment shorter than the first": (dict(exp_avg_sq=torch.rand(n - 16, device=device)), {}, "64 elements like exp_avg"),
         "a strided second moment": (dict(exp_avg_sq=torch.rand(2 * n, device=device)[::2]), {}, "contiguous"),
         "gradients on another device": (dict(grad_base=torch.zeros(n, device="meta")), {}, "grad_base is on"),
+        "strided gradients": (dict(grad_base=torch.rand(2 * n, device=device)[::2]), {}, "grad_base must be contiguous"),
         "a 2-D shift table": (dict(grad_shifts=torch.zeros(1, 1, dtype=torch.int64, device=device)), {}, "dimensions"),
         "two gradient scales": ({}, dict(grad_scale=torch.ones(2, device=device)), "one value"),
         "two counts to share": (dict(steps=torch.zeros(2, device=device)), dict(bump_steps=False), "one shared step count"),
