@@ -5,12 +5,14 @@ each step we record, per segment, where its gradient lives relative to the flat 
 buffer (a *shift*). The pure-PyTorch fallback hands torch's fused kernel the same
 gradients as a list. Neither copies a gradient, except:
 
-* a gradient whose strides, dtype (torch's ``grad_dtype``) or device differ from its
-  parameter's, or (for the Triton kernel's 16-byte accesses) that is not 16-byte aligned,
-  is copied into the buffer's own gradient buffer first (the kernel walks parameter, state
-  and gradient in one memory order); where some gradients are views of that gradient
-  buffer at another place (kept gradients traded between parameters), such copies are
-  made apart from it instead, so that none is written over before it is read;
+* a gradient whose memory order (its strides, but on dimensions of size 1), dtype (torch's
+  ``grad_dtype``) or device differ from its parameter's, or (for the Triton kernel's
+  16-byte accesses) that is not 16-byte aligned, is copied into the buffer's own gradient
+  buffer first (the kernel walks parameter, state and gradient in one memory order; that
+  gradient buffer spans every parameter, and stays while such gradients keep coming); where some gradients are
+  views of that gradient buffer at another place (kept gradients traded between
+  parameters), such copies are made apart from it instead, so that none is written over
+  before it is read;
 * ``zero_grad(set_to_none=False)`` replaces gradients with views of that gradient buffer,
   zeroed in one operation; backward then accumulates into them in place, and the CPU
   fallback can update whole parameter groups as single flat tensors;
@@ -223,10 +225,11 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
                 if g.dtype != p.dtype:
                     _check_gradient_dtype(g, p, optimizer_name)
             expected_dtypes = [p.dtype for p in present_params]
+            shapes = compress(buffer.shapes, has_grad)
             elsewhere = np.fromiter(
                 (
-                    g.stride() != stride or g.dtype != dtype or g.device != buffer.device
-                    for g, stride, dtype in zip(present, expected_strides, expected_dtypes)
+                    not laid_out_alike(g.stride(), stride, shape) or g.dtype != dtype or g.device != buffer.device
+                    for g, stride, shape, dtype in zip(present, expected_strides, shapes, expected_dtypes)
                 ),
                 dtype=bool,
                 count=len(present),
@@ -272,6 +275,13 @@ def plan_gradients(buffer: FlatBuffer, previous: GradientPlan | None, optimizer_
     return GradientPlan(
         raw, grads, has_grad, segments, shifts, in_grad_buffer, staged, copied_apart, layout, not buffer.has_complex
     )
+
+
+def laid_out_alike(strides: tuple, expected: tuple, shape: tuple) -> bool:
+    """Elements in the same memory order: strides may differ only on dimensions of size 1,
+    which never step to another element. Autograd leaves those as they come (a ``(1, D)``
+    parameter's gradient through ``einsum`` has strides ``(1, 1)``, the parameter ``(D, 1)``)."""
+    return all(a == b or size <= 1 for a, b, size in zip(strides, expected, shape))
 
 
 def _either(flags: np.ndarray | None, more: np.ndarray) -> np.ndarray:

@@ -527,6 +527,45 @@ def test_hand_assigned_gradients_of_any_layout(target):
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+class _GatedPooling(nn.Module):
+    """A ``(1, D)`` query used through ``einsum``: autograd gives it a gradient with strides
+    ``(1, 1)``, where the parameter has ``(D, 1)``: the same memory order."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Linear(7, 13)
+        self.query = nn.Parameter(torch.randn(1, 13) * 0.1)
+        self.scales = nn.Parameter(torch.randn(13, 1))
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return (torch.einsum("bd,qd->bq", h, self.query) + h @ self.scales).square().sum()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False], ids=["fresh gradients", "kept gradients"])
+def test_gradients_whose_strides_differ_only_on_size_one_dimensions_are_read_in_place(target, set_to_none):
+    """They were copied into place, and so made the optimizer keep a gradient buffer as large
+    as every parameter of the buffer, for a few bytes of gradient."""
+    torch.manual_seed(0)
+    ours_model, reference_model = paired(_GatedPooling, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(4):
+        x = torch.randn(5, 7, generator=generator).to(target.device)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            optimizer.zero_grad(set_to_none=set_to_none)
+            model(x).backward()
+            if set_to_none:
+                assert model.query.grad.stride() != model.query.stride()
+            optimizer.step()
+        (buffer,) = ours._engine.buffers
+        assert buffer.last_plan.staged == []
+        if set_to_none:
+            assert buffer.grad is None
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 def test_complex_parameters(target):
     def make():
         torch.manual_seed(0)
