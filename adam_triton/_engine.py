@@ -26,6 +26,7 @@ from ._state_tensors import (
     apart_from_state,
     check_local_entry,
     check_replaced_entries,
+    keys_the_step_needs,
     replaced_state_tensors,
 )
 from ._tables import HyperTable, order_chunks, upload, variant_of
@@ -49,6 +50,31 @@ def check_group_options(groups: list[dict]) -> None:
         )
 
 
+def _unsupported_dtype_error(optimizer_name: str, dtype: torch.dtype) -> TypeError:
+    return TypeError(
+        f"{optimizer_name} supports parameters of dtype {', '.join(map(str, SUPPORTED_DTYPES))}; "
+        f"got a parameter of dtype {dtype}"
+    )
+
+
+def _unsteppable_parameters(groups: list[dict]) -> list:
+    """The parameters of a floating dtype no buffer holds (float8), left out while frozen."""
+    return [
+        param
+        for group in groups
+        for param in group["params"]
+        if param.is_floating_point() and param.dtype not in SUPPORTED_DTYPES
+    ]
+
+
+def _refuse_unsteppable_gradients(params: list, optimizer_name: str) -> None:
+    """A left-out parameter given a gradient since (unfrozen): torch's step raises for it
+    too, as it cannot compute in its dtype; ours would leave it silently as it was."""
+    for param in params:
+        if param.grad is not None:
+            raise _unsupported_dtype_error(optimizer_name, param.dtype)
+
+
 def check_parameters(groups, params: list, group_of: list[int], optimizer_name: str) -> None:
     """Raise for parameters the buffers cannot hold (with the precision options of their
     groups, ``groups[index]``), before anything is changed."""
@@ -60,10 +86,7 @@ def check_parameters(groups, params: list, group_of: list[int], optimizer_name: 
                 "first to materialize it (the 'dry run' torch's lazy modules ask for), then build the optimizer"
             )
         if param.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"{optimizer_name} supports parameters of dtype {', '.join(map(str, SUPPORTED_DTYPES))}; "
-                f"got a parameter of dtype {param.dtype}"
-            )
+            raise _unsupported_dtype_error(optimizer_name, param.dtype)
         if param.layout != torch.strided:
             raise TypeError(f"{optimizer_name} supports dense (strided) parameters, got layout {param.layout}")
         if param.device.type == "meta":
@@ -157,6 +180,7 @@ class Engine:
         self.found_inf = None  # GradScaler's verdict on the last step, if it gave one
         self._fingerprint: list[tuple] = []
         self._params: list = []
+        self._unsteppable: list = []  # frozen float8 parameters, left out of the buffers
         # ``optimizer.state`` and its entries (and their sizes) as the last step left them:
         # when all are the same, nobody reset, replaced or cleared an entry (C-level passes,
         # not a lookup per parameter).
@@ -242,6 +266,9 @@ class Engine:
         options = [self._options(g) for g in groups]
         check_group_options(options)
         check_parameters(options, [local(p) for p in params], group_of, self.name)
+        # Entries of ours a key was deleted from: refused as the step refuses them
+        # (``replaced_state_tensors``), which a re-homing would otherwise come before.
+        ours = {id(p): (b, s) for b in self.buffers for s, p in enumerate(b.params) if b.state_entries[s] is not None}
         readable_steps = []
         for param, group_index in zip(params, group_of):
             entry = state.get(param)
@@ -257,6 +284,12 @@ class Engine:
             # read where that does not wait for a device (on the CPU), all in one pass.
             if entry:
                 where = f"{self.name}: optimizer.state[p] of a parameter of shape {tuple(param.shape)} (param group {group_index})"
+                buffer, segment = ours.get(id(param), (None, None))
+                if buffer is not None and buffer.state_entries[segment] is entry:
+                    needed = keys_the_step_needs(buffer, segment, bool(groups[group_index]["amsgrad"]))
+                    missing = [key for key in needed if key not in entry]
+                    if missing:
+                        raise ValueError(f"{where} lacks {missing}, which the step needs")
                 check_local_entry(param, entry, where, step_value=False)
                 readable_steps.append((local(entry["step"]), where))
         check_step_values(readable_steps)
@@ -284,6 +317,7 @@ class Engine:
         self.backend_of = {id(b): backends[b.key] for b in buffers}
         self._params = params
         self._fingerprint = self._group_fingerprint(groups)
+        self._unsteppable = _unsteppable_parameters(groups)
         self._join_pending = False
         self.import_state(groups, state, saved_masters_win=saved_masters_win)
 
@@ -336,6 +370,7 @@ class Engine:
         self.backend_of.update({id(b): backends[b.key] for b in added})
         self._params = self._params + new_params
         self._fingerprint = self._fingerprint + self._group_fingerprint(groups[-1:])
+        self._unsteppable = self._unsteppable + _unsteppable_parameters(groups[-1:])
         self.import_state(groups, state, buffers=added)
 
     def _buffers_match(self, groups: list[dict], state) -> bool:
@@ -362,6 +397,7 @@ class Engine:
             self.check(groups, state)
             if self._buffers_match(groups, state):
                 self._fingerprint = self._group_fingerprint(groups)
+                self._unsteppable = _unsteppable_parameters(groups)
             else:
                 self.rebuild(groups, state)
                 return
@@ -585,6 +621,8 @@ class Engine:
         # re-homing, the adoption of fresh gradients) is done.
         self.hyper.refresh(groups)
         self.ensure_current(groups, state)
+        if self._unsteppable:
+            _refuse_unsteppable_gradients(self._unsteppable, self.name)
         self._notice_replaced_state(groups, state)
         # Find every gradient first: a bad one raises before anything is updated.
         plans = [plan_gradients(b, b.last_plan, self.name) for b in self.buffers]

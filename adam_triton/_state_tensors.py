@@ -39,7 +39,8 @@ def replaced_state_tensors(
     for segment, entry in enumerate(buffer.state_entries):
         if entry is None or state.get(buffer.params[segment]) is not entry:
             continue  # no state yet, or a replaced entry: the engine re-imports those
-        missing = [key for key in _keys_the_step_needs(buffer, groups, segment) if key not in entry]
+        amsgrad = bool(groups[int(buffer.group_of_segment[segment])]["amsgrad"])
+        missing = [key for key in keys_the_step_needs(buffer, segment, amsgrad) if key not in entry]
         if missing:  # deleted (torch's next step raises a KeyError)
             raise ValueError(f"{_where(optimizer_name, buffer, segment)} lacks {missing}, which the step needs")
         for key, value in entry.items():
@@ -58,18 +59,17 @@ def replaced_state_tensors(
     return found
 
 
-def _keys_the_step_needs(buffer: FlatBuffer, groups: list[dict], segment: int) -> tuple[str, ...]:
-    """The keys whose deletion from an entry of ours the step refuses: without them torch's
-    step raises a ``KeyError``, and ours would go on from its buffers while checkpoints
-    lost the key. A maximum is needed where its group had AMSGrad on at the last step and
-    still has (a group switching it on gains the key at its next step)."""
+def keys_the_step_needs(buffer: FlatBuffer, segment: int, amsgrad: bool) -> tuple[str, ...]:
+    """The keys whose deletion from an entry of ours is refused: without them torch's step
+    raises a ``KeyError``, and ours would go on from its buffers while checkpoints lost
+    the key. A maximum is needed where its group had AMSGrad on at the last step and
+    still has (``amsgrad``; a group switching it on gains the key at its next step)."""
     keys = REQUIRED_STATE_KEYS
     if buffer.master_views is not None:
         keys += ("master_param",)
-    if buffer.variant_key is not None:
+    if amsgrad and buffer.variant_key is not None:
         group_range = int(np.searchsorted(buffer.group_firsts, segment, side="right")) - 1
-        group_index = buffer.group_ranges[group_range][0]
-        if buffer.variant_key[group_range][0] and groups[group_index]["amsgrad"]:
+        if buffer.variant_key[group_range][0]:
             keys += ("max_exp_avg_sq",)
     return keys
 

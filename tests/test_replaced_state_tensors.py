@@ -351,11 +351,14 @@ def test_a_replaced_entry_that_cannot_stand_in_is_refused_before_anything_change
         pytest.param(lambda entry: entry.pop("master_param"), id="master_param deleted"),
     ],
 )
-def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, request):
+@pytest.mark.parametrize("then", [None, "a group added", "a parameter moved"])
+def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, then, request):
     """``del optimizer.state[p]["exp_avg_sq"]``: torch's next step raises a KeyError. Ours
     raises too, before anything changes; it once stepped on with the key missing for good,
     and its state_dict() then saved a checkpoint that it refused to load. A deleted maximum
-    or master was worse: the step went on from the buffer, and checkpoints lost them."""
+    or master was worse: the step went on from the buffer, and checkpoints lost them. A
+    re-homing before the step (a group added, a parameter given new memory) must not hide
+    the deletion, as it once did: it re-imported the entry as if it were a checkpoint's."""
     case = request.node.callspec.id
     dtype = torch.bfloat16 if "master_param" in case else torch.float32
     model = OddModel(shapes=SHAPES).to(device=target.device, dtype=dtype)
@@ -370,6 +373,11 @@ def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, 
     entries = list(optimizer.state.values())
     before = [p.detach().clone() for p in model.parameters()], entries[0]["exp_avg"].clone()
     held = delete(entries[2])  # noqa: F841
+    if then == "a group added":
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(3, device=target.device, dtype=dtype))]})
+    elif then == "a parameter moved":
+        moved = next(iter(model.parameters()))
+        moved.data = moved.data.clone()
     missing = r"lacks \['(exp_avg_sq|step|max_exp_avg_sq|master_param)'\]"
     with pytest.raises(ValueError, match=r"optimizer.state\[p\] of a parameter of shape .* " + missing):
         optimizer.step()
@@ -389,6 +397,8 @@ def test_a_maximum_deleted_with_amsgrad_switched_off_trains_as_in_torch(target):
         optimizer.param_groups[0]["amsgrad"] = False
         for entry in optimizer.state.values():
             del entry["max_exp_avg_sq"]
+        moved = next(iter(model.parameters()))
+        moved.data = moved.data.clone()  # a re-homing before the step looks at the entries too
         train(model, optimizer, steps=3, seed=2)
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
