@@ -605,6 +605,7 @@ class Engine:
                 for segment in np.flatnonzero(initialized[first : last + 1]) + first:
                     entry = state[buffer.params[segment]]
                     entry.setdefault("max_exp_avg_sq", buffer.entry_view("max_exp_avg_sq", segment))
+                    buffer.maximum_given[segment] = True
         if self.backend_of[id(buffer)] == "triton":
             _backends.refuse_upload_while_capturing(buffer.device, "the kernel variants of the parameter groups")
             rows, ranges = order_chunks(buffer.chunk_rows, variants)

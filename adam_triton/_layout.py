@@ -273,6 +273,8 @@ class FlatBuffer:
         # The dict the engine put in ``optimizer.state`` for each segment (None before its
         # first step): another object there means someone reset or replaced that state.
         self.state_entries: list = [None] * len(params)
+        # Which entries were given a maximum: one deleted from them is refused (``_state_tensors``).
+        self.maximum_given = np.zeros(len(params), dtype=bool)
         # (group, first segment, last segment): segments are laid out in group order.
         boundaries = np.flatnonzero(np.diff(self.group_of_segment)) + 1
         firsts = np.concatenate(([0], boundaries)) if len(params) else np.zeros(0, dtype=np.int64)
@@ -593,6 +595,7 @@ class FlatBuffer:
         if amsgrad:
             self.ensure_max_exp_avg_sq()
             keys.append("max_exp_avg_sq")
+        self.maximum_given[segment] = amsgrad
         return {key: self.entry_view(key, segment) for key in keys}
 
     def entry_view(self, key: str, segment: int):

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
 import torch
 
 from ._checkpoint import REQUIRED_STATE_KEYS, check_entry, check_step
@@ -62,15 +61,13 @@ def replaced_state_tensors(
 def keys_the_step_needs(buffer: FlatBuffer, segment: int, amsgrad: bool) -> tuple[str, ...]:
     """The keys whose deletion from an entry of ours is refused: without them torch's step
     raises a ``KeyError``, and ours would go on from its buffers while checkpoints lost
-    the key. A maximum is needed where its group had AMSGrad on at the last step and
-    still has (``amsgrad``; a group switching it on gains the key at its next step)."""
+    the key. A maximum is needed where the entry was given one and its group has AMSGrad
+    on (``amsgrad``; a group switching it on gains the key at its next step)."""
     keys = REQUIRED_STATE_KEYS
     if buffer.master_views is not None:
         keys += ("master_param",)
-    if amsgrad and buffer.variant_key is not None:
-        group_range = int(np.searchsorted(buffer.group_firsts, segment, side="right")) - 1
-        if buffer.variant_key[group_range][0]:
-            keys += ("max_exp_avg_sq",)
+    if amsgrad and buffer.maximum_given[segment]:
+        keys += ("max_exp_avg_sq",)
     return keys
 
 

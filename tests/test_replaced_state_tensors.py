@@ -351,25 +351,25 @@ def test_a_replaced_entry_that_cannot_stand_in_is_refused_before_anything_change
         pytest.param(lambda entry: entry.pop("master_param"), id="master_param deleted"),
     ],
 )
-@pytest.mark.parametrize("then", [None, "a group added", "a parameter moved"])
+@pytest.mark.parametrize("then", [None, "a group added", "a parameter moved", "after a load"])
 def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, then, request):
     """``del optimizer.state[p]["exp_avg_sq"]``: torch's next step raises a KeyError. Ours
     raises too, before anything changes; it once stepped on with the key missing for good,
     and its state_dict() then saved a checkpoint that it refused to load. A deleted maximum
     or master was worse: the step went on from the buffer, and checkpoints lost them. A
     re-homing before the step (a group added, a parameter given new memory) must not hide
-    the deletion, as it once did: it re-imported the entry as if it were a checkpoint's."""
+    the deletion, as it once did: it re-imported the entry as if it were a checkpoint's;
+    nor may a load just before it (the step then put the deleted maximum back)."""
     case = request.node.callspec.id
     dtype = torch.bfloat16 if "master_param" in case else torch.float32
     model = OddModel(shapes=SHAPES).to(device=target.device, dtype=dtype)
-    optimizer = adam_triton.AdamW(
-        model.parameters(),
-        lr=1e-2,
-        amsgrad="max_exp_avg_sq" in case,
-        master_weights="master_param" in case,
-        backend=target.backend,
-    )
+    options = dict(lr=1e-2, amsgrad="max_exp_avg_sq" in case, master_weights="master_param" in case)
+    optimizer = adam_triton.AdamW(model.parameters(), **options, backend=target.backend)
     train(model, optimizer, steps=2)
+    if then == "after a load":  # a resume: a new optimizer, given the checkpoint
+        checkpoint = optimizer.state_dict()
+        optimizer = adam_triton.AdamW(model.parameters(), **options, backend=target.backend)
+        optimizer.load_state_dict(checkpoint)
     entries = list(optimizer.state.values())
     before = [p.detach().clone() for p in model.parameters()], entries[0]["exp_avg"].clone()
     held = delete(entries[2])  # noqa: F841
@@ -385,6 +385,18 @@ def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, 
         assert torch.equal(p.detach(), value)
     assert torch.equal(entries[0]["exp_avg"], before[1])
     assert float(entries[0]["step"]) == 2.0
+
+
+def test_a_maximum_gained_by_switching_amsgrad_on_is_refused_once_deleted(target):
+    model = OddModel(shapes=SHAPES).to(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    optimizer.param_groups[0]["amsgrad"] = True
+    train(model, optimizer, steps=1, seed=2)
+    entry = next(iter(optimizer.state.values()))
+    del entry["max_exp_avg_sq"]
+    with pytest.raises(ValueError, match=r"lacks \['max_exp_avg_sq'\]"):
+        optimizer.step()
 
 
 def test_a_maximum_deleted_with_amsgrad_switched_off_trains_as_in_torch(target):
