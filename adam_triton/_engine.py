@@ -288,7 +288,7 @@ class Engine:
                 if buffer is not None and buffer.state_entries[segment] is entry:
                     needed = keys_the_step_needs(buffer, segment, bool(groups[group_index]["amsgrad"]))
                     missing = [key for key in needed if key not in entry]
-                    if missing:
+                    if missing:  # (the groups may have changed: this one's is group_index)
                         raise ValueError(f"{where} lacks {missing}, which the step needs")
                 check_local_entry(param, entry, where, step_value=False)
                 readable_steps.append((local(entry["step"]), where))
@@ -546,7 +546,7 @@ class Engine:
         }
         for buffer in self.buffers:
             if id(buffer) in replaced:
-                check_replaced_entries(buffer, entries_of[id(buffer)], self.name)
+                check_replaced_entries(buffer, groups, entries_of[id(buffer)], self.name)
         if replaced and not self._buffers_match(groups, state):
             # State put there for a frozen parameter (ZeroRedundancyOptimizer loads a
             # checkpoint so), or taken from one: it belongs in another buffer now.

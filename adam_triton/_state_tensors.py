@@ -38,10 +38,7 @@ def replaced_state_tensors(
     for segment, entry in enumerate(buffer.state_entries):
         if entry is None or state.get(buffer.params[segment]) is not entry:
             continue  # no state yet, or a replaced entry: the engine re-imports those
-        amsgrad = bool(groups[int(buffer.group_of_segment[segment])]["amsgrad"])
-        missing = [key for key in keys_the_step_needs(buffer, segment, amsgrad) if key not in entry]
-        if missing:  # deleted (torch's next step raises a KeyError)
-            raise ValueError(f"{_where(optimizer_name, buffer, segment)} lacks {missing}, which the step needs")
+        refuse_deleted_keys(buffer, segment, entry, groups, _where(optimizer_name, buffer, segment))
         for key, value in entry.items():
             ours = buffer.internal_state_view(key, segment)
             if ours is None and key == "max_exp_avg_sq" and value is not None:
@@ -56,6 +53,15 @@ def replaced_state_tensors(
             _check_replacement(value, ours, key, buffer, segment, optimizer_name)
             found.append((segment, key, value))
     return found
+
+
+def refuse_deleted_keys(buffer: FlatBuffer, segment: int, entry: dict, groups: list[dict], where: str) -> None:
+    """``ValueError`` for a key the step needs deleted from ``entry``, the optimizer's own
+    entry of ``segment`` (torch's next step raises a ``KeyError``)."""
+    amsgrad = bool(groups[int(buffer.group_of_segment[segment])]["amsgrad"])
+    missing = [key for key in keys_the_step_needs(buffer, segment, amsgrad) if key not in entry]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}, which the step needs")
 
 
 def keys_the_step_needs(buffer: FlatBuffer, segment: int, amsgrad: bool) -> tuple[str, ...]:
@@ -144,12 +150,16 @@ def _is_view_of(value, ours: torch.Tensor | None) -> bool:
     return values.data_ptr() == ours.data_ptr() and values.dtype == ours.dtype and values.shape == ours.shape
 
 
-def check_replaced_entries(buffer: FlatBuffer, entries: list, optimizer_name: str) -> None:
+def check_replaced_entries(buffer: FlatBuffer, groups: list[dict], entries: list, optimizer_name: str) -> None:
     """Whole entries put in ``optimizer.state`` (``state[p] = {...}``) for ``buffer``'s
     parameters, checked as a checkpoint's before any is copied in: ``ValueError`` for one that
-    cannot stand in."""
+    cannot stand in. The buffer's other entries, re-imported with them, are its own: a key
+    deleted from one of those is refused as the step refuses it."""
     for segment, (param, entry) in enumerate(zip(buffer.params, entries)):
-        check_local_entry(param, entry, _where(optimizer_name, buffer, segment))
+        where = _where(optimizer_name, buffer, segment)
+        if entry and entry is buffer.state_entries[segment]:  # (an emptied one is a reset)
+            refuse_deleted_keys(buffer, segment, entry, groups, where)
+        check_local_entry(param, entry, where)
 
 
 def check_local_entry(param, entry, where: str, step_value: bool = True) -> None:

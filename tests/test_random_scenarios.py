@@ -5,22 +5,34 @@ The tests elsewhere take one user action at a time. Bugs hide in their combinati
 gradient view swapped in one step and handed out again three steps later, a checkpoint
 loaded after a group was added, a bucket gradient after a frozen parameter thawed. Each
 scenario here draws a model of awkward sizes (mostly float32, at times a float64 or
-bfloat16 parameter, which gets a buffer of its own), groups with their own hyperparameters
-(floats, or tensors for lr and betas), and a sequence of steps, each with a few of those
-actions: gradients assigned, dropped, swapped, clipped or moved into buckets; hyperparameters
-edited; parameters re-pointed, frozen, thawed, added late or moved to another group; groups
-reordered or taken out; the state offloaded and brought back; checkpoints loaded into new
-optimizers, or rolled back in the same one; and, in some scenarios, a GradScaler, with
-overflows that skip steps. The seed fixes all of it, so a failure names its seed and
-replays. After every step the parameters, the state and the groups must agree with
+bfloat16 parameter, which gets a buffer of its own; at times a frozen float8 parameter in
+a group, which neither optimizer touches), groups with their own hyperparameters (floats,
+or tensors for lr and betas), and a sequence of steps, each with a few of those actions:
+gradients assigned, dropped, swapped, clipped or moved into buckets, or with strides that
+differ from their parameter's on dimensions of size 1 (as ``einsum`` makes them);
+hyperparameters edited, AMSGrad switched on and off; parameters re-pointed, frozen,
+thawed, added late, moved to another group, or taken out of their group and put back
+later; groups reordered or taken out; the state offloaded and brought back, or edited (a
+moment or a step count replaced; a key deleted, where ours must refuse the next step
+before anything changes); checkpoints loaded into new optimizers, or rolled back in the
+same one; the backward run inside the step's closure; a step pre-hook that edits the
+gradients; and, in some scenarios, a GradScaler, with overflows that skip steps. The seed
+fixes all of it, so a failure names its seed and replays. After every step the
+parameters, the state and the groups must agree with
 ``torch.optim.Adam``/``AdamW(fused=True)``. torch's fused kernel is the reference because
 ours calls it (CPU backend) or follows its order of operations (Triton); the reference
 gets contiguous copies of the gradients, as ours makes for itself, because torch 2.13's
-CPU fused kernel reads a gradient with other strides in the wrong order.
+CPU fused kernel reads a gradient with other strides in the wrong order (strides that
+differ only on dimensions of size 1 keep the order, and the reference gets those as they
+are). Where ours is documented to differ from torch (README), the reference is brought to
+what ours documents: AMSGrad switched on after a parameter has state starts its maximum
+from zero in ours, where torch raises ``KeyError``, so the reference gets zero maxima
+before such a step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
@@ -36,11 +48,20 @@ import adam_triton
 # restructuring and tensor betas added, 1,000 seeds on the CPU backend and 120 through the
 # interpreter found nothing either; an engine that compares only its groups' lengths fails
 # 9 of the first 50 seeds (test_user_changes.py's trade between groups catches it always).
+# With AMSGrad switches, hand-edited state (deleted keys refused), parameters taken out and
+# put back, the backward in the closure, step pre-hooks, gradients with other strides on
+# dimensions of size 1 and a frozen float8 parameter added, 300 seeds on the CPU backend
+# found a max_exp_avg_sq deleted and not refused, the step going on from the deleted
+# maximum, in 5 seeds (before the first step of its buffer since a load_state_dict or a
+# change of the groups; fixed in 6bb6270), and restarting it from zero in seed 273 (another
+# entry of its buffer reset before that step; fixed with this change). Apart from those deletions, 1,000 seeds on the
+# CPU backend and 100 through the interpreter found nothing.
 SCENARIOS = int(os.environ.get("ADAM_TRITON_SCENARIOS", "16"))
 DTYPES = {torch.float32: 8, torch.float64: 1, torch.bfloat16: 1}  # drawn with these weights
-SHAPES = [(1,), (4,), (17,), (1023,), (1025,), (7, 13), (3, 5, 11), (2, 1031), (33, 31)]
+SHAPES = [(1,), (4,), (17,), (1023,), (1025,), (7, 13), (3, 5, 11), (2, 1031), (33, 31), (1, 37), (29, 1), (1, 1, 19)]
 STEPS = 14
 MANY_SMALL, MANY_SMALL_SHARE = 80, 0.25  # tiny tensors, in a group of their own
+FLOAT8_SHARE = 0.3  # scenarios with a frozen float8 parameter (a quantized weight) in a group
 # After each comparison the reference takes ours' values (parameters and moments), so that
 # each step is compared from equal state: last-bit differences do not grow through the
 # model's dynamics (they would, at lr 0.1), and the tolerances can be those of one step.
@@ -50,6 +71,7 @@ MANY_SMALL, MANY_SMALL_SHARE = 80, 0.25  # tiny tensors, in a group of their own
 # A wrong constant or a stale gradient moves whole tensors by a fraction of lr.
 TOLERANCE = dict(rtol=1e-6, atol=1e-7)
 BFLOAT16_TOLERANCE = dict(rtol=2**-7, atol=1e-6)
+EXACT = dict(rtol=0.0, atol=0.0)  # the frozen float8 parameter, which nothing may change
 
 
 class Side:
@@ -93,17 +115,33 @@ class Scenario:
         if many:
             self.shapes += [(1 + i % 9,) for i in range(MANY_SMALL)]
             self.dtypes += [torch.float32] * MANY_SMALL
-        initial = [self.randn(shape, dtype) * 0.5 for shape, dtype in zip(self.shapes, self.dtypes)]
+        self.small_end = len(self.shapes)  # the tiny tensors are regular ... small_end - 1
+        # At times a frozen float8 parameter last, as quantized weights passed along in
+        # model.parameters() are: never given a gradient, and no action picks it, but it
+        # sits in a group (moved, taken out and checkpointed with it), and its place counts
+        # in state_dict()'s numbering. Drawn apart too.
+        draw8 = random.Random(-2 - seed)
+        self.float8 = None
+        if draw8.random() < FLOAT8_SHARE:
+            self.float8 = len(self.shapes)
+            self.shapes.append((5, 3))
+            self.dtypes.append(torch.float8_e4m3fn)
+        initial = [(self.randn(shape) * 0.5).to(dtype) for shape, dtype in zip(self.shapes, self.dtypes)]
         self.mixes = [self.randn(shape, dtype) for shape, dtype in zip(self.shapes, self.dtypes)]
         cls_name = self.rng.choice(["Adam", "AdamW"])
         self.sides = [Side(name, cls_name, target.backend, initial) for name in ("ours", "reference")]
+        if self.float8 is not None:
+            self.both(lambda side: side.params[self.float8].requires_grad_(False))
         self.late = self.rng.sample(range(count), self.rng.randint(0, 2))  # added by add_param_group
         early = [i for i in range(count) if i not in self.late]
         self.rng.shuffle(early)
         group_count = self.rng.randint(1, min(3, len(early)))
         groups = [(early[g::group_count], self.hyperparameters()) for g in range(group_count)]
         if many:
-            groups.append((list(range(count, len(self.shapes))), self.hyperparameters()))
+            groups.append((list(range(count, self.small_end)), self.hyperparameters()))
+        if self.float8 is not None:
+            members = groups[draw8.randrange(len(groups))][0]
+            members.insert(draw8.randint(0, len(members)), self.float8)
         scaled = self.rng.random() < 0.25  # mixed-precision style: scaled losses, skipped steps
         # GradScaler goes either way: unscale_ and no step() on an inf, or (ours with
         # fused=True) the scale and the inf check handed to the step.
@@ -151,16 +189,36 @@ class Scenario:
         set_to_none = self.rng.choices([True, False, None], weights=[0.5, 0.35, 0.15])[0]
         if set_to_none is not None:  # None: gradients accumulate across steps
             self.both(lambda side: side.optimizer.zero_grad(set_to_none=set_to_none))
-        used = [i for i in range(self.regular) if self.rng.random() < 0.85] + list(range(self.regular, len(self.shapes)))
+            # and, as model.zero_grad() would, the gradients of parameters taken out of the
+            # optimizer, which the backward still reaches: an inf spread as NaN by a clipping
+            # would stay in one for good, and the next clipping would spread it everywhere.
+            self.both(lambda side: self.outside_zero_grad(side))
+        used = [i for i in range(self.regular) if self.rng.random() < 0.85] + list(range(self.regular, self.small_end))
         x = self.randn(3)
+        # The backward at times inside the step's closure (as torch lets any optimizer's
+        # step run one), after this step's edits of the gradients there are; GradScaler
+        # takes no closure. Parameters with a dimension of size 1 at times get their
+        # gradient through einsum, whose strides differ from theirs on that dimension.
+        in_closure = self.sides[0].scaler is None and self.rng.random() < 0.12
+        # (and at times the closure zeroes the gradients first, as the usual closure does)
+        closure_zeroes = self.rng.choice([None, True, False]) if in_closure else None
+        through_einsum = self.rng.random() < 0.5
         zeroed = "no zero_grad" if set_to_none is None else f"zero_grad(set_to_none={set_to_none})"
-        self.note(f"step {number}: {zeroed}, backward through {used}")
-        self.both(lambda side: self.backward(side, used, x))
+        where = "" if not in_closure else " (in the closure" + (
+            f", after zero_grad(set_to_none={closure_zeroes}))" if closure_zeroes is not None else ")"
+        )
+        self.note(
+            f"step {number}: {zeroed}, backward through {used}{where}"
+            f"{', einsum for size-1 dimensions' if through_einsum else ''}"
+        )
+        if not in_closure:
+            self.both(lambda side: self.backward(side, used, x, through_einsum))
         self.change_gradients()
         self.change_parameters_or_groups()
+        self.change_state()
         if self.late and self.rng.random() < 0.25:
             self.add_late_parameter()
-        # (GradScaler takes no closure, and needs a gradient in the optimizer to check.)
+        # (GradScaler needs a gradient in the optimizer to check.)
         scaled = self.sides[0].scaler is not None and bool(self.stepped_with_gradients())
         if scaled and self.rng.random() < 0.2:
             self.overflow()
@@ -170,6 +228,13 @@ class Scenario:
                 if scaled:
                     side.scaler.unscale_(side.optimizer)
                 torch.nn.utils.clip_grad_norm_(side.params, 0.5)
+        hooks = []
+        if self.rng.random() < 0.08:
+            # A step pre-hook that edits the gradients (as gradient-noise or per-layer scaling
+            # code registers one): ours must read them after it ran.
+            self.note("  a step pre-hook halving every gradient, for this step")
+            hooks = [side.optimizer.register_step_pre_hook(_halve_gradients) for side in self.sides]
+        self.give_reference_zero_maxima()
         if scaled:
             self.note("  scaler.step(optimizer), scaler.update()")
             for side in self.sides:
@@ -177,22 +242,63 @@ class Scenario:
                 side.scaler.update()
             assert self.sides[0].scaler.get_scale() == self.sides[1].scaler.get_scale()
         else:
-            with_closure = self.rng.random() < 0.3
-            self.note(f"  step({'closure' if with_closure else ''})")
-            self.both(lambda side: side.optimizer.step((lambda: None) if with_closure else None))
+            with_closure = in_closure or self.rng.random() < 0.3
+            no_grad = self.rng.random() < 0.2
+            self.note(f"  {'under no_grad: ' if no_grad else ''}step({'closure' if with_closure else ''})")
+            losses = []
+            for side in self.sides:
+                closure = None
+                if in_closure:
+                    def closure(side=side):
+                        if closure_zeroes is not None:
+                            side.optimizer.zero_grad(set_to_none=closure_zeroes)
+                        return self.backward(side, used, x, through_einsum)
+                elif with_closure:
+                    def closure():
+                        return None
+                with torch.no_grad() if no_grad else contextlib.nullcontext():
+                    losses.append(side.optimizer.step(closure))
+            if in_closure and losses[1] is not None:
+                torch.testing.assert_close(losses[0], losses[1], msg=f"seed {self.seed}, step {number}: closure's loss")
+            else:
+                assert losses == [None, None], f"seed {self.seed}, step {number}: step() returned {losses}"
+        for hook in hooks:
+            hook.remove()
         self.check(f"step {number}")
         self.maybe_reload(number)
         self.maybe_roll_back(number)
 
-    def backward(self, side: Side, used: list, x: torch.Tensor) -> None:
-        terms = [
-            ((side.params[i] * self.mixes[i]).sin() * x[i % 3]).sum() + (side.params[i] ** 2).mean()
-            for i in used
-            if side.params[i].requires_grad
-        ]
-        if terms:
-            loss = sum(terms)
-            (loss if side.scaler is None else side.scaler.scale(loss)).backward()
+    def backward(self, side: Side, used: list, x: torch.Tensor, through_einsum: bool = False):
+        terms = [self.term(side.params[i], i, x, through_einsum) for i in used if side.params[i].requires_grad]
+        if not terms:
+            return None
+        loss = sum(terms)
+        (loss if side.scaler is None else side.scaler.scale(loss)).backward()
+        return loss.detach()
+
+    def term(self, param: torch.Tensor, i: int, x: torch.Tensor, through_einsum: bool) -> torch.Tensor:
+        mix = self.mixes[i]
+        if through_einsum and param.dim() >= 2 and 1 in param.shape:
+            # The same gradient as below, reached through einsum: strides (1, 1) for a
+            # (1, D) parameter, (1, 1, 1) for a (1, 1, D) one.
+            with torch.no_grad():
+                weight = mix * (param * mix).cos() * x[i % 3] + param * (2 / param.numel())
+            letters = "ijk"[: param.dim()]
+            return torch.einsum(f"{letters},{letters}->", param, weight)
+        return ((param * mix).sin() * x[i % 3]).sum() + (param**2).mean()
+
+    def outside_zero_grad(self, side: Side) -> None:
+        members = {id(p) for group in side.optimizer.param_groups for p in group["params"]}
+        for param in side.params:
+            if id(param) not in members:
+                param.grad = None
+
+    def state_outside_groups(self) -> bool:
+        """Whether torch's optimizer holds a state entry (even an empty one) of a parameter
+        taken out of its group: its state_dict() fails on it, so no checkpoint is taken."""
+        reference = self.sides[1].optimizer
+        members = {id(p) for group in reference.param_groups for p in group["params"]}
+        return any(id(p) not in members for p in reference.state)
 
     def stepped_with_gradients(self) -> list[int]:
         """The parameters in the optimizer that have a gradient now."""
@@ -231,13 +337,36 @@ class Scenario:
             self.both(lambda side: setattr(side.params[index].grad, "data", values.clone()))
         elif roll < 0.41:
             self.gradients_into_a_bucket()
-        elif roll < 0.46 and len(self.shapes) > self.regular:
+        elif roll < 0.46 and self.small_end > self.regular:
             self.trade_small_gradients()
+        elif roll < 0.54:
+            self.odd_strided_gradient()
+
+    def odd_strided_gradient(self) -> None:
+        """A gradient in its parameter's memory order but for the strides of its dimensions of
+        size 1 (0, 1 or far off; torch calls each contiguous), assigned, or given as the
+        ``.data`` of a gradient there is. torch's kernel reads it as it is, and so does the
+        reference."""
+        candidates = [i for i in range(self.regular) if 1 in self.shapes[i]]
+        if not candidates:
+            return
+        index = self.rng.choice(candidates)
+        shape = self.shapes[index]
+        strides = _odd_strides(shape, self.rng)
+        through_data = self.sides[0].params[index].grad is not None and self.rng.random() < 0.4
+        values = self.randn(shape, self.dtypes[index]).flatten()
+        self.note(f"  p[{index}].grad{'.data' if through_data else ''} = a tensor with strides {tuple(strides)}")
+        for side in self.sides:
+            grad = values.clone().as_strided(shape, strides)
+            if through_data:
+                side.params[index].grad.data = grad
+            else:
+                side.params[index].grad = grad
 
     def trade_small_gradients(self) -> None:
         """Two of the tiny tensors, of one shape, trade gradients: kept ones are views of our
         gradient buffer at each other's place, which the gather must not copy over each other."""
-        first = self.rng.randrange(self.regular, len(self.shapes) - 9)
+        first = self.rng.randrange(self.regular, self.small_end - 9)
         second = first + 9  # the tiny shapes repeat every 9
         self.note(f"  p[{first}].grad, p[{second}].grad = p[{second}].grad, p[{first}].grad")
         for side in self.sides:
@@ -284,15 +413,35 @@ class Scenario:
         if roll < 0.12:
             self.change_hyperparameter()
         elif roll < 0.19:
-            self.note(f"  p[{index}].data = a clone")
-            self.both(lambda side: setattr(side.params[index], "data", side.params[index].data.clone()))
+            shape = self.shapes[index]
+            if 1 in shape and self.rng.random() < 0.5:
+                # Strides of its own on the dimensions of size 1: a copy, or (where it is) a
+                # view of the same memory, in the same order.
+                strides = _odd_strides(shape, self.rng)
+                copy = self.rng.random() < 0.5
+                self.note(f"  p[{index}].data = {'a copy' if copy else 'a view of itself'} with strides {strides}")
+                for side in self.sides:
+                    data = side.params[index].data
+                    data = data.flatten().clone() if copy else data
+                    side.params[index].data = data.as_strided(shape, strides, data.storage_offset())
+            else:
+                self.note(f"  p[{index}].data = a clone")
+                self.both(lambda side: setattr(side.params[index], "data", side.params[index].data.clone()))
         elif roll < 0.26:
             flag = not self.sides[0].params[index].requires_grad
             self.note(f"  p[{index}].requires_grad_({flag})")
             self.both(lambda side: side.params[index].requires_grad_(flag))
         elif roll < 0.32 and all(side.params[index] in side.optimizer.state for side in self.sides):
-            self.note(f"  state of p[{index}] dropped")
-            self.both(lambda side: side.optimizer.state.pop(side.params[index]))
+            how = self.rng.choice(["dropped", "cleared", "replaced by {}"])
+            self.note(f"  state of p[{index}] {how}")
+            for side in self.sides:
+                param = side.params[index]
+                if how == "dropped":
+                    side.optimizer.state.pop(param)
+                elif how == "cleared":
+                    side.optimizer.state[param].clear()
+                else:
+                    side.optimizer.state[param] = {}
         elif roll < 0.38:
             self.note(f"  p[{index}] halved in place")
             with torch.no_grad():
@@ -303,6 +452,29 @@ class Scenario:
             self.both(lambda side: self.offload(side, through_data))
         elif roll < 0.56:
             self.restructure_groups()
+        elif roll < 0.61:
+            self.take_out_parameter()
+
+    def take_out_parameter(self) -> None:
+        """A parameter taken out of its group's list (frozen by leaving the optimizer), to
+        come back later, appended or through add_param_group: with its state kept, which
+        torch goes on from when it is back, or dropped with its gradient."""
+        groups = self.sides[0].optimizer.param_groups
+        members = [(g, position) for g, group in enumerate(groups) for position in range(len(group["params"]))]
+        if not members:
+            return
+        group, position = self.rng.choice(members)
+        index = _positions([groups[group]["params"][position]], self.sides[0].params)[0]
+        keep = self.rng.random() < 0.5
+        kept = "its state kept" if keep else "its state and gradient dropped"
+        self.note(f"  p[{index}] taken out of group {group}, {kept}")
+        self.snapshot = None  # a checkpoint from before no longer fits the groups
+        for side in self.sides:
+            param = side.optimizer.param_groups[group]["params"].pop(position)
+            if not keep:
+                side.optimizer.state.pop(param, None)
+                param.grad = None
+        self.late.insert(0, index)
 
     def restructure_groups(self) -> None:
         """The groups edited as torch lets users edit them between steps: the list reversed,
@@ -320,19 +492,19 @@ class Scenario:
         source, destination = self.rng.sample(range(len(groups)), 2)
         members = [groups[source]["params"], groups[destination]["params"]]
         # (Into an AMSGrad group from one without, torch raises KeyError on the moment it
-        # lacks; ours starts it at zero, as a switch of the group's flag does.)
-        amsgrad = [groups[source]["amsgrad"], groups[destination]["amsgrad"]]
+        # lacks; ours starts it at zero, as a switch of the group's flag does, and so does the
+        # reference, given zeros before the step.)
         if roll < 0.25:
             self.note("  param_groups reversed")
             self.both(lambda side: side.optimizer.param_groups.reverse())
-        elif roll < 0.5 and members[0] and amsgrad[1] <= amsgrad[0]:
+        elif roll < 0.5 and members[0]:
             position = self.rng.randrange(len(members[0]))
             index = _positions([members[0][position]], self.sides[0].params)[0]
             self.note(f"  p[{index}] moved from group {source} to the end of group {destination}")
             for side in self.sides:
                 moved = side.optimizer.param_groups[source]["params"].pop(position)
                 side.optimizer.param_groups[destination]["params"].append(moved)
-        elif roll < 0.8 and all(members) and amsgrad[0] == amsgrad[1]:
+        elif roll < 0.8 and all(members):
             positions = [self.rng.randrange(len(m)) for m in members]
             indices = [_positions([m[i]], self.sides[0].params)[0] for m, i in zip(members, positions)]
             self.note(f"  p[{indices[0]}] of group {source} and p[{indices[1]}] of group {destination} trade places")
@@ -346,6 +518,105 @@ class Scenario:
                 for param in side.optimizer.param_groups.pop(number)["params"]:
                     side.optimizer.state.pop(param, None)
                     param.grad = None
+
+    def change_state(self) -> None:
+        """A state entry edited by hand between steps: a key the step needs deleted (ours
+        must refuse the next step with ValueError before anything changes, README,
+        Limitations; the key is then put back), ``max_exp_avg_sq`` deleted from both where
+        the group has AMSGrad off (neither reads it), a moment replaced by, or overwritten
+        in place with, new values, or the step count set to another, in both."""
+        roll = self.rng.random()
+        if roll >= 0.14:
+            return
+        ours = self.sides[0]
+        grouped: dict[int, int] = {}
+        for number, group in enumerate(ours.optimizer.param_groups):
+            for i in _positions(group["params"], ours.params):
+                grouped.setdefault(i, number)
+        candidates = [i for i in sorted(grouped) if ours.optimizer.state.get(ours.params[i])]
+        if not candidates:
+            return
+        index = self.rng.choice(candidates)
+        group = ours.optimizer.param_groups[grouped[index]]
+        keys = sorted(ours.optimizer.state[ours.params[index]])
+        if roll < 0.05:
+            key = self.rng.choice(keys)
+            stale = "max_exp_avg_sq" in keys and not group["amsgrad"]  # a maximum kept from before
+            if stale and self.rng.random() < 0.5:
+                key = "max_exp_avg_sq"
+            if key == "max_exp_avg_sq" and not group["amsgrad"]:
+                self.note(f"  del state[p[{index}]]['max_exp_avg_sq'] (group {grouped[index]} has AMSGrad off)")
+                self.both(lambda side: side.optimizer.state[side.params[index]].pop(key))
+                return
+            self.refused_step(index, key)
+        elif roll < 0.11:
+            key = self.rng.choice([k for k in keys if k != "step"])
+            in_place = self.rng.random() < 0.3
+            old = ours.optimizer.state[ours.params[index]][key]
+            noise = self.randn(old.shape).to(old.dtype)
+            new = old * 0.5 + noise * 1e-2 if key == "exp_avg" else old * 2 + noise.abs() * 1e-4
+            how = "overwritten in place" if in_place else "replaced"
+            self.note(f"  state[p[{index}]][{key!r}] {how} with new values")
+            for side in self.sides:
+                entry = side.optimizer.state[side.params[index]]
+                if in_place:
+                    entry[key].copy_(new)
+                else:
+                    entry[key] = new.clone()
+        else:
+            count = float(self.rng.randint(1, 30))
+            in_place = self.rng.random() < 0.5
+            self.note(f"  state[p[{index}]]['step'] {'filled with' if in_place else '= a tensor of'} {count}")
+            for side in self.sides:
+                entry = side.optimizer.state[side.params[index]]
+                if in_place:
+                    entry["step"].fill_(count)
+                else:
+                    entry["step"] = torch.full_like(entry["step"], count)
+
+    def refused_step(self, index: int, key: str) -> None:
+        """A key deleted from ours' entry: its step raises ValueError and changes nothing
+        (parameters, gradients, state); with the key back, training goes on."""
+        ours = self.sides[0]
+        self.note(f"  del state[p[{index}]][{key!r}] in ours: step() refused; the key put back")
+        entry = ours.optimizer.state[ours.params[index]]
+        removed = entry.pop(key)
+        before = _everything(ours)
+        history = "\n".join(self.log)
+        try:
+            ours.optimizer.step()
+        except ValueError:
+            pass
+        else:
+            raise AssertionError(f"seed {self.seed}: a step without state[p[{index}]][{key!r}] ran\n{history}")
+        after = _everything(ours)
+        assert sorted(before) == sorted(after), f"seed {self.seed}: a refused step changed what exists\n{history}"
+        for name, value in before.items():
+            torch.testing.assert_close(
+                after[name],
+                value,
+                rtol=0,
+                atol=0,
+                equal_nan=True,
+                msg=lambda m, name=name: f"seed {self.seed}: a refused step changed {name}: {m}\n{history}",
+            )
+        entry[key] = removed
+
+    def give_reference_zero_maxima(self) -> None:
+        """AMSGrad on in a group where a parameter has state without a maximum (the flag
+        switched on, the parameter moved in from a group without, the key deleted while it
+        was off): ours starts that maximum from zero (README, ``amsgrad``), torch raises
+        KeyError. The reference gets zeros, as ours documents."""
+        reference = self.sides[1]
+        for group in reference.optimizer.param_groups:
+            if not group["amsgrad"]:
+                continue
+            for param in group["params"]:
+                entry = reference.optimizer.state.get(param)
+                if entry and "exp_avg_sq" in entry and "max_exp_avg_sq" not in entry:
+                    index = _positions([param], reference.params)[0]
+                    self.note(f"  (the reference's max_exp_avg_sq of p[{index}] set to zeros)")
+                    entry["max_exp_avg_sq"] = torch.zeros_like(entry["exp_avg_sq"])
 
     def offload(self, side: Side, through_data: bool) -> None:
         """Every state tensor moved to the CPU and back, as trainers that free device memory
@@ -363,14 +634,32 @@ class Scenario:
     def change_hyperparameter(self) -> None:
         groups = self.sides[0].optimizer.param_groups
         group = self.rng.randrange(len(groups))
-        key = self.rng.choice(["lr", "weight_decay", "betas", "eps", "maximize"])
+        keys = ["lr", "weight_decay", "betas", "eps", "maximize", "amsgrad"]
+        # Adam as AdamW and back. (torch's AdamW sets the flag back to True at every
+        # load_state_dict, so only one side's reload would tell them apart.)
+        if self.sides[0].cls_name == "Adam":
+            keys.append("decoupled_weight_decay")
+        key = self.rng.choice(keys)
         value = {
             "lr": self.rng.choice([1e-3, 5e-2]),
             "weight_decay": self.rng.choice([0.0, 0.2]),
             "betas": (0.7, 0.9),
             "eps": 1e-6,
             "maximize": not groups[group]["maximize"],
+            # Switched on after the group's parameters have state, ours starts their maxima
+            # from zero (the reference is given zeros); switched off and on again, both go
+            # on from the maxima they kept.
+            "amsgrad": not groups[group]["amsgrad"],
+            "decoupled_weight_decay": not groups[group]["decoupled_weight_decay"],
         }[key]
+        if key == "lr" and self.rng.random() < 0.3:
+            # A tensor lr where there was a float, a float where there was a tensor, or a
+            # new tensor: each side gets one of its own.
+            tensor = not isinstance(groups[group]["lr"], torch.Tensor) or self.rng.random() < 0.5
+            self.note(f"  param_groups[{group}]['lr'] = {f'torch.tensor({value})' if tensor else value}")
+            for side in self.sides:
+                side.optimizer.param_groups[group]["lr"] = torch.tensor(value) if tensor else value
+            return
         if key == "lr" and isinstance(groups[group]["lr"], torch.Tensor):
             self.note(f"  param_groups[{group}]['lr'].fill_({value})")
             self.both(lambda side: side.optimizer.param_groups[group]["lr"].fill_(value))
@@ -388,7 +677,7 @@ class Scenario:
         """A checkpoint round trip into a new optimizer over the same parameters: ours from
         its own (through torch.save, weights_only), ours from torch's, or torch's from ours."""
         roll = self.rng.random()
-        if roll >= 0.25:
+        if roll >= 0.25 or self.state_outside_groups():
             return
         ours, reference = self.sides
         source, into = (reference, ours) if 0.12 <= roll < 0.2 else (ours, reference if roll >= 0.2 else ours)
@@ -410,7 +699,7 @@ class Scenario:
         weights restored in place (as model.load_state_dict does), after a loss spike, say.
         The state between is discarded, also for parameters that had none back then."""
         if self.snapshot is None:
-            if self.rng.random() < 0.15:
+            if self.rng.random() < 0.15 and not self.state_outside_groups():
                 self.note("  checkpoint kept for a rollback")
                 self.snapshot = (number, [self.saved(side) for side in self.sides])
             return
@@ -440,16 +729,17 @@ class Scenario:
         ours, reference = self.sides
         history = "\n".join(self.log)
         for number, (mine, theirs) in enumerate(zip(ours.optimizer.param_groups, reference.optimizer.param_groups, strict=True)):
-            for key in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"):
+            for key in ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"):
                 assert _plain(mine[key]) == _plain(theirs[key]), f"seed {self.seed}, {when}, group {number} {key}\n{history}"
             assert _positions(mine["params"], ours.params) == _positions(theirs["params"], reference.params), (
                 f"seed {self.seed}, {when}, group {number} params\n{history}"
             )
         for index, (a, b) in enumerate(zip(ours.params, reference.params)):
             where = f"seed {self.seed}, {when}, p[{index}] {tuple(a.shape)} {a.dtype}"
-            tolerance = BFLOAT16_TOLERANCE if a.dtype == torch.bfloat16 else TOLERANCE
+            tolerance = {torch.bfloat16: BFLOAT16_TOLERANCE, torch.float8_e4m3fn: EXACT}.get(a.dtype, TOLERANCE)
             torch.testing.assert_close(a.detach(), b.detach(), **tolerance, msg=lambda m: f"{where}: {m}\n{history}")
             ours_state, reference_state = ours.optimizer.state.get(a, {}), reference.optimizer.state.get(b, {})
+            _unstarted_maximum_alike(ours_state, reference_state)
             assert set(ours_state) == set(reference_state), f"{where}: state keys\n{history}"
             for key, expected in reference_state.items():
                 if key == "step":
@@ -458,12 +748,65 @@ class Scenario:
                     torch.testing.assert_close(
                         ours_state[key], expected, **tolerance, msg=lambda m: f"{where}, {key}: {m}\n{history}"
                     )
+        if not self.state_outside_groups():
+            # state_dict()'s numbering (a frozen float8 parameter counts) and its entries.
+            mine, theirs = ours.optimizer.state_dict(), reference.optimizer.state_dict()
+            assert [g["params"] for g in mine["param_groups"]] == [g["params"] for g in theirs["param_groups"]], (
+                f"seed {self.seed}, {when}: state_dict() numbering\n{history}"
+            )
+            assert {k: set(v) for k, v in mine["state"].items()} == {k: set(v) for k, v in theirs["state"].items()}, (
+                f"seed {self.seed}, {when}: state_dict() entries\n{history}"
+            )
         with torch.no_grad():
             for a, b in zip(ours.params, reference.params):
                 b.copy_(a)
                 for key, value in reference.optimizer.state.get(b, {}).items():
                     if key != "step":
                         value.copy_(ours.optimizer.state[a][key])
+
+
+def _unstarted_maximum_alike(ours: dict, reference: dict) -> None:
+    """A maximum not started yet is zero, whether its key is there or not. With AMSGrad
+    switched on, the reference gets zero maxima for every parameter with state before the
+    step; a parameter that then had no gradient (or a step GradScaler skipped) keeps no key
+    in torch, and in ours gains one where another parameter of its buffer was updated. The
+    reference takes ours' choice: an absent maximum and a zero one start alike."""
+    if set(ours) ^ set(reference) != {"max_exp_avg_sq"}:
+        return
+    if "max_exp_avg_sq" in ours:
+        if not ours["max_exp_avg_sq"].any():
+            reference["max_exp_avg_sq"] = torch.zeros_like(reference["exp_avg_sq"])
+    elif not reference["max_exp_avg_sq"].any():
+        del reference["max_exp_avg_sq"]
+
+
+def _halve_gradients(optimizer, args, kwargs) -> None:
+    """A step pre-hook that edits every gradient in the optimizer in place."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                param.grad.mul_(0.5)
+
+
+def _odd_strides(shape: tuple, rng: random.Random) -> tuple:
+    """A contiguous tensor's strides, but on dimensions of size 1: 0, 1 or far off."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(rng.choice([0, 1, 7919]) if size == 1 else step)
+        step *= size
+    return tuple(reversed(strides))
+
+
+def _everything(side: Side) -> dict:
+    """Copies of a side's parameters, gradients and state, by name."""
+    values = {}
+    for i, param in enumerate(side.params):
+        values[f"p[{i}]"] = param.detach().clone()
+        if param.grad is not None:
+            values[f"p[{i}].grad"] = param.grad.detach().clone()
+        for key, value in side.optimizer.state.get(param, {}).items():
+            values[f"state[p[{i}]][{key!r}]"] = value.clone() if isinstance(value, torch.Tensor) else value
+    return values
 
 
 def _own(hyper: dict) -> dict:
@@ -490,6 +833,8 @@ def _positions(members: list, params: list) -> list:
     return [where[id(p)] for p in members]
 
 
+# (Gradients with other strides on dimensions of size 1, accumulated into, make torch warn.)
+@pytest.mark.filterwarnings("ignore:grad and param do not obey the gradient layout contract")
 @pytest.mark.parametrize("seed", range(SCENARIOS))
 def test_random_scenario_trains_like_torch(target, seed):
     scenario = Scenario(seed, target)

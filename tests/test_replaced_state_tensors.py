@@ -351,7 +351,7 @@ def test_a_replaced_entry_that_cannot_stand_in_is_refused_before_anything_change
         pytest.param(lambda entry: entry.pop("master_param"), id="master_param deleted"),
     ],
 )
-@pytest.mark.parametrize("then", [None, "a group added", "a parameter moved", "after a load"])
+@pytest.mark.parametrize("then", [None, "a group added", "a parameter moved", "after a load", "a neighbour reset"])
 def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, then, request):
     """``del optimizer.state[p]["exp_avg_sq"]``: torch's next step raises a KeyError. Ours
     raises too, before anything changes; it once stepped on with the key missing for good,
@@ -359,7 +359,8 @@ def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, 
     or master was worse: the step went on from the buffer, and checkpoints lost them. A
     re-homing before the step (a group added, a parameter given new memory) must not hide
     the deletion, as it once did: it re-imported the entry as if it were a checkpoint's;
-    nor may a load just before it (the step then put the deleted maximum back)."""
+    nor may a load just before it (the step then put the deleted maximum back), nor another
+    entry of the buffer reset (all of them are imported again then)."""
     case = request.node.callspec.id
     dtype = torch.bfloat16 if "master_param" in case else torch.float32
     model = OddModel(shapes=SHAPES).to(device=target.device, dtype=dtype)
@@ -378,6 +379,8 @@ def test_a_state_key_deleted_is_refused_before_anything_changes(target, delete, 
     elif then == "a parameter moved":
         moved = next(iter(model.parameters()))
         moved.data = moved.data.clone()
+    elif then == "a neighbour reset":  # its buffer's entries are all imported again
+        entries[1].clear()
     missing = r"lacks \['(exp_avg_sq|step|max_exp_avg_sq|master_param)'\]"
     with pytest.raises(ValueError, match=r"optimizer.state\[p\] of a parameter of shape .* " + missing):
         optimizer.step()
