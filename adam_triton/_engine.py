@@ -26,7 +26,7 @@ from ._state_tensors import (
     apart_from_state,
     check_local_entry,
     check_replaced_entries,
-    keys_the_step_needs,
+    refuse_deleted_keys,
     replaced_state_tensors,
 )
 from ._tables import HyperTable, order_chunks, upload, variant_of
@@ -286,10 +286,8 @@ class Engine:
                 where = f"{self.name}: optimizer.state[p] of a parameter of shape {tuple(param.shape)} (param group {group_index})"
                 buffer, segment = ours.get(id(param), (None, None))
                 if buffer is not None and buffer.state_entries[segment] is entry:
-                    needed = keys_the_step_needs(buffer, segment, bool(groups[group_index]["amsgrad"]))
-                    missing = [key for key in needed if key not in entry]
-                    if missing:  # (the groups may have changed: this one's is group_index)
-                        raise ValueError(f"{where} lacks {missing}, which the step needs")
+                    # (The groups may have changed since the buffer was laid out.)
+                    refuse_deleted_keys(buffer, segment, entry, bool(groups[group_index]["amsgrad"]), where)
                 check_local_entry(param, entry, where, step_value=False)
                 readable_steps.append((local(entry["step"]), where))
         check_step_values(readable_steps)

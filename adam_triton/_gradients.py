@@ -9,10 +9,10 @@ gradients as a list. Neither copies a gradient, except:
   ``grad_dtype``) or device differ from its parameter's, or (for the Triton kernel's
   16-byte accesses) that is not 16-byte aligned, is copied into the buffer's own gradient
   buffer first (the kernel walks parameter, state and gradient in one memory order; that
-  gradient buffer spans every parameter, and stays while such gradients keep coming); where some gradients are
-  views of that gradient buffer at another place (kept gradients traded between
-  parameters), such copies are made apart from it instead, so that none is written over
-  before it is read;
+  gradient buffer spans every parameter, and stays while such gradients keep coming);
+  where some gradients are views of that gradient buffer at another place (kept gradients
+  traded between parameters), such copies are made apart from it instead, so that none is
+  written over before it is read;
 * ``zero_grad(set_to_none=False)`` replaces gradients with views of that gradient buffer,
   zeroed in one operation; backward then accumulates into them in place, and the CPU
   fallback can update whole parameter groups as single flat tensors;

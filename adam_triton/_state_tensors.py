@@ -38,7 +38,8 @@ def replaced_state_tensors(
     for segment, entry in enumerate(buffer.state_entries):
         if entry is None or state.get(buffer.params[segment]) is not entry:
             continue  # no state yet, or a replaced entry: the engine re-imports those
-        refuse_deleted_keys(buffer, segment, entry, groups, _where(optimizer_name, buffer, segment))
+        amsgrad = _amsgrad_of(buffer, segment, groups)
+        refuse_deleted_keys(buffer, segment, entry, amsgrad, _where(optimizer_name, buffer, segment))
         for key, value in entry.items():
             ours = buffer.internal_state_view(key, segment)
             if ours is None and key == "max_exp_avg_sq" and value is not None:
@@ -55,16 +56,16 @@ def replaced_state_tensors(
     return found
 
 
-def refuse_deleted_keys(buffer: FlatBuffer, segment: int, entry: dict, groups: list[dict], where: str) -> None:
+def refuse_deleted_keys(buffer: FlatBuffer, segment: int, entry: dict, amsgrad: bool, where: str) -> None:
     """``ValueError`` for a key the step needs deleted from ``entry``, the optimizer's own
-    entry of ``segment`` (torch's next step raises a ``KeyError``)."""
-    amsgrad = bool(groups[int(buffer.group_of_segment[segment])]["amsgrad"])
-    missing = [key for key in keys_the_step_needs(buffer, segment, amsgrad) if key not in entry]
+    entry of ``segment``, whose group has AMSGrad on or off (torch's next step raises a
+    ``KeyError``)."""
+    missing = [key for key in _keys_the_step_needs(buffer, segment, amsgrad) if key not in entry]
     if missing:
         raise ValueError(f"{where} lacks {missing}, which the step needs")
 
 
-def keys_the_step_needs(buffer: FlatBuffer, segment: int, amsgrad: bool) -> tuple[str, ...]:
+def _keys_the_step_needs(buffer: FlatBuffer, segment: int, amsgrad: bool) -> tuple[str, ...]:
     """The keys whose deletion from an entry of ours is refused: without them torch's step
     raises a ``KeyError``, and ours would go on from its buffers while checkpoints lost
     the key. A maximum is needed where the entry was given one and its group has AMSGrad
@@ -158,7 +159,7 @@ def check_replaced_entries(buffer: FlatBuffer, groups: list[dict], entries: list
     for segment, (param, entry) in enumerate(zip(buffer.params, entries)):
         where = _where(optimizer_name, buffer, segment)
         if entry and entry is buffer.state_entries[segment]:  # (an emptied one is a reset)
-            refuse_deleted_keys(buffer, segment, entry, groups, where)
+            refuse_deleted_keys(buffer, segment, entry, _amsgrad_of(buffer, segment, groups), where)
         check_local_entry(param, entry, where)
 
 
@@ -169,6 +170,10 @@ def check_local_entry(param, entry, where: str, step_value: bool = True) -> None
     if isinstance(entry, dict):  # (check_entry refuses anything else)
         entry = {key: local(value) if isinstance(value, torch.Tensor) else value for key, value in entry.items()}
     check_entry(local(param), entry, where, step_value=step_value)
+
+
+def _amsgrad_of(buffer: FlatBuffer, segment: int, groups: list[dict]) -> bool:
+    return bool(groups[int(buffer.group_of_segment[segment])]["amsgrad"])
 
 
 def _where(optimizer_name: str, buffer: FlatBuffer, segment: int, key: str | None = None) -> str:
