@@ -202,6 +202,14 @@ class Engine:
     def _group_fingerprint(groups: list[dict]) -> list[tuple]:
         return [(list(g["params"]), _precision_options(g)) for g in groups]
 
+    def _remember_groups(self, groups: list[dict], added: bool = False) -> None:
+        """The groups as the buffers now hold them (or, ``added``, one more), and the frozen
+        float8 parameters they hold, which the buffers leave out."""
+        fingerprint, unsteppable = self._group_fingerprint(groups), _unsteppable_parameters(groups)
+        if added:
+            fingerprint, unsteppable = self._fingerprint + fingerprint, self._unsteppable + unsteppable
+        self._fingerprint, self._unsteppable = fingerprint, unsteppable
+
     def _groups_unchanged(self, groups: list[dict]) -> bool:
         seen = self._fingerprint
         return len(groups) == len(seen) and all(map(_same_group, groups, seen))
@@ -314,8 +322,7 @@ class Engine:
         self.buffers = buffers
         self.backend_of = {id(b): backends[b.key] for b in buffers}
         self._params = params
-        self._fingerprint = self._group_fingerprint(groups)
-        self._unsteppable = _unsteppable_parameters(groups)
+        self._remember_groups(groups)
         self._join_pending = False
         self.import_state(groups, state, saved_masters_win=saved_masters_win)
 
@@ -367,8 +374,7 @@ class Engine:
         self.buffers = self.buffers + added
         self.backend_of.update({id(b): backends[b.key] for b in added})
         self._params = self._params + new_params
-        self._fingerprint = self._fingerprint + self._group_fingerprint(groups[-1:])
-        self._unsteppable = self._unsteppable + _unsteppable_parameters(groups[-1:])
+        self._remember_groups(groups[-1:], added=True)
         self.import_state(groups, state, buffers=added)
 
     def _buffers_match(self, groups: list[dict], state) -> bool:
@@ -394,8 +400,7 @@ class Engine:
             # also when they leave every parameter where it is.
             self.check(groups, state)
             if self._buffers_match(groups, state):
-                self._fingerprint = self._group_fingerprint(groups)
-                self._unsteppable = _unsteppable_parameters(groups)
+                self._remember_groups(groups)
             else:
                 self.rebuild(groups, state)
                 return
