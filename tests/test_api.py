@@ -191,18 +191,23 @@ def test_quantized_parameters_are_accepted_and_left_alone_as_in_torch(target, co
     assert [g["params"] for g in state["param_groups"]] == [g["params"] for g in expected_state["param_groups"]]
 
 
-@pytest.mark.parametrize("how", ["in the constructor", "in an added group", "appended to a group's list"])
+@pytest.mark.parametrize(
+    "how", ["in the constructor", "in the constructor, a group added after", "in an added group", "appended to a group's list"]
+)
 def test_a_frozen_float8_parameter_given_a_gradient_later_is_refused_before_anything_changes(target, how):
     """Left out of the buffers while frozen; unfrozen and given a gradient, torch's step
     raises for it (it cannot compute in float8). Ours must not leave it silently as it was."""
     weight = torch.nn.Parameter(torch.randn(5, 3, device=target.device))
     codes = torch.nn.Parameter(torch.randn(4, 4, device=target.device).to(torch.float8_e4m3fn), requires_grad=False)
-    in_constructor = how == "in the constructor"
+    in_constructor = how.startswith("in the constructor")
     optimizer = adam_triton.AdamW([weight, codes] if in_constructor else [weight], lr=1e-2, backend=target.backend)
     weight.grad = torch.randn(5, 3, device=target.device)
     optimizer.step()
     if how == "in an added group":
         optimizer.add_param_group({"params": [codes]})
+    elif how == "in the constructor, a group added after":  # with float8 codes of its own
+        more = torch.randn(2, 2, device=target.device).to(torch.float8_e4m3fn)
+        optimizer.add_param_group({"params": [torch.nn.Parameter(more, requires_grad=False)]})
     elif how == "appended to a group's list":
         optimizer.param_groups[0]["params"].append(codes)
     optimizer.step()
