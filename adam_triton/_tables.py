@@ -42,10 +42,12 @@ class HyperTable:
 
     def __init__(self):
         self._host_rows = None
+        self._held_on_device: tuple = ()
         self._array = None
+        self._version = 0  # counts the arrays made, each different from the one before
         self._device_values: list = []
         self._tables: dict[torch.device, torch.Tensor] = {}
-        self._uploaded_rows: dict[torch.device, tuple] = {}
+        self._uploaded_version: dict[torch.device, int] = {}
         self._fresh: set = set()
 
     def refresh(self, groups: list[dict]) -> None:
@@ -64,9 +66,15 @@ class HyperTable:
                     values = _host_values(values, row, device_values)
             rows.append(values)
         rows = tuple(rows)
-        if rows != self._host_rows:
+        # A cell held on the device reads 0.0 here: which cells those are is part of what an
+        # upload must match, or a value going from a device tensor to the number 0.0 would
+        # leave the table's cell holding the tensor's last value.
+        held_on_device = tuple((row, column) for row, column, _ in device_values)
+        if rows != self._host_rows or held_on_device != self._held_on_device:
             self._host_rows = rows
+            self._held_on_device = held_on_device
             self._array = np.array(rows, dtype=np.float64).reshape(len(rows), len(HYPER_COLUMNS))
+            self._version += 1
         self._device_values = device_values
         self._fresh = set()
 
@@ -86,10 +94,10 @@ class HyperTable:
         """The table on ``device``, current for this step."""
         if device in self._fresh:
             return self._tables[device]
-        if self._uploaded_rows.get(device) != self._host_rows:
+        if self._uploaded_version.get(device) != self._version:
             refuse_upload_while_capturing(device, "a hyperparameter held as a Python number")
             self._tables[device] = upload(self._array, device)
-            self._uploaded_rows[device] = self._host_rows
+            self._uploaded_version[device] = self._version
         table = self._tables[device]
         for row, column, value in self._device_values:
             table[row, column].copy_(value, non_blocking=True)

@@ -197,6 +197,58 @@ def test_capturable_with_tensor_lr_follows_a_scheduler_writing_into_it(target):
     assert_close_params(ours_model, reference_model)
 
 
+@pytest.mark.parametrize("name", ["lr", "weight_decay"])
+def test_a_hyperparameter_going_from_a_device_tensor_to_the_number_zero_is_read_anew(target, name):
+    """A value held in a tensor on the device is copied into the table's cell each step; when
+    the group then holds the number 0.0, the cell must be uploaded again, not keep the
+    tensor's last value (the host side of the table reads a device-held cell as 0.0 too)."""
+    ours_model = OddModel().to(target.device)
+    reference_model = copy.deepcopy(ours_model)
+    held = torch.tensor(0.05, device=target.device)
+    ours = adam_triton.AdamW(ours_model.parameters(), capturable=True, backend=target.backend, **{name: held})
+    reference = torch.optim.AdamW(reference_model.parameters(), **{name: 0.05})
+    generator = torch.Generator().manual_seed(5)
+    for step in range(4):
+        if step == 2:
+            for optimizer in (ours, reference):
+                optimizer.param_groups[0][name] = 0.0
+        x = torch.randn(8, generator=generator).to(target.device)
+        for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+            optimizer.zero_grad()
+            model(x).backward()
+            optimizer.step()
+    assert_close_params(ours_model, reference_model)
+
+
+class _SaysItIsOnCuda(torch.Tensor):
+    """A CPU tensor reporting a CUDA device: the hyperparameter table's host-side
+    bookkeeping for device-held values, checked where no GPU is."""
+
+    @property
+    def device(self):
+        return torch.device("cuda")
+
+
+def test_the_hyperparameter_table_uploads_a_cell_that_stops_being_held_on_the_device():
+    from adam_triton._tables import HyperTable
+
+    table = HyperTable()
+    group = {"lr": torch.tensor(0.5).as_subclass(_SaysItIsOnCuda), "betas": (0.9, 0.999), "eps": 1e-8,
+             "weight_decay": torch.tensor(0.25).as_subclass(_SaysItIsOnCuda)}
+    host = torch.device("cpu")  # where the table lives; the copies from the "device" go there
+    table.refresh([group])
+    assert table.on(host)[0].tolist() == [0.5, 0.9, 0.999, 1e-8, 0.25]
+    group["lr"] = 0.0
+    table.refresh([group])
+    assert table.on(host)[0].tolist() == [0.0, 0.9, 0.999, 1e-8, 0.25]
+    group["weight_decay"] = 0.0
+    table.refresh([group])
+    assert table.on(host)[0].tolist() == [0.0, 0.9, 0.999, 1e-8, 0.0]
+    group["lr"] = torch.tensor(0.125).as_subclass(_SaysItIsOnCuda)
+    table.refresh([group])
+    assert table.on(host)[0].tolist() == [0.125, 0.9, 0.999, 1e-8, 0.0]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_cuda_graph_capture_and_replay_matches_eager_steps():
     torch.manual_seed(0)
