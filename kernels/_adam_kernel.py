@@ -352,4 +352,7 @@ def _adam_chunk_kernel(
         )
 
     if BUMP_STEPS:
+        # Warps run their tiles unsynchronised: without a barrier a warp still to issue its
+        # read of the counter could read the count this store has already advanced.
+        tl.debug_barrier()
         tl.store(counter_ptr, step, mask=update)

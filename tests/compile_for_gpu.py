@@ -59,6 +59,7 @@ def compile_variant(dtype, amsgrad, maximize, decoupled, arch, master=False, sto
         # Modifiers may stand between the rounding mode and the type (``sqrt.approx.ftz.f32``).
         "approximate_division": bool(re.search(r"\bdiv\.(?:approx|full)(?:\.\w+)*\.f32\b", ptx)),
         "approximate_sqrt": bool(re.search(r"\br?sqrt\.approx(?:\.\w+)*\.f32\b", ptx)),
+        "barriers": len(re.findall(r"\b(?:bar|barrier)\.sync\b", ptx)),
     }
 
 

@@ -64,3 +64,11 @@ def test_float32_math_is_correctly_rounded(compiled_variants):
     for variant in compiled_variants:
         assert not variant["approximate_division"], variant
         assert not variant["approximate_sqrt"], variant
+
+
+def test_the_step_counter_is_advanced_only_after_every_warp_has_read_it(compiled_variants):
+    """Each chunk's warps read its step count at the start and one thread stores the next
+    count at the end; nothing else synchronises the warps, so without a barrier a warp
+    that starts late could compute its bias corrections from the advanced count."""
+    for variant in compiled_variants:
+        assert variant["barriers"] >= 1, variant
