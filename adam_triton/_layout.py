@@ -29,6 +29,7 @@ import torch
 
 from ._grad_mode import no_grad
 from ._in_place import STORAGE_USE_COUNT, DTensorSpec, is_dtensor, local
+from ._tables import refuse_upload_while_capturing, upload
 
 #: Must equal ``adam_triton.kernels.SEGMENT_ALIGNMENT_BYTES`` (checked by the tests); kept
 #: here so that building a layout does not import triton.
@@ -258,6 +259,7 @@ class FlatBuffer:
         self.grad: torch.Tensor | None = None
         self.steps = torch.zeros(self.n_chunks, dtype=torch.float32, device=device)
         self.steps_version = self.steps._version
+        self._leader_of_chunk: torch.Tensor | None = None  # each chunk's segment's first chunk
         self._state_storages: list | None = None  # (storage, its _cdata) for state_references
 
         self.master_views: list | None = None
@@ -581,8 +583,12 @@ class FlatBuffer:
     def sync_step_counters(self) -> None:
         """Give every chunk its leader's count if anything but the kernel wrote the table."""
         if self.steps._version != self.steps_version:
-            leader_of_chunk = torch.from_numpy(self.leaders[self.chunk_segment]).to(self.device)
-            self.steps.copy_(self.steps[leader_of_chunk])
+            if self._leader_of_chunk is None:
+                # Uploaded once, through pinned memory: a loop that puts state["step"] back
+                # every step (CPU offloading) must not wait for the device every step.
+                refuse_upload_while_capturing(self.device, "a step count written into the optimizer's state")
+                self._leader_of_chunk = upload(self.leaders[self.chunk_segment], self.device)
+            self.steps.copy_(self.steps[self._leader_of_chunk])
             self.steps_version = self.steps._version
 
     def state_views(self, segment: int, amsgrad: bool) -> dict:

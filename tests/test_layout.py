@@ -107,6 +107,28 @@ def test_step_does_not_synchronise_with_the_device():
         torch.cuda.set_sync_debug_mode("default")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_step_counts_written_into_the_state_are_taken_up_without_synchronising():
+    """Loops that offload the state put each ``state[p]["step"]`` back before every step;
+    spreading the written counts over every chunk of the parameter must not wait for the
+    device (it read a pageable copy of the chunks' leaders)."""
+    model = OddModel().cuda()
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-3, backend="triton")
+    train(model, optimizer, steps=2)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for count in (7.0, 11.0):
+            loss = model(torch.randn(8, device="cuda"))
+            optimizer.zero_grad()
+            loss.backward()
+            for p in model.parameters():
+                optimizer.state[p]["step"].fill_(count)
+            optimizer.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert [float(optimizer.state[p]["step"]) for p in model.parameters()] == [12.0] * len(list(model.parameters()))
+
+
 def record_fused_adamw_calls(monkeypatch) -> list:
     """From now on, each call of torch's fused AdamW kernel appends (its tensor count, the
     calling thread's torch thread count) to the list returned, and then runs."""
