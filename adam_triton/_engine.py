@@ -360,7 +360,7 @@ class Engine:
         if (
             len(self.buffers) >= _MOST_BUFFERS_APART
             or any(state.get(p) for p in new_params)
-            or any(b.in_place.any() or b.parameters_moved() for b in self.buffers)
+            or any((b.in_place.any() and not b.key[4]) or b.parameters_moved() for b in self.buffers)
             or meets_any([local(p) for p in new_params], [b.param for b in self.buffers])
         ):
             self.rebuild(groups, state)

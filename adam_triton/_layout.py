@@ -197,7 +197,13 @@ class FlatBuffer:
         self.self_overlapping = np.array([overlaps_itself(local(p)) for p in params], dtype=bool)
         self.inference = np.array([is_inference_tensor(local(p)) for p in params], dtype=bool)
         self.left_alone = self.self_overlapping | self.inference
-        self.in_place = self.in_place | self.left_alone
+        # Frozen parameters are never written either: one given a gradient or state moves
+        # to another buffer before its step (``Engine._regrouping_needed``). Copied in, a
+        # frozen trunk would cost a second copy of itself while the optimizer is built, and
+        # for good where its old memory stays referenced (the tensor handed to
+        # ``Embedding.from_pretrained``, weights loaded with ``mmap=True``).
+        self.untouched = self.left_alone | frozen
+        self.in_place = self.in_place | self.untouched
         self.any_left_alone = bool(self.left_alone.any())
         self.dtensor_specs = [DTensorSpec(p) if is_dtensor(p) else None for p in params]
         self.has_dtensor = any(spec is not None for spec in self.dtensor_specs)
@@ -245,7 +251,9 @@ class FlatBuffer:
         # Padding is zero in every buffer and stays zero under the update (g = m = v = 0).
         # When every parameter is addressed in place, `param` holds nothing: it is only the
         # base their shifts count from (no second copy of an FSDP2 shard).
-        needs_param = stage_in_place or not (self.in_place & self.addressable).all()
+        needs_param = (stage_in_place and not self.untouched.all()) or not (
+            self.in_place & (self.addressable | self.untouched)
+        ).all()
         self.param = aligned_zeros(self.total if needs_param else align, dtype, device)
         self.param_shifts = np.zeros(len(params), dtype=np.int64)
         self.param_shifts_on_device: torch.Tensor | None = None
@@ -436,7 +444,7 @@ class FlatBuffer:
                 view = self.segment_view(self.param, segment)
                 view.copy_(param.data)
                 param.data = self.own_storage_view(self.param, segment)
-            elif self.left_alone[segment]:
+            elif self.untouched[segment]:
                 pass  # never updated: nothing to stage or address
             elif not self.addressable[segment] or self.stage_in_place:
                 self.staged_params.append((self.segment_view(self.param, segment), local(param)))

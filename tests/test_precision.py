@@ -504,11 +504,17 @@ def test_frozen_bfloat16_parameters_get_no_masters_until_they_train(target):
     frozen = list(model.weights)[2:]
     for p in frozen:
         p.requires_grad_(False)
+    addresses = [p.data_ptr() for p in frozen]
     optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
     train(model, optimizer, steps=2)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     masters = sum(b.master.numel() for b in optimizer._engine.buffers if b.master is not None)
     assert masters <= trainable + 64 * len(list(model.parameters()))  # segments padded to 128 bytes
+    # Nor room for the frozen ones in a buffer (the CPU backend's working copies included):
+    # they stay where they are.
+    assert [p.data_ptr() for p in frozen] == addresses
+    held = sum(b.param.numel() for b in optimizer._engine.buffers)
+    assert held <= trainable + 64 * (len(list(model.parameters())) + 1)
     assert all(p not in optimizer.state for p in frozen)
 
     before = [p.detach().clone() for p in frozen]

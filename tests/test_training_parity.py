@@ -312,6 +312,52 @@ def test_frozen_parameters_cost_no_state_until_they_train(target, set_to_none, f
     assert_close_state(ours, reference, ours_model, reference_model)
 
 
+class _PretrainedLookup(torch.nn.Module):
+    """A frozen pretrained table (``Embedding.from_pretrained`` shares the tensor it is
+    given, as torch documents) and a frozen trunk under a trainable head."""
+
+    def __init__(self, vectors):
+        super().__init__()
+        self.lookup = torch.nn.Embedding.from_pretrained(vectors)
+        self.trunk = torch.nn.Linear(vectors.shape[1], 24).requires_grad_(False)
+        self.head = torch.nn.Linear(24, 3)
+
+    def forward(self, x):
+        indices = (x.abs() * 1000).long() % self.lookup.num_embeddings
+        return (self.head(torch.tanh(self.trunk(self.lookup(indices)))) ** 2).mean()
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_frozen_parameters_stay_where_they_are(target, set_to_none):
+    """torch never touches a parameter that does not train; neither is it copied into a
+    buffer here: the pretrained table keeps sharing the tensor it was made from (copied, it
+    would be held twice, and weights loaded with ``mmap=True`` would become RAM), and the
+    frozen trunk keeps its memory. Unfrozen later, the trunk trains as under torch."""
+    generator = torch.Generator().manual_seed(8)
+    # One element in: a table not 16-byte aligned, which a buffer would otherwise stage.
+    vectors = [torch.randn(101 * 13 + 1, generator=generator).to(target.device)[1:].view(101, 13) for _ in range(2)]
+    ours_model, reference_model = (_PretrainedLookup(v) for v in vectors)
+    reference_model.load_state_dict(ours_model.state_dict())
+    frozen = [ours_model.lookup.weight, ours_model.trunk.weight, ours_model.trunk.bias]
+    frozen_addresses = [p.data_ptr() for p in frozen]
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3, set_to_none=set_to_none)
+    assert [p.data_ptr() for p in frozen] == frozen_addresses
+    assert ours_model.lookup.weight.data_ptr() == vectors[0].data_ptr()
+    # No room is made for them either (1,649 elements): the buffers hold the head's weight
+    # and bias, each padded to 128 bytes (96 + 32), and the frozen buffer's 32-element base.
+    assert sum(b.param.numel() for b in ours._engine.buffers) <= 160
+    assert_close_params(ours_model, reference_model)
+
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        model.trunk.requires_grad_(True)
+        train(model, optimizer, steps=3, seed=2, set_to_none=set_to_none)
+    assert ours_model.lookup.weight.data_ptr() == vectors[0].data_ptr()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 @pytest.mark.parametrize("set_to_none", [True, False])
 def test_gradient_given_by_hand_to_a_frozen_parameter_costs_only_its_state(target, set_to_none):
     """torch updates any parameter with a ``.grad``, even one that requires none. Given one

@@ -701,6 +701,34 @@ def test_groups_edited_before_a_group_is_added_train_like_torch(target, edit):
     assert_close_state(sides[0][1], sides[1][1], ours_model, reference_model)
 
 
+def test_groups_added_beside_frozen_parameters_move_only_themselves(target, monkeypatch):
+    """Frozen parameters stay where they are (no buffer copies them), which must not make
+    ``add_param_group`` re-home everything held at each call, as it does where trained
+    parameters live outside the buffers: a loop of calls would be quadratic again."""
+    from adam_triton._engine import Engine
+
+    ours_model, reference_model = paired(OddModel, target.device)
+    sides = []
+    for model, cls in ((ours_model, adam_triton.AdamW), (reference_model, torch.optim.AdamW)):
+        weights = list(model.weights)
+        for weight in weights[2:5]:
+            weight.requires_grad_(False)
+        optimizer = cls([{"params": weights[:5]}], lr=1e-2, **({"backend": target.backend} if cls is adam_triton.AdamW else {}))
+        sides.append((model, optimizer, weights))
+    rebuilds = []
+    rebuild = Engine.rebuild
+    monkeypatch.setattr(Engine, "rebuild", lambda self, *a, **k: rebuilds.append(1) or rebuild(self, *a, **k))
+    for model, optimizer, weights in sides:
+        train(model, optimizer, steps=2)
+        for index, weight in enumerate(weights[5:]):
+            optimizer.add_param_group({"params": [weight], "lr": 2e-2 * (index + 1)})
+    assert not rebuilds
+    for model, optimizer, _ in sides:
+        train(model, optimizer, steps=3, seed=2)
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(sides[0][1], sides[1][1], ours_model, reference_model)
+
+
 def test_the_gradient_table_is_uploaded_only_when_a_gradient_moved(monkeypatch):
     """Gradients set to None and handed back at the same addresses (as the caching
     allocator often does) need no new shift table; gradients elsewhere do."""
