@@ -95,7 +95,11 @@ def check_parameters(groups, params: list, group_of: list[int], optimizer_name: 
             raise _self_overlapping_error(optimizer_name, param, index)
         state_dtype = group.get("state_dtype")
         if state_dtype is not None and param.is_complex() and state_dtype != storage_dtype(param):
-            raise ValueError("state_dtype cannot be set for complex parameters: their state stays complex")
+            raise ValueError(
+                f"{optimizer_name}: state_dtype={state_dtype} cannot apply to a complex parameter (param group "
+                f"{index}, shape {tuple(param.shape)}): its state stays complex, of its own precision. Give "
+                "complex parameters a param group of their own with \"state_dtype\": None"
+            )
         if group.get("stochastic_rounding") and param.dtype == torch.float16 and not group.get("master_weights"):
             raise ValueError(
                 "stochastic_rounding rounds bfloat16 values; float16 parameters need master_weights=True "

@@ -120,6 +120,11 @@ def _host_values(values: tuple, row: int, device_values: list) -> tuple:
                     f"param group {row}: {HYPER_COLUMNS[column]} must be a real number or a 1-element "
                     f"tensor holding a value, got a tensor of shape {tuple(value.shape)} on {value.device}"
                 )
+            if value.is_complex():  # (torch's update raises for one, after counting the step)
+                raise TypeError(
+                    f"param group {row}: {HYPER_COLUMNS[column]} must be a real number or a 1-element "
+                    f"tensor holding one, got a tensor of dtype {value.dtype}"
+                )
             if value.device.type != "cpu":
                 # (a 1-element tensor may have shape (1,): copied into one cell, as ())
                 device_values.append((row, column, value.reshape(())))

@@ -281,7 +281,9 @@ _ARGS = r"""
     Args:
         params (iterable): parameters, named parameters, or dicts defining parameter groups,
             as for any torch optimizer. The parameters of each (device, dtype) are moved into
-            one flat buffer; each keeps its identity and its ``.data`` becomes a view.
+            one flat buffer; each keeps its identity and its ``.data`` becomes its segment of
+            the buffer (a tensor with a storage of its own, over the buffer's memory).
+            Frozen parameters stay where they are until they train.
         lr (float, Tensor, optional): learning rate (default: {lr}).
         betas (tuple[float | Tensor, float | Tensor], optional): decay rates of the first and
             second moment averages (default: (0.9, 0.999)).
@@ -290,10 +292,11 @@ _ARGS = r"""
         weight_decay (float, optional): {weight_decay_doc}
         amsgrad (bool, optional): use the AMSGrad variant, which normalises by the largest
             second moment seen so far (default: False).
-{decoupled_doc}        foreach (bool, optional): accepted for compatibility; has no effect (the update is
-            already fused: one launch per buffer and kernel variant with Triton, torch's
-            fused kernel per param group with the pure-PyTorch backend). ``foreach=True``
-            with ``fused=True`` raises as in torch.
+{decoupled_doc}        foreach (bool, optional): accepted for compatibility and validated as torch does;
+            it changes nothing in the update (already fused: one launch per buffer and
+            kernel variant with Triton, torch's fused kernel per param group with the
+            pure-PyTorch backend). ``foreach=True`` with ``fused=True``, or with a Tensor lr
+            or betas and ``capturable=False``, raises as in torch.
         maximize (bool, optional): maximize the objective instead of minimizing (default: False).
         capturable (bool, optional): accepted and stored in the param groups as in torch; the
             Triton backend's step never synchronises with the device either way (the
@@ -312,8 +315,9 @@ _ARGS = r"""
             parameter, updated in place of it; the parameter receives the master rounded to
             nearest (default: False).
         state_dtype (torch.dtype, optional): the dtype of ``exp_avg``, ``exp_avg_sq`` and
-            ``max_exp_avg_sq`` whatever the parameters' (default: None, the parameter's
-            dtype, or float32 with master weights).
+            ``max_exp_avg_sq`` whatever the real parameters' (default: None, the parameter's
+            dtype, or float32 with master weights). Complex parameters keep complex state of
+            their own precision: another ``state_dtype`` in their group raises ``ValueError``.
         stochastic_rounding (bool, optional): round every bfloat16 value the step stores
             (parameters without masters, bfloat16 states) up or down at random, in
             proportion to the distance; a model's copy of a master stays rounded to nearest

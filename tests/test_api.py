@@ -432,8 +432,13 @@ def test_hyperparameters_of_any_real_number_type_train_as_in_torch(target, key, 
         ("lr", 0.01j, "lr"),
         ("lr", torch.tensor([0.01, 0.02]), "lr"),
         ("betas", (0.9, torch.tensor(0.999, device="meta")), "beta2"),
+        ("lr", torch.tensor(0.01 + 0j), "lr"),
+        ("weight_decay", torch.tensor([0.01 + 5j]), "weight_decay"),
     ],
-    ids=["lr str", "eps Decimal", "beta1 str", "lr complex", "lr of two elements", "beta2 on the meta device"],
+    ids=[
+        "lr str", "eps Decimal", "beta1 str", "lr complex", "lr of two elements", "beta2 on the meta device",
+        "lr a complex tensor", "weight_decay a complex tensor",
+    ],
 )
 def test_a_hyperparameter_that_is_not_a_real_number_is_refused_before_anything_changes(target, key, value, column):
     """torch raises a TypeError at the step, after updating the groups before (for-loop,

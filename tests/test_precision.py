@@ -486,6 +486,37 @@ def test_bad_precision_options_raise(kwargs, message):
         adam_triton.AdamW([torch.nn.Parameter(torch.zeros(2, dtype=BF16))], **kwargs)
 
 
+def test_a_state_dtype_for_complex_parameters_is_refused_and_a_group_of_their_own_trains_them(target):
+    """Complex parameters keep complex state of their own precision (torch's Adam updates
+    them through real views): another ``state_dtype`` in their group is refused before
+    anything moves, and the way out the message gives trains them as torch does, beside
+    real parameters whose moments are bfloat16."""
+    generator = torch.Generator().manual_seed(6)
+    real = torch.nn.Parameter(torch.randn(37, generator=generator).to(target.device, BF16))
+    wave = torch.nn.Parameter(torch.randn(29, dtype=torch.complex64, generator=generator).to(target.device))
+    address = wave.data_ptr()
+    with pytest.raises(ValueError, match=r'state_dtype=torch.bfloat16 cannot apply to a complex parameter \(param group 0, shape \(29,\)\).*"state_dtype": None'):
+        adam_triton.AdamW([real, wave], backend=target.backend, state_dtype=BF16)
+    assert wave.data_ptr() == address and real.grad is None
+
+    reference_wave = torch.nn.Parameter(wave.detach().clone())
+    ours = adam_triton.AdamW(
+        [{"params": [real]}, {"params": [wave], "state_dtype": None}], lr=1e-2, backend=target.backend, state_dtype=BF16
+    )
+    reference = torch.optim.AdamW([reference_wave], lr=1e-2)
+    for _ in range(3):
+        target_values = torch.randn(29, dtype=torch.complex64, generator=generator).to(target.device)
+        for optimizer, param in ((ours, wave), (reference, reference_wave)):
+            optimizer.zero_grad()
+            ((param - target_values).abs() ** 2).sum().backward()
+            if optimizer is ours:
+                real.grad = torch.randn(37, generator=generator).to(target.device, BF16)
+            optimizer.step()
+    assert ours.state[wave]["exp_avg"].dtype == torch.complex64
+    assert ours.state[real]["exp_avg"].dtype == BF16
+    torch.testing.assert_close(wave.detach(), reference_wave.detach())
+
+
 def test_master_weights_leave_float32_parameters_without_a_copy(target):
     """Masters exist for 16-bit parameters only: float32 ones are their own master."""
     model = OddModel().to(target.device)
