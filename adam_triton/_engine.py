@@ -19,7 +19,7 @@ from ._checkpoint import REQUIRED_STATE_KEYS, check_step_values
 from ._gradients import adopt_fresh_gradients, plan_gradients, zero_into_grad_buffer
 from ._in_place import held_elsewhere, in_shared_memory, is_dtensor, local
 from ._layout import ENGINE_STATE_KEYS, PRECISION_KEYS, FlatBuffer, overlaps_itself, precision_of, storage_dtype
-from ._shared_memory import check_no_shared_memory, meets_any
+from ._shared_memory import SpanIndex, check_no_shared_memory, meets_any
 from ._state_tensors import (
     adopt_state_tensors,
     apart_from_buffers,
@@ -75,9 +75,17 @@ def _refuse_unsteppable_gradients(params: list, optimizer_name: str) -> None:
             raise _unsupported_dtype_error(optimizer_name, param.dtype)
 
 
-def check_parameters(groups, params: list, group_of: list[int], optimizer_name: str) -> None:
+def is_frozen(param, state) -> bool:
+    """Requires no gradient, and has neither one nor state: such a parameter is left where
+    it is (``Engine._keys``). A gradient given by hand to one that requires none is still
+    used, as torch uses it."""
+    return not param.requires_grad and param.grad is None and not state.get(param)
+
+
+def check_parameters(groups, params: list, group_of: list[int], optimizer_name: str, frozen: list[bool]) -> None:
     """Raise for parameters the buffers cannot hold (with the precision options of their
-    groups, ``groups[index]``), before anything is changed."""
+    groups, ``groups[index]``), before anything is changed. ``frozen`` parameters stay where
+    they are, so those may share memory with each other (not with one that moves)."""
     for param, index in zip(params, group_of):
         group = groups[index]
         if torch.nn.parameter.is_lazy(param):
@@ -105,7 +113,7 @@ def check_parameters(groups, params: list, group_of: list[int], optimizer_name: 
                 "stochastic_rounding rounds bfloat16 values; float16 parameters need master_weights=True "
                 "(their bfloat16 states, with state_dtype=torch.bfloat16, are then rounded at random)"
             )
-    check_no_shared_memory(params, group_of, optimizer_name)
+    check_no_shared_memory(params, group_of, optimizer_name, frozen)
 
 
 def _precision_options(group: dict) -> tuple:
@@ -253,9 +261,7 @@ class Engine:
             values = local(param)
             dtype = storage_dtype(values)
             precision = precision_of(self._options(groups[index]), dtype)
-            # (A gradient given by hand to a parameter that requires none is still used.)
-            frozen = not param.requires_grad and param.grad is None and not state.get(param)
-            key = (values.device, dtype, precision, values.is_complex(), frozen)
+            key = (values.device, dtype, precision, values.is_complex(), is_frozen(param, state))
             members = keyed.setdefault(key, ([], []))
             members[0].append(param)
             members[1].append(index)
@@ -277,7 +283,8 @@ class Engine:
         params, group_of = self._ordered_parameters(groups)
         options = [self._options(g) for g in groups]
         check_group_options(options)
-        check_parameters(options, [local(p) for p in params], group_of, self.name)
+        frozen = [is_frozen(p, state) for p in params]
+        check_parameters(options, [local(p) for p in params], group_of, self.name, frozen)
         # Entries of ours a key was deleted from: refused as the step refuses them
         # (``replaced_state_tensors``), which a re-homing would otherwise come before.
         ours = {id(p): (b, s) for b in self.buffers for s, p in enumerate(b.params) if b.state_entries[s] is not None}
@@ -359,13 +366,14 @@ class Engine:
         new_group_of = [len(groups) - 1] * len(new_params)
         options = self._options(groups[-1])
         check_group_options([options])
-        check_parameters({len(groups) - 1: options}, [local(p) for p in new_params], new_group_of, self.name)
+        frozen = [is_frozen(p, state) for p in new_params]
+        check_parameters({len(groups) - 1: options}, [local(p) for p in new_params], new_group_of, self.name, frozen)
         # (torch's add_param_group refuses parameters that the other groups hold.)
         if (
             len(self.buffers) >= _MOST_BUFFERS_APART
             or any(state.get(p) for p in new_params)
             or any((b.in_place.any() and not b.key[4]) or b.parameters_moved() for b in self.buffers)
-            or meets_any([local(p) for p in new_params], [b.param for b in self.buffers])
+            or self._meets_memory_held([local(p) for p in new_params])
         ):
             self.rebuild(groups, state)
             return
@@ -380,6 +388,20 @@ class Engine:
         self._params = self._params + new_params
         self._remember_groups(groups[-1:], added=True)
         self.import_state(groups, state, buffers=added)
+
+    def _meets_memory_held(self, values: list[torch.Tensor]) -> bool:
+        """Whether any of ``values`` lies in memory of the parameters held: the buffers, and
+        the frozen parameters left where they are (moved into a new buffer, a parameter over
+        one of those would stop sharing it)."""
+        if meets_any(values, [b.param for b in self.buffers]):
+            return True
+        for buffer in self.buffers:
+            if buffer.key[4]:
+                if buffer.frozen_spans is None:  # (a moved one makes the caller rebuild anyway)
+                    buffer.frozen_spans = SpanIndex([local(p) for p in buffer.params])
+                if any(map(buffer.frozen_spans.meets, values)):
+                    return True
+        return False
 
     def _buffers_match(self, groups: list[dict], state) -> bool:
         """Do the buffers hold exactly the groups' parameters, each in the group and buffer

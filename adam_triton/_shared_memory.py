@@ -8,6 +8,7 @@ interleave without sharing an element (``w[0::2]`` and ``w[1::2]``) are fine.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -53,12 +54,12 @@ def _shared_memory_error(params: list, group_of: list[int], first: int, second: 
     )
 
 
-def _check_cluster(cluster: list, params: list, group_of: list[int], optimizer_name: str) -> None:
+def _check_cluster(cluster: list, params: list, group_of: list[int], optimizer_name: str, frozen: list[bool]) -> None:
     """``cluster``: spans (start, end, dense, position), in order of start, whose byte
     ranges meet one after another. Dense ones that meet share memory; where gappy ones take
     part, each element is marked with its owner over the cluster's range (one pass, however
     many parameters interleave)."""
-    if len(cluster) < 2:
+    if len(cluster) < 2 or all(frozen[position] for _, _, _, position in cluster):
         return
     if all(dense for _, _, dense, _ in cluster):
         reach = cluster[0]
@@ -82,10 +83,11 @@ def _check_cluster(cluster: list, params: list, group_of: list[int], optimizer_n
             owner[where] = position
 
 
-def check_no_shared_memory(params: list, group_of: list[int], optimizer_name: str) -> None:
+def check_no_shared_memory(params: list, group_of: list[int], optimizer_name: str, frozen: list[bool]) -> None:
     """Two distinct parameters over the same memory (``Parameter(other)``, ``b.data =
     a.data``, slices of one tensor that overlap) would each get a segment of their own and
-    silently stop sharing it."""
+    silently stop sharing it. ``frozen`` ones stay where they are: among themselves they
+    may share (two tables made with ``Embedding.from_pretrained`` from one tensor)."""
     spans = sorted(
         (span[0].type, span[0].index or 0, span[1], span[2], span[3], position)
         for position, span in enumerate(map(_memory_span, params))
@@ -97,9 +99,9 @@ def check_no_shared_memory(params: list, group_of: list[int], optimizer_name: st
             cluster.append((start, end, dense, position))
             reach = max(reach, end)
             continue
-        _check_cluster(cluster, params, group_of, optimizer_name)
+        _check_cluster(cluster, params, group_of, optimizer_name, frozen)
         cluster, device, reach = [(start, end, dense, position)], (device_type, device_index), end
-    _check_cluster(cluster, params, group_of, optimizer_name)
+    _check_cluster(cluster, params, group_of, optimizer_name, frozen)
 
 
 def meets_any(params: list, regions: list[torch.Tensor]) -> bool:
@@ -113,3 +115,31 @@ def meets_any(params: list, regions: list[torch.Tensor]) -> bool:
         ):
             return True
     return False
+
+
+class SpanIndex:
+    """The byte ranges of many tensors, sorted, so that whether another tensor's range meets
+    any of them takes a binary search rather than a look at each (frozen parameters left in
+    place, checked at every ``add_param_group``)."""
+
+    def __init__(self, tensors: list):
+        ranges: dict = {}
+        for span in map(_memory_span, tensors):
+            if span is not None:
+                ranges.setdefault(span[0], []).append(span[1:3])
+        self._by_device = {}
+        for device, spans in ranges.items():
+            spans.sort()
+            starts = np.array([start for start, _ in spans], dtype=np.int64)
+            # The furthest end among the ranges starting at or before each one: ranges may
+            # overlap (frozen parameters may share memory among themselves).
+            reach = np.maximum.accumulate(np.array([end for _, end in spans], dtype=np.int64))
+            self._by_device[device] = (starts, reach)
+
+    def meets(self, values: torch.Tensor) -> bool:
+        span = _memory_span(values)
+        if span is None or span[0] not in self._by_device:
+            return False
+        starts, reach = self._by_device[span[0]]
+        last = int(np.searchsorted(starts, span[2], side="left")) - 1  # the last range starting before its end
+        return last >= 0 and int(reach[last]) > span[1]

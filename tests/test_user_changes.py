@@ -871,6 +871,62 @@ def test_distinct_parameters_sharing_memory_are_refused_before_anything_changes(
     assert all(torch.equal(p, b) for p, b in zip(model.parameters(), before))
 
 
+class _TwoPretrainedTables(torch.nn.Module):
+    """A source and a target table made from one pretrained tensor, frozen (as a
+    translation model's embeddings from one set of word vectors), under a trainable head."""
+
+    def __init__(self, vectors):
+        super().__init__()
+        self.source = torch.nn.Embedding.from_pretrained(vectors)
+        self.target = torch.nn.Embedding.from_pretrained(vectors)
+        self.head = torch.nn.Linear(vectors.shape[1], 3)
+
+    def forward(self, x):
+        indices = (x.abs() * 1000).long() % self.source.num_embeddings
+        return (self.head(self.source(indices) * self.target(indices.flip(0))) ** 2).mean()
+
+
+def test_frozen_parameters_sharing_memory_are_accepted_until_one_would_move(target):
+    """Frozen parameters stay where they are, so two over the same memory stay tied, as under
+    torch. A parameter that would move, and so stop sharing it, is refused as any other is,
+    before anything changes: one added over that memory, or one of them unfrozen."""
+    generator = torch.Generator().manual_seed(3)
+    vectors = torch.randn(53, 11, generator=generator).to(target.device)
+    ours_model, reference_model = _TwoPretrainedTables(vectors), _TwoPretrainedTables(vectors.clone())
+    reference_model.head.load_state_dict(ours_model.head.state_dict())
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+    assert ours_model.source.weight.data_ptr() == ours_model.target.weight.data_ptr() == vectors.data_ptr()
+    assert_close_params(ours_model, reference_model)
+
+    with pytest.raises(ValueError, match="share memory"):
+        ours.add_param_group({"params": [torch.nn.Parameter(vectors[5:9])]})
+    assert len(ours.param_groups) == 1
+
+    ours_model.target.weight.requires_grad_(True)
+    before = [p.detach().clone() for p in ours_model.parameters()]
+    with pytest.raises(ValueError, match="share memory"):
+        train(ours_model, ours, steps=1, seed=2)
+    assert all(torch.equal(p, b) for p, b in zip(ours_model.parameters(), before))
+    assert ours_model.target.weight.data_ptr() == vectors.data_ptr()
+
+
+def test_the_span_index_tells_overlapping_ranges_from_touching_ones():
+    from adam_triton._shared_memory import SpanIndex
+
+    memory = torch.zeros(100)
+    # Held: 10-20, and 30-35 inside 25-50 (a range that ends before another that started earlier).
+    index = SpanIndex([memory[10:20], memory[25:50], memory[30:35], torch.zeros(0)])
+    for piece, meets in [
+        (memory[0:10], False), (memory[20:25], False), (memory[50:60], False),  # touching only
+        (memory[9:11], True), (memory[19:21], True), (memory[40:41], True), (memory[49:70], True),
+        (memory[0:100], True), (memory[22:23], False), (memory[::7], True), (torch.zeros(3), False),
+    ]:
+        assert index.meets(piece) is meets, piece
+    assert not SpanIndex([]).meets(memory)
+
+
 # Slices of one tensor, at least one gappy (its byte range has holes): whether two share an
 # element is told element by element.
 _OVERLAPPING_SLICES = {
