@@ -172,13 +172,30 @@ def _release(buffer: FlatBuffer, segment: int, state) -> None:
     its values, gradient and state, as under torch, but in tensors of its own: segments of
     the old buffers would keep those whole buffers alive."""
     param = buffer.params[segment]
-    if not buffer.in_place[segment] and param.data_ptr() == buffer.param_ptrs[segment]:
-        param.data = param.data.clone(memory_format=torch.preserve_format)
+    _release_values(buffer, segment)
     if buffer.grad_views is not None and param.grad is buffer.grad_views[segment]:
         param.grad = param.grad.clone(memory_format=torch.preserve_format)
     entry = state.get(param)
     if entry is not None and entry is buffer.state_entries[segment]:
         state[param] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+
+
+def _own_memory_for_frozen(params: list, buffers: list[FlatBuffer]) -> None:
+    """Frozen parameters stay where they are; one that is still a segment of a buffer of
+    ours (frozen after the optimizer was built) gets memory of its own first, as a
+    parameter that leaves the optimizer does (``_release``): a segment would keep its whole
+    old buffer alive beside the new ones."""
+    frozen = {id(p) for p in params}
+    for buffer in buffers:
+        for segment, param in enumerate(buffer.params):
+            if id(param) in frozen:
+                _release_values(buffer, segment)
+
+
+def _release_values(buffer: FlatBuffer, segment: int) -> None:
+    param = buffer.params[segment]
+    if not buffer.in_place[segment] and param.data_ptr() == buffer.param_ptrs[segment]:
+        param.data = param.data.clone(memory_format=torch.preserve_format)
 
 
 class Engine:
@@ -327,6 +344,9 @@ class Engine:
         # Nothing has been changed up to here; from here on parameters move.
         kept = {id(p) for p in params}
         departed = [(b, s) for b in self.buffers for s, p in enumerate(b.params) if id(p) not in kept]
+        for key, (members, _) in keyed.items():
+            if key[4]:
+                _own_memory_for_frozen(members, self.buffers)
         buffers = self._home(keyed, backends)
         for buffer, segment in departed:
             _release(buffer, segment, state)

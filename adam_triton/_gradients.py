@@ -327,7 +327,11 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
     """
     raw = list(map(_grad_of, buffer.params))
     missing = np.fromiter(map(operator.is_, raw, repeat(None)), dtype=bool, count=len(raw))
-    buffer.adopt_at_step = np.flatnonzero(missing) if missing.any() and not buffer.has_dtensor else None
+    # (A frozen buffer's parameters have no gradients; one given one moves to a trainable
+    # buffer at its step, so adopting it here would only make a gradient buffer as large
+    # as the frozen ones, for nothing.)
+    adopting = missing.any() and not buffer.has_dtensor and not buffer.key[4]
+    buffer.adopt_at_step = np.flatnonzero(missing) if adopting else None
     if missing.all():
         return
     if buffer.has_dtensor:

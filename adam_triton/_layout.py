@@ -481,7 +481,8 @@ class FlatBuffer:
         """Where the update reads and writes ``segment``'s values: the parameter's own tensor
         when it is addressed where it lives, else its segment of ``param`` (re-homed there, or
         staged there around the update: a kernel over a list of tensors takes each as dense)."""
-        if self.in_place[segment] and self.addressable[segment] and not self.stage_in_place:
+        # (Untouched ones, never written, get no room in ``param``.)
+        if self.untouched[segment] or (self.in_place[segment] and self.addressable[segment] and not self.stage_in_place):
             return local(self.params[segment])
         return self.segment_view(self.param, segment)
 

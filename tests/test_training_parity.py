@@ -1,6 +1,7 @@
 """Training loops against stock torch.optim.Adam / AdamW, on every target this machine has."""
 
 import copy
+import gc
 import io
 
 import pytest
@@ -354,6 +355,49 @@ def test_frozen_parameters_stay_where_they_are(target, set_to_none):
         model.trunk.requires_grad_(True)
         train(model, optimizer, steps=3, seed=2, set_to_none=set_to_none)
     assert ours_model.lookup.weight.data_ptr() == vectors[0].data_ptr()
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
+def test_a_parameter_frozen_after_the_optimizer_was_built_lets_the_old_buffer_go(target):
+    """Frozen before the first step, a parameter moves out of the buffer it was homed in
+    when the buffers are laid out again, to stay where it is: in memory of its own, not as
+    a slice of the old buffer, which would keep that whole buffer (the model) alive."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    ours_model, reference_model = paired(OddModel, target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    old = [StorageWeakRef(b.param.untyped_storage()) for b in ours._engine.buffers]
+    for model in (ours_model, reference_model):
+        model.weights[1].requires_grad_(False)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=3)
+    gc.collect()
+    assert all(ref.expired() for ref in old)
+    assert ours_model.weights[1] not in ours.state
+    assert_close_params(ours_model, reference_model)
+
+
+def test_a_parameter_unfrozen_in_a_kept_gradient_loop_costs_no_gradient_buffer_for_the_frozen(target):
+    """``zero_grad(set_to_none=False)`` marks parameters without gradients to have their
+    first fresh ones moved into the gradient buffer; in a frozen buffer that would make a
+    gradient buffer as large as the frozen parameters for the one unfrozen, which leaves
+    the buffer at its step anyway."""
+    ours_model, reference_model = paired(OddModel, target.device)
+    for model in (ours_model, reference_model):
+        for weight in list(model.weights)[1:]:
+            weight.requires_grad_(False)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, set_to_none=False)
+        model.weights[1].requires_grad_(True)  # 17 elements, beside 4,366 still frozen
+        train(model, optimizer, steps=1, seed=2, set_to_none=False)
+    frozen = [b for b in ours._engine.buffers if b.key[4]]
+    assert frozen and all(b.grad is None for b in frozen)
+    # Its gradient is the one backward made (not a view of a frozen-sized buffer).
+    assert ours_model.weights[1].grad.untyped_storage().nbytes() <= 32 * 4
+    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
+        train(model, optimizer, steps=2, seed=3, set_to_none=False)
     assert_close_params(ours_model, reference_model)
     assert_close_state(ours, reference, ours_model, reference_model)
 

@@ -1392,6 +1392,32 @@ def test_inference_tensors_stay_as_they_are_and_are_refused_once_they_have_a_gra
     assert [float(ours.state[p]["step"]) for p in head.parameters()] == steps_before
 
 
+def test_an_inference_tensor_beside_parameters_in_shared_memory_needs_no_room_and_breaks_nothing(target):
+    """Every parameter of the buffer stays where it is (one in shared memory, trained there;
+    a column slice made under inference_mode, never written), so the buffer makes no room
+    for parameters; the update must then address neither of them in that room."""
+    if target.device != "cpu":
+        pytest.skip("shared memory (Hogwild) is for CPU tensors")
+    runs = []
+    for cls, options in ((adam_triton.AdamW, {"backend": target.backend}), (torch.optim.AdamW, {})):
+        with torch.inference_mode():
+            table = torch.randn(40, 60, generator=torch.Generator().manual_seed(0))
+            frozen_columns = torch.nn.Parameter(table[:, :30])
+        shared = torch.nn.Parameter(torch.randn(5, 5, generator=torch.Generator().manual_seed(1)))
+        shared.share_memory_()
+        optimizer = cls([shared, frozen_columns], lr=1e-2, **options)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            (shared - torch.randn(5, 5, generator=generator)).square().sum().backward()
+            optimizer.step()
+        assert shared.is_shared()
+        runs.append((shared, frozen_columns))
+    (ours_shared, ours_columns), (reference_shared, reference_columns) = runs
+    torch.testing.assert_close(ours_shared, reference_shared)
+    assert torch.equal(ours_columns, reference_columns)
+
+
 def test_a_parameter_given_an_inference_tensors_data_trains_as_in_torch(target):
     """``p.data = t`` with ``t`` made under inference mode: ``p`` reports is_inference() but
     keeps its own version counter and may be written, so torch trains it, and so must we."""
