@@ -6,7 +6,8 @@ gradient view swapped in one step and handed out again three steps later, a chec
 loaded after a group was added, a bucket gradient after a frozen parameter thawed. Each
 scenario here draws a model of awkward sizes (mostly float32, at times a float64 or
 bfloat16 parameter, which gets a buffer of its own; at times a frozen float8 parameter in
-a group, which neither optimizer touches), groups with their own hyperparameters (floats,
+a group, which neither optimizer touches; at times parameters frozen when the optimizer is
+built, which ours leaves where they are until they thaw), groups with their own hyperparameters (floats,
 or tensors for lr and betas), and a sequence of steps, each with a few of those actions:
 gradients assigned, dropped, swapped, clipped or moved into buckets, or with strides that
 differ from their parameter's on dimensions of size 1 (as ``einsum`` makes them);
@@ -62,6 +63,7 @@ SHAPES = [(1,), (4,), (17,), (1023,), (1025,), (7, 13), (3, 5, 11), (2, 1031), (
 STEPS = 14
 MANY_SMALL, MANY_SMALL_SHARE = 80, 0.25  # tiny tensors, in a group of their own
 FLOAT8_SHARE = 0.3  # scenarios with a frozen float8 parameter (a quantized weight) in a group
+FROZEN_SHARE = 0.3  # scenarios with parameters frozen when the optimizer is built
 # After each comparison the reference takes ours' values (parameters and moments), so that
 # each step is compared from equal state: last-bit differences do not grow through the
 # model's dynamics (they would, at lr 0.1), and the tolerances can be those of one step.
@@ -132,6 +134,16 @@ class Scenario:
         self.sides = [Side(name, cls_name, target.backend, initial) for name in ("ours", "reference")]
         if self.float8 is not None:
             self.both(lambda side: side.params[self.float8].requires_grad_(False))
+        # At times a frozen part when the optimizer is built (a pretrained trunk passed along
+        # in model.parameters()), which ours leaves where it is until it is thawed. Drawn
+        # apart too.
+        draw_frozen = random.Random(-3 - seed)
+        if draw_frozen.random() < FROZEN_SHARE:
+            frozen = draw_frozen.sample(range(count), draw_frozen.randint(1, min(2, count - 1)))
+            for index in frozen:
+                self.both(lambda side, index=index: side.params[index].requires_grad_(False))
+        else:
+            frozen = []
         self.late = self.rng.sample(range(count), self.rng.randint(0, 2))  # added by add_param_group
         early = [i for i in range(count) if i not in self.late]
         self.rng.shuffle(early)
@@ -156,6 +168,8 @@ class Scenario:
                 side.scaler = torch.amp.GradScaler(torch.device(self.device).type, init_scale=2.0**10, growth_interval=3)
         self.snapshot = None  # for a rollback: (step number, each side's saved state)
         self.note(f"{cls_name}, shapes {self.shapes}, groups {groups}, added later {self.late}")
+        if frozen:
+            self.note(f"  frozen when built: {sorted(frozen)}")
         if scaled:
             self.note(f"  with a GradScaler{', fused=True' if fused else ''}")
 
