@@ -184,11 +184,13 @@ def _own_memory_for_frozen(params: list, buffers: list[FlatBuffer]) -> None:
     """Frozen parameters stay where they are; one that is still a segment of a buffer of
     ours (frozen after the optimizer was built) gets memory of its own first, as a
     parameter that leaves the optimizer does (``_release``): a segment would keep its whole
-    old buffer alive beside the new ones."""
+    old buffer alive beside the new ones. Not one whose segment someone else holds too
+    (another frozen parameter tied to it, ``b.data = a.data``; a tensor the user kept):
+    copied, it would stop sharing their memory; it keeps the old buffer alive instead."""
     frozen = {id(p) for p in params}
     for buffer in buffers:
         for segment, param in enumerate(buffer.params):
-            if id(param) in frozen:
+            if id(param) in frozen and not held_elsewhere(local(param)):
                 _release_values(buffer, segment)
 
 
@@ -417,9 +419,14 @@ class Engine:
             return True
         for buffer in self.buffers:
             if buffer.key[4]:
-                if buffer.frozen_spans is None:  # (a moved one makes the caller rebuild anyway)
-                    buffer.frozen_spans = SpanIndex([local(p) for p in buffer.params])
-                if any(map(buffer.frozen_spans.meets, values)):
+                frozen = [local(p) for p in buffer.params]
+                # A parameter given other memory or strides makes the caller rebuild
+                # (``parameters_moved``); a longer view at the same address does not, and
+                # makes the index anew here (one C-level read of the sizes).
+                sizes = list(map(torch.Tensor.size, frozen))
+                if buffer.frozen_spans is None or buffer.frozen_spans[0] != sizes:
+                    buffer.frozen_spans = (sizes, SpanIndex(frozen))
+                if any(map(buffer.frozen_spans[1].meets, values)):
                     return True
         return False
 

@@ -327,15 +327,16 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
     """
     raw = list(map(_grad_of, buffer.params))
     missing = np.fromiter(map(operator.is_, raw, repeat(None)), dtype=bool, count=len(raw))
-    # (A frozen buffer's parameters have no gradients; one given one moves to a trainable
-    # buffer at its step, so adopting it here would only make a gradient buffer as large
-    # as the frozen ones, for nothing.)
+    # (A frozen buffer's parameter given a gradient moves to a trainable buffer at its
+    # step: adopting it here would make a gradient buffer as large as the frozen ones.)
     adopting = missing.any() and not buffer.has_dtensor and not buffer.key[4]
     buffer.adopt_at_step = np.flatnonzero(missing) if adopting else None
     if missing.all():
         return
-    if buffer.has_dtensor:
-        # A DTensor parameter (FSDP2) takes only DTensor gradients: zero them where they are.
+    if buffer.has_dtensor or buffer.key[4]:
+        # A DTensor parameter (FSDP2) takes only DTensor gradients; a frozen buffer's
+        # parameter with a gradient moves to a trainable buffer at its step, and a gradient
+        # buffer here would be as large as the frozen ones: zero them where they are.
         foreign = [grad for grad in raw if grad is not None]
     else:
         buffer.ensure_grad()

@@ -204,7 +204,7 @@ class FlatBuffer:
         # ``Embedding.from_pretrained``, weights loaded with ``mmap=True``).
         self.untouched = self.left_alone | frozen
         self.in_place = self.in_place | self.untouched
-        self.frozen_spans = None  # where a frozen buffer's parameters lie (``Engine._meets_memory_held``)
+        self.frozen_spans = None  # (their sizes, where a frozen buffer's parameters lie): ``Engine._meets_memory_held``
         self.any_left_alone = bool(self.left_alone.any())
         self.dtensor_specs = [DTensorSpec(p) if is_dtensor(p) else None for p in params]
         self.has_dtensor = any(spec is not None for spec in self.dtensor_specs)

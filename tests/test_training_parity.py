@@ -378,11 +378,14 @@ def test_a_parameter_frozen_after_the_optimizer_was_built_lets_the_old_buffer_go
     assert_close_params(ours_model, reference_model)
 
 
-def test_a_parameter_unfrozen_in_a_kept_gradient_loop_costs_no_gradient_buffer_for_the_frozen(target):
-    """``zero_grad(set_to_none=False)`` marks parameters without gradients to have their
-    first fresh ones moved into the gradient buffer; in a frozen buffer that would make a
-    gradient buffer as large as the frozen parameters for the one unfrozen, which leaves
-    the buffer at its step anyway."""
+@pytest.mark.parametrize("skipped", [False, True], ids=["stepped", "zeroed again before a step"])
+def test_a_parameter_unfrozen_in_a_kept_gradient_loop_costs_no_gradient_buffer_for_the_frozen(target, skipped):
+    """``zero_grad(set_to_none=False)`` moves gradients into a flat gradient buffer, and
+    marks parameters without one to have their first fresh ones moved there at the step; in
+    a frozen buffer either would make a gradient buffer as large as the frozen parameters
+    for the one unfrozen, which leaves the buffer at its step anyway. Also when the first
+    gradient is zeroed before any step (a step skipped, as gradient accumulation or an
+    overflow skips one)."""
     ours_model, reference_model = paired(OddModel, target.device)
     for model in (ours_model, reference_model):
         for weight in list(model.weights)[1:]:
@@ -391,6 +394,10 @@ def test_a_parameter_unfrozen_in_a_kept_gradient_loop_costs_no_gradient_buffer_f
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         train(model, optimizer, steps=2, set_to_none=False)
         model.weights[1].requires_grad_(True)  # 17 elements, beside 4,366 still frozen
+        if skipped:
+            model(torch.randn(8, generator=torch.Generator().manual_seed(4)).to(target.device)).backward()
+            optimizer.zero_grad(set_to_none=False)
+            assert model.weights[1].grad.untyped_storage().nbytes() <= 32 * 4
         train(model, optimizer, steps=1, seed=2, set_to_none=False)
     frozen = [b for b in ours._engine.buffers if b.key[4]]
     assert frozen and all(b.grad is None for b in frozen)

@@ -912,6 +912,63 @@ def test_frozen_parameters_sharing_memory_are_accepted_until_one_would_move(targ
     assert ours_model.target.weight.data_ptr() == vectors.data_ptr()
 
 
+@pytest.mark.parametrize("grown", ["longer", "rows further apart"])
+def test_a_parameter_added_over_a_frozen_one_that_grew_in_place_is_refused(target, grown):
+    """Where the frozen parameters lie is looked up in an index made at an earlier
+    ``add_param_group``; one given a view of more memory at the same address since must
+    count with its new extent, or a parameter added over the new part would silently stop
+    sharing it."""
+    table = torch.randn(8, 3, device=target.device)
+    frozen = torch.nn.Parameter(table[:2], requires_grad=False)
+    optimizer = adam_triton.Adam([frozen], lr=0.1, backend=target.backend)
+    optimizer.add_param_group({"params": [torch.nn.Parameter(torch.randn(2, device=target.device))]})
+    # The same first address; rows 0-3, or rows 0 and 3 (the same shape, other strides).
+    frozen.data = table[:4] if grown == "longer" else table[::3][:2]
+    with pytest.raises(ValueError, match="share memory"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(table[3])]})
+    assert len(optimizer.param_groups) == 2
+
+
+def _tie_through_data_after_freezing(optimizer, first, second):
+    second.data = first.data
+    return second
+
+
+def _add_a_frozen_parameter_over_the_first(optimizer, first, second):
+    tied = torch.nn.Parameter(first.detach(), requires_grad=False)  # Embedding.from_pretrained(first.detach())
+    optimizer.add_param_group({"params": [tied]})
+    return tied
+
+
+@pytest.mark.parametrize(
+    "tie", [_tie_through_data_after_freezing, _add_a_frozen_parameter_over_the_first], ids=["b.data = a.data", "add_param_group"]
+)
+def test_parameters_frozen_after_the_optimizer_was_built_stay_tied_as_in_torch(target, tie):
+    """Frozen after the optimizer was built, a parameter is still a segment of a buffer of
+    ours; the next re-homing gives it memory of its own, but not when another frozen
+    parameter lies over that memory: the two would stop sharing it, where under torch a
+    write to one shows in the other."""
+    results = []
+    for cls, options in ((adam_triton.Adam, {"backend": target.backend}), (torch.optim.Adam, {})):
+        generator = torch.Generator().manual_seed(0)
+        first, second, head = (
+            torch.nn.Parameter(torch.randn(shape, generator=generator).to(target.device)) for shape in ((4, 3), (4, 3), (5,))
+        )
+        optimizer = cls([first, second, head], lr=0.1, **options)
+        first.requires_grad_(False)
+        second.requires_grad_(False)
+        tied = tie(optimizer, first, second)
+        for _ in range(2):
+            optimizer.zero_grad()
+            head.square().sum().backward()
+            optimizer.step()  # (the first re-homes: the buffers make their moments)
+        with torch.no_grad():
+            first.fill_(7.0)
+        assert tied.data_ptr() == first.data_ptr() and bool((tied == 7.0).all())
+        results.append(head.detach())
+    torch.testing.assert_close(*results)
+
+
 def test_the_span_index_tells_overlapping_ranges_from_touching_ones():
     from adam_triton._shared_memory import SpanIndex
 
