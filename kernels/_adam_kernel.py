@@ -19,8 +19,8 @@ Layout contract (built by the host):
   it is neither updated nor counted. Valid shifts keep 16-byte alignment.
 * ``steps[counter]`` holds the number of completed steps of the chunk's segment (float32,
   as torch keeps ``state["step"]``). With ``BUMP_STEPS`` each chunk owns its counter, reads
-  it and writes it back incremented, so no two programs touch the same counter and one
-  launch does the whole step. Without it every program reads ``steps[0]`` and nothing is
+  it and writes it back incremented (after a barrier: every warp has read it by then), so
+  no two programs touch the same counter and one launch does the whole step. Without it every program reads ``steps[0]`` and nothing is
   written (the caller increments).
 * ``hyper[row]`` is ``float64[5]``: lr, beta1, beta2, eps, weight_decay.
 * ``param_shift[segment]`` says where the segment's model parameter lives, as
