@@ -394,7 +394,7 @@ class Engine:
         if (
             len(self.buffers) >= _MOST_BUFFERS_APART
             or any(state.get(p) for p in new_params)
-            or any((b.in_place.any() and not b.key[4]) or b.parameters_moved() for b in self.buffers)
+            or any((b.in_place.any() and not b.frozen) or b.parameters_moved() for b in self.buffers)
             or self._meets_memory_held([local(p) for p in new_params])
         ):
             self.rebuild(groups, state)
@@ -418,7 +418,7 @@ class Engine:
         if meets_any(values, [b.param for b in self.buffers]):
             return True
         for buffer in self.buffers:
-            if buffer.key[4]:
+            if buffer.frozen:
                 frozen = [local(p) for p in buffer.params]
                 # A parameter given other memory or strides makes the caller rebuild
                 # (``parameters_moved``); a longer view at the same address does not, and
@@ -568,7 +568,7 @@ class Engine:
         parameters still belong together? (Frozen after the optimizer was built, or
         unfrozen since.) Rare, so a look at each of its parameters is affordable."""
         for buffer in {id(buffer): buffer for buffer, _ in new}.values():
-            if buffer.exp_avg is None or buffer.key[4]:
+            if buffer.exp_avg is None or buffer.frozen:
                 keys = self._keys(groups, buffer.params, buffer.group_of_segment.tolist(), state)
                 if set(keys) != {buffer.key}:
                     return True

@@ -329,11 +329,11 @@ def zero_into_grad_buffer(buffer: FlatBuffer) -> None:
     missing = np.fromiter(map(operator.is_, raw, repeat(None)), dtype=bool, count=len(raw))
     # (A frozen buffer's parameter given a gradient moves to a trainable buffer at its
     # step: adopting it here would make a gradient buffer as large as the frozen ones.)
-    adopting = missing.any() and not buffer.has_dtensor and not buffer.key[4]
+    adopting = missing.any() and not buffer.has_dtensor and not buffer.frozen
     buffer.adopt_at_step = np.flatnonzero(missing) if adopting else None
     if missing.all():
         return
-    if buffer.has_dtensor or buffer.key[4]:
+    if buffer.has_dtensor or buffer.frozen:
         # A DTensor parameter (FSDP2) takes only DTensor gradients; a frozen buffer's
         # parameter with a gradient moves to a trainable buffer at its step, and a gradient
         # buffer here would be as large as the frozen ones: zero them where they are.

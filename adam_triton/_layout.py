@@ -202,6 +202,7 @@ class FlatBuffer:
         # frozen trunk would cost a second copy of itself while the optimizer is built, and
         # for good where its old memory stays referenced (the tensor handed to
         # ``Embedding.from_pretrained``, weights loaded with ``mmap=True``).
+        self.frozen = frozen
         self.untouched = self.left_alone | frozen
         self.in_place = self.in_place | self.untouched
         self.frozen_spans = None  # (their sizes, where a frozen buffer's parameters lie): ``Engine._meets_memory_held``
