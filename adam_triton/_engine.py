@@ -228,6 +228,16 @@ class Engine:
         # step joins them with the others (``add_group``).
         self._join_pending = False
 
+    # A subclass whose __getstate__ returns its whole __dict__ pickles the engine with the
+    # optimizer; the optimizer's __setstate__ then builds a new one around the restored
+    # parameters, so only what names it travels (its buffers hold storages pickle cannot
+    # restore, and would double what is copied).
+    def __getstate__(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "precision": self.precision}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["name"], state["backend"], state["precision"])
+
     # -- structure --------------------------------------------------------------------------
     @staticmethod
     def _group_fingerprint(groups: list[dict]) -> list[tuple]:

@@ -245,8 +245,9 @@ class _FlatAdam(Optimizer):
                 self._complete_group(group)
             return
         # Unpickling and deepcopy: rebuild the flat buffers around the restored parameters.
+        # (A subclass's own __getstate__ may leave out ours: the constructor's defaults then.)
         backend = state.pop("_backend", "auto")
-        precision = state.pop("_precision", {})
+        precision = state.pop("_precision", _PRECISION_DEFAULTS)
         Optimizer.__setstate__(self, state)
         for group in self.param_groups:
             self._complete_group(group)
@@ -255,6 +256,8 @@ class _FlatAdam(Optimizer):
         self._engine = Engine(type(self).__name__, backend, precision)
         self._engine.rebuild(self.param_groups, self.state)
 
+
+_PRECISION_DEFAULTS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False, "stochastic_rounding_seed": 0}
 
 _MATH = r"""
     With :math:`g_t` the gradient (negated if ``maximize``), :math:`\gamma` the learning

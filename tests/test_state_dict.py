@@ -2,6 +2,7 @@
 
 import copy
 import io
+import pickle
 
 import pytest
 import torch
@@ -251,6 +252,56 @@ def test_deepcopy_and_pickle_give_working_optimizers(target):
         p.grad = torch.ones_like(p)
     clone.step()
     assert float(clone.state[cloned_params[0]]["step"]) == 3
+
+
+class _Flagged(adam_triton.AdamW):
+    def __init__(self, params, flag=True, **kwargs):
+        super().__init__(params, **kwargs)
+        self.flag = flag
+
+
+class _FlaggedWithTorchsKeys(_Flagged):
+    def __getstate__(self):
+        return {"defaults": self.defaults, "state": self.state, "param_groups": self.param_groups, "flag": self.flag}
+
+
+class _FlaggedWithItsWholeDict(_Flagged):
+    def __getstate__(self):
+        return self.__dict__.copy()
+
+
+def _pickled(optimizer):
+    return pickle.loads(pickle.dumps(optimizer))
+
+
+def _saved(optimizer):
+    buffer = io.BytesIO()
+    torch.save(optimizer, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize("copy_", [copy.deepcopy, _pickled, _saved], ids=["deepcopy", "pickle", "torch.save"])
+@pytest.mark.parametrize("cls", [_FlaggedWithTorchsKeys, _FlaggedWithItsWholeDict], ids=["torch's keys", "whole __dict__"])
+def test_subclasses_with_their_own_getstate_copy_as_under_torch(target, cls, copy_):
+    """Subclasses write ``__getstate__`` as torch's Optimizer lets them: torch's three keys
+    and their own attributes (ours then left out), or the whole ``__dict__`` (our engine,
+    whose buffers hold storages, in it). The copies work, keep the subclass's attributes,
+    and train on as the original does."""
+    model = OddModel().to(target.device)
+    optimizer = cls(model.parameters(), flag=False, lr=1e-2, backend=target.backend)
+    train(model, optimizer, steps=2)
+    clone = copy_(optimizer)
+    assert clone.flag is False
+    cloned_params = [p for g in clone.param_groups for p in g["params"]]
+    for params, opt in ((list(model.parameters()), optimizer), (cloned_params, clone)):
+        for p in params:
+            p.grad = torch.linspace(-1, 1, p.numel(), device=target.device).view_as(p)
+        opt.step()
+    for original, copied in zip(model.parameters(), cloned_params):
+        torch.testing.assert_close(original, copied, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(optimizer.state[original]["exp_avg_sq"], clone.state[copied]["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+        assert float(clone.state[copied]["step"]) == 3
 
 
 def test_loading_copies_the_groups_and_keeps_unknown_state_as_torch_does(target):
