@@ -7,6 +7,7 @@ parameters live in flat buffers and every step is one fused update per buffer.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -14,6 +15,7 @@ from torch.optim import Optimizer
 
 from . import _checkpoint
 from ._engine import Engine
+from ._layout import PRECISION_KEYS
 from ._validation import check_backend, check_hyperparameters, check_implementation_flags, check_precision_options
 
 __all__ = ["Adam", "AdamW"]
@@ -247,7 +249,7 @@ class _FlatAdam(Optimizer):
         # Unpickling and deepcopy: rebuild the flat buffers around the restored parameters.
         # (A subclass's own __getstate__ may leave out ours: the constructor's defaults then.)
         backend = state.pop("_backend", "auto")
-        precision = state.pop("_precision", _PRECISION_DEFAULTS)
+        precision = state.pop("_precision", None) or _precision_defaults()
         Optimizer.__setstate__(self, state)
         for group in self.param_groups:
             self._complete_group(group)
@@ -256,8 +258,6 @@ class _FlatAdam(Optimizer):
         self._engine = Engine(type(self).__name__, backend, precision)
         self._engine.rebuild(self.param_groups, self.state)
 
-
-_PRECISION_DEFAULTS = {"master_weights": False, "state_dtype": None, "stochastic_rounding": False, "stochastic_rounding_seed": 0}
 
 _MATH = r"""
     With :math:`g_t` the gradient (negated if ``maximize``), :math:`\gamma` the learning
@@ -447,3 +447,9 @@ class AdamW(Adam, torch.optim.AdamW):
     def _complete_group(self, group: dict) -> None:
         super()._complete_group(group)
         group["decoupled_weight_decay"] = True
+
+
+def _precision_defaults() -> dict:
+    """The precision options as the public constructors default them."""
+    parameters = inspect.signature(Adam.__init__).parameters
+    return {key: parameters[key].default for key in PRECISION_KEYS}
