@@ -356,9 +356,7 @@ class Engine:
         # Nothing has been changed up to here; from here on parameters move.
         kept = {id(p) for p in params}
         departed = [(b, s) for b in self.buffers for s, p in enumerate(b.params) if id(p) not in kept]
-        for key, (members, _) in keyed.items():
-            if key[4]:
-                _own_memory_for_frozen(members, self.buffers)
+        _own_memory_for_frozen([p for key, (members, _) in keyed.items() if key[4] for p in members], self.buffers)
         buffers = self._home(keyed, backends)
         for buffer, segment in departed:
             _release(buffer, segment, state)
