@@ -194,6 +194,15 @@ def _own_memory_for_frozen(params: list, buffers: list[FlatBuffer]) -> None:
                 _release_values(buffer, segment)
 
 
+def _step_tensor(step) -> torch.Tensor:
+    """A loaded step as a float64 scalar: a tensor stays on its device (one copy brings a
+    device's steps to the host together); a number becomes a host tensor whatever the
+    default device."""
+    if isinstance(step, torch.Tensor):
+        return step.to(torch.float64).reshape(())
+    return torch.tensor(float(step), dtype=torch.float64, device="cpu")
+
+
 def _release_values(buffer: FlatBuffer, segment: int) -> None:
     param = buffer.params[segment]
     if not buffer.in_place[segment] and param.data_ptr() == buffer.param_ptrs[segment]:
@@ -538,7 +547,7 @@ class Engine:
                 extra = {k: v for k, v in entry.items() if k not in ENGINE_STATE_KEYS}
                 state[param] = buffer.state_entries[segment] = {**views, **extra}
             if loaded_steps:
-                tensors = [torch.as_tensor(v, dtype=torch.float64).reshape(()) for _, v in loaded_steps]
+                tensors = [_step_tensor(v) for _, v in loaded_steps]
                 # Steps on one device (ours are views of a device's step table) come to the
                 # host in one copy: a wait for the device per parameter would be a wait per
                 # parameter at every re-homing.
@@ -759,7 +768,7 @@ class Engine:
         """A boolean tensor: did GradScaler skip the last step? (On the scaler's device; a
         CPU ``False`` when no scaler took part.)"""
         if self.found_inf is None:
-            return torch.zeros((), dtype=torch.bool)
+            return torch.zeros((), dtype=torch.bool, device="cpu")
         return self.found_inf != 0
 
     def zero_grad_into_buffers(self) -> None:

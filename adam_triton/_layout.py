@@ -49,7 +49,7 @@ CHUNK_COLUMNS = 5  # start, end, segment, hyper row (param group), step counter
 
 _version_of = operator.attrgetter("_version")
 # Stands in for an inference tensor, which keeps no version counter; nothing writes it.
-_UNVERSIONED = torch.empty(0)
+_UNVERSIONED = torch.empty(0, device="cpu")
 _local_tensor_of = operator.attrgetter("_local_tensor")
 
 

@@ -28,18 +28,18 @@ def _element_indices(values: torch.Tensor, base: int, itemsize: int, elements: i
     about ``elements`` at a time (rare: gappy parameters whose ranges meet another's)."""
     first = (values.data_ptr() - base) // itemsize
     if values.dim() == 0:
-        yield torch.tensor([first], dtype=torch.int64)
+        yield torch.tensor([first], dtype=torch.int64, device="cpu")
         return
-    inner = torch.zeros((), dtype=torch.int64)  # offsets within one slice along dim 0
+    inner = torch.zeros((), dtype=torch.int64, device="cpu")  # offsets within one slice along dim 0
     for dim, (size, stride) in enumerate(zip(values.shape[1:], values.stride()[1:])):
         shape = [1] * (values.dim() - 1)
         shape[dim] = size
-        inner = inner + torch.arange(size, dtype=torch.int64).view(shape) * stride
+        inner = inner + torch.arange(size, dtype=torch.int64, device="cpu").view(shape) * stride
     inner = inner.reshape(-1)
     rows, row_stride = values.shape[0], values.stride()[0]
     step = max(1, elements // max(1, inner.numel()))
     for row in range(0, rows, step):
-        outer = torch.arange(row, min(row + step, rows), dtype=torch.int64) * row_stride
+        outer = torch.arange(row, min(row + step, rows), dtype=torch.int64, device="cpu") * row_stride
         yield (first + outer[:, None] + inner[None, :]).reshape(-1)
 
 
@@ -72,7 +72,8 @@ def _check_cluster(cluster: list, params: list, group_of: list[int], optimizer_n
     if any(params[p].element_size() != itemsize or (start - base) % itemsize for start, _, _, p in cluster):
         # Views of one storage as two dtypes, or misaligned: taken as sharing.
         raise _shared_memory_error(params, group_of, cluster[0][3], cluster[1][3], optimizer_name)
-    owner = torch.full(((max(end for _, end, _, _ in cluster) - base) // itemsize,), -1, dtype=torch.int32)
+    elements = (max(end for _, end, _, _ in cluster) - base) // itemsize
+    owner = torch.full((elements,), -1, dtype=torch.int32, device="cpu")
     for start, end, dense, position in cluster:
         whole = [slice((start - base) // itemsize, (end - base) // itemsize)]
         for where in whole if dense else _element_indices(params[position], base, itemsize):

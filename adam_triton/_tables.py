@@ -20,7 +20,7 @@ def upload(array: np.ndarray, device: torch.device) -> torch.Tensor:
     host = torch.from_numpy(np.ascontiguousarray(array))
     if device.type == "cpu":
         return host
-    staging = torch.empty(host.shape, dtype=host.dtype, pin_memory=True)
+    staging = torch.empty(host.shape, dtype=host.dtype, device="cpu", pin_memory=True)
     staging.copy_(host)
     return staging.to(device, non_blocking=True)
 

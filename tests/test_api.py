@@ -1,5 +1,6 @@
 """The public surface: torch's signature, validation, errors, hooks and base-class checks."""
 
+import contextlib
 import inspect
 import os
 import re
@@ -8,6 +9,7 @@ import sys
 import warnings
 from decimal import Decimal
 from fractions import Fraction
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -392,6 +394,56 @@ def test_optimizer_built_under_inference_mode_trains(target):
     for model, optimizer in ((ours_model, ours), (reference_model, reference)):
         train(model, optimizer, steps=3)
     assert_close_params(ours_model, reference_model)
+
+
+def test_a_default_device_reaches_nothing_the_optimizer_makes(target):
+    """Code that builds and steps under a default device (``torch.set_default_device("cuda")``,
+    ``with torch.device("cuda"):``) must not move the optimizer's host-side tables and scalars
+    there: on a GPU that turns each asynchronous upload into a wait. The meta device stands in
+    for it, as anything made there fails loudly: construction with gappy parameters (the
+    shared-memory check), steps with fresh and kept gradients, a checkpoint whose steps are
+    numbers (as torch before 1.12 saved them) loaded back, and ``last_step_skipped``."""
+    generator = torch.Generator().manual_seed(0)
+    trunk = torch.randn(3, 5, generator=generator)
+    interleaved = torch.randn(6, 6, generator=generator)
+    runs = []
+    # torch's own optimizer makes its step counts on the default device: it runs outside.
+    for make, default_device in (
+        (partial(adam_triton.AdamW, backend=target.backend), torch.device("meta")),
+        (partial(torch.optim.AdamW, foreach=False), contextlib.nullcontext()),
+    ):
+        trunk_param = torch.nn.Parameter(trunk.clone().to(target.device))
+        columns = interleaved.clone().to(target.device)
+        even, odd = torch.nn.Parameter(columns[:, 0::2]), torch.nn.Parameter(columns[:, 1::2])
+        params = [trunk_param, even, odd]
+        with default_device:
+            optimizer = make(
+                [{"params": [trunk_param]}, {"params": [even, odd], "lr": 3e-2}], lr=1e-2, weight_decay=0.1, amsgrad=True
+            )
+        data = torch.Generator().manual_seed(1)
+        for step in range(5):
+            x = torch.randn(5, generator=data).to(target.device)
+            loss = (trunk_param @ x).sin().sum() + (even.square() * x[0]).sum() + odd.cos().sum() * x[1]
+            with default_device:
+                optimizer.zero_grad(set_to_none=step % 2 == 0)
+            loss.backward()
+            with default_device:
+                optimizer.step()
+            if step == 2:
+                with default_device:
+                    checkpoint = optimizer.state_dict()
+                    for entry in checkpoint["state"].values():
+                        entry["step"] = float(entry["step"])
+                    optimizer.load_state_dict(checkpoint)
+        runs.append((params, optimizer))
+    (ours_params, ours), (reference_params, reference) = runs
+    with torch.device("meta"):
+        skipped = ours.last_step_skipped
+    assert skipped.device.type == "cpu" and not skipped
+    for a, b in zip(ours_params, reference_params):
+        torch.testing.assert_close(a, b, rtol=2e-5, atol=2e-6)
+        for key, expected in reference.state[b].items():
+            torch.testing.assert_close(ours.state[a][key].float(), expected.float(), rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize(
