@@ -458,6 +458,33 @@ def test_accelerate_save_state_keeps_every_parameter_and_resumes_exactly(tmp_pat
         assert torch.equal(a, b)
 
 
+def test_save_pretrained_writes_every_parameter_and_from_pretrained_reads_them_back(tmp_path):
+    """Hugging Face's ``save_pretrained`` (what ``Trainer.save_model`` calls) tells tied
+    weights by their storage; releases have differed in what they do with other tensors
+    sharing one (drop them, raise, or clone the disjoint ones). Each parameter has a storage
+    of its own (the savers' test above checks that), so a trained GPT-2, tied embedding and
+    head included, must come back whole from the installed release."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_embd=16, n_head=2, vocab_size=61, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
+    model = transformers.GPT2LMHeadModel(config)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    tokens = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        optimizer.step()
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.GPT2LMHeadModel.from_pretrained(tmp_path)
+    trained, loaded = model.state_dict(), reloaded.state_dict()
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in trained.items())
+    assert reloaded.lm_head.weight is reloaded.transformer.wte.weight
+
+
 def _safetensors_names(path) -> set:
     from safetensors import safe_open
 
