@@ -53,6 +53,18 @@ _UNVERSIONED = torch.empty(0, device="cpu")
 _local_tensor_of = operator.attrgetter("_local_tensor")
 
 
+def _show_writes_to_saved_tensors(params: list) -> None:
+    """Under ``torch.autograd.graph.allow_mutation_on_saved_tensors()`` a dispatch mode
+    copies a tensor saved for backward before an in-place operation writes it. The step
+    writes the buffer, not the parameters, so the mode would not see it, and a backward
+    after the step would mix new weights with old activations. A resize to the same shape
+    writes nothing but is an in-place operation on each parameter, which the mode sees.
+    (A Python loop, but only inside that context.)"""
+    for param in params:
+        values = local(param).detach()
+        values.resize_(values.shape)
+
+
 def storage_dtype(tensor: torch.Tensor) -> torch.dtype:
     """The real dtype a tensor is stored as in a flat buffer."""
     if tensor.is_complex():
@@ -528,6 +540,8 @@ class FlatBuffer:
         step raises then, instead of using the new values. (The kernel writes the buffer, and
         a ``.data =`` view keeps its Parameter's own counter.) One C-level call."""
         written = self.params if len(segments) == len(self.params) else [self.params[i] for i in segments.tolist()]
+        if getattr(torch.autograd.graph, "_allow_mutation_on_saved_tensors_enabled", False):
+            _show_writes_to_saved_tensors(written)  # first: the mode knows them by version
         torch.autograd.graph.increment_version(written)
 
     def remember_own_writes(self) -> None:

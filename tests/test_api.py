@@ -546,6 +546,36 @@ def test_a_backward_through_values_the_step_overwrote_raises_as_in_torch(target,
     assert reseeded == []
 
 
+@pytest.mark.parametrize("master_weights", [False, True], ids=["plain", "master weights"])
+def test_a_step_inside_allow_mutation_on_saved_tensors_leaves_the_backward_its_old_weights(target, master_weights):
+    """Inside ``torch.autograd.graph.allow_mutation_on_saved_tensors()`` a step between a
+    forward and its backward (gradients from an earlier micro-batch) is allowed: the weights
+    saved for backward are copied before the step writes them, so the backward gives the
+    gradient at the forward's weights, as with torch's optimizer."""
+    dtype = torch.bfloat16 if master_weights else torch.float32
+    gradients = []
+    for make in (
+        partial(torch.optim.AdamW, foreach=False),
+        partial(adam_triton.AdamW, backend=target.backend, master_weights=master_weights),
+    ):
+        generator = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(7, 13), nn.Tanh(), nn.Linear(13, 3)).to(target.device, dtype)
+        optimizer = make(model.parameters(), lr=0.1)
+        x, y = (torch.randn(11, n, generator=generator).to(target.device, dtype) for n in (7, 3))
+        earlier = [torch.randn(p.shape, generator=generator).to(target.device, dtype) for p in model.parameters()]
+        with torch.autograd.graph.allow_mutation_on_saved_tensors():
+            loss = nn.functional.mse_loss(model(x), y)
+            for param, gradient in zip(model.parameters(), earlier):
+                param.grad = gradient
+            optimizer.step()
+            optimizer.zero_grad()
+            loss.backward()
+        gradients.append([p.grad.float() for p in model.parameters()])
+    for ours, reference in zip(*reversed(gradients)):
+        torch.testing.assert_close(ours, reference, rtol=2e-5, atol=2e-6)
+
+
 def test_a_step_gradscaler_skipped_on_the_cpu_counts_nothing_in_the_parameters_versions():
     """torch's step is not run, or writes nothing (fused), when the gradients hold an inf:
     a backward through the weights after that step is no misuse. Ours knows the skip on
