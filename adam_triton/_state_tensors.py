@@ -85,7 +85,7 @@ def adopt_state_tensors(buffer: FlatBuffer, replaced: list[tuple[int, str, objec
         if key == "max_exp_avg_sq":
             buffer.ensure_max_exp_avg_sq()
         ours = buffer.internal_state_view(key, segment)
-        values = local(value) if isinstance(value, torch.Tensor) else torch.tensor(float(value), device="cpu")
+        values = local(value) if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64, device="cpu")
         ours.copy_(values.reshape(ours.shape) if key == "step" else values)
         buffer.state_entries[segment][key] = buffer.entry_view(key, segment)
 

@@ -132,6 +132,35 @@ def test_steps_look_at_each_state_tensor_only_after_a_change(monkeypatch):
     assert len(looked) == 2
 
 
+@pytest.mark.parametrize("default_dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_a_step_count_assigned_as_a_number_is_exact_whatever_the_default_dtype(target, default_dtype):
+    """``state[p]["step"] = 3001`` taken in by a step run under a float16 or bfloat16
+    default dtype must not round on the way (3001 is 3000 in bfloat16, 3000 in float16):
+    the bias corrections would use another count. torch's oracle gets the count as a
+    float32 tensor (a number step fails in torch's step under such a default)."""
+    ours_model, reference_model = paired(lambda: OddModel(shapes=SHAPES), target.device)
+    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
+    for model, optimizer, count in (
+        (ours_model, ours, lambda: 3001),
+        (reference_model, reference, lambda: torch.tensor(3001.0, dtype=torch.float32)),
+    ):
+        train(model, optimizer, steps=2)
+        for entry in optimizer.state.values():
+            entry["step"] = count()
+        optimizer.zero_grad()
+        model(torch.randn(8, generator=torch.Generator().manual_seed(5)).to(target.device)).backward()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default_dtype)
+        try:
+            optimizer.step()
+        finally:
+            torch.set_default_dtype(previous)
+        train(model, optimizer, steps=2, seed=2)
+    assert {float(entry["step"]) for entry in ours.state.values()} == {3004.0}
+    assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
