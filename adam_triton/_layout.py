@@ -397,37 +397,49 @@ class FlatBuffer:
 
     # -- buffers created on demand ----------------------------------------------------------
     # (Made outside inference mode: inference tensors could not be trained afterwards.)
+    # Each makes everything in locals and sets the attribute its ``is None`` test reads
+    # last: an out-of-memory error or a KeyboardInterrupt half-way leaves the buffer as it
+    # was, and the next call starts again.
     @torch.inference_mode(False)
     def ensure_moments(self) -> None:
         """The moments, and the masters (taken from the parameters) with master weights."""
         if self.exp_avg is None:
-            self.exp_avg = aligned_zeros(self.total, self.state_dtype, self.device)
-            self.exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
-            self.exp_avg_views = [self.segment_view(self.exp_avg, i) for i in range(len(self.params))]
-            self.exp_avg_sq_views = [self.segment_view(self.exp_avg_sq, i) for i in range(len(self.params))]
+            segments = range(len(self.params))
+            exp_avg = aligned_zeros(self.total, self.state_dtype, self.device)
+            exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
+            master = aligned_zeros(self.total, torch.float32, self.device) if self.precision.master_weights else None
+            if master is not None:
+                versions = self.param_versions_now()
+                master_views = [self.segment_view(master, i) for i in segments]
+                for segment in segments:
+                    master_views[segment].copy_(self.model_values(segment))
+                self.master, self.master_views, self.param_versions = master, master_views, versions
+            self.exp_avg_views = [self.segment_view(exp_avg, i) for i in segments]
+            self.exp_avg_sq_views = [self.segment_view(exp_avg_sq, i) for i in segments]
+            self.exp_avg_sq = exp_avg_sq
             self._state_storages = None
-            if self.precision.master_weights:
-                self.master = aligned_zeros(self.total, torch.float32, self.device)
-                self.master_views = [self.segment_view(self.master, i) for i in range(len(self.params))]
-                self.sync_master_weights(force=True)
+            self.exp_avg = exp_avg
 
     @torch.inference_mode(False)
     def ensure_max_exp_avg_sq(self) -> None:
         if self.max_exp_avg_sq is None:
-            self.max_exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
-            self.max_exp_avg_sq_views = [self.segment_view(self.max_exp_avg_sq, i) for i in range(len(self.params))]
+            max_exp_avg_sq = aligned_zeros(self.total, self.state_dtype, self.device)
+            self.max_exp_avg_sq_views = [self.segment_view(max_exp_avg_sq, i) for i in range(len(self.params))]
             self._state_storages = None
+            self.max_exp_avg_sq = max_exp_avg_sq
 
     @torch.inference_mode(False)
     def ensure_grad(self) -> None:
         if self.grad is None:
-            self.grad = aligned_zeros(self.total, self.dtype, self.device)
-            storage = self.grad if self.grad._base is None else self.grad._base
+            grad = aligned_zeros(self.total, self.dtype, self.device)
+            storage = grad if grad._base is None else grad._base
             storage._adam_triton_gradients = True  # what its views' ._base is: see is_gradient_buffer
-            self.grad_views = [self.segment_view(self.grad, i) for i in range(len(self.params))]
+            grad_views = [self.segment_view(grad, i) for i in range(len(self.params))]
             # Where each view starts: a view whose .data someone swapped (Module._apply does,
             # in model.half() or model.to(memory_format=...)) is the same object elsewhere.
-            self.grad_view_pointers = list(map(torch.Tensor.data_ptr, self.grad_views))
+            self.grad_view_pointers = list(map(torch.Tensor.data_ptr, grad_views))
+            self.grad_views = grad_views
+            self.grad = grad
 
     def current_grad_view(self, segment: int) -> torch.Tensor:
         """The segment's view of the gradient buffer. A view that was some parameter's
