@@ -401,6 +401,7 @@ class FlatBuffer:
     # last: an out-of-memory error or a KeyboardInterrupt half-way leaves the buffer as it
     # was, and the next call starts again.
     @torch.inference_mode(False)
+    @no_grad  # the masters are filled from the parameters
     def ensure_moments(self) -> None:
         """The moments, and the masters (taken from the parameters) with master weights."""
         if self.exp_avg is None:
