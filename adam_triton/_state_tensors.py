@@ -85,7 +85,10 @@ def adopt_state_tensors(buffer: FlatBuffer, replaced: list[tuple[int, str, objec
         if key == "max_exp_avg_sq":
             buffer.ensure_max_exp_avg_sq()
         ours = buffer.internal_state_view(key, segment)
-        values = local(value) if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64, device="cpu")
+        if isinstance(value, torch.Tensor):
+            values = local(value)
+        else:  # a number: float64 whatever the default dtype, which could round a count
+            values = torch.tensor(float(value), dtype=torch.float64, device="cpu")
         ours.copy_(values.reshape(ours.shape) if key == "step" else values)
         buffer.state_entries[segment][key] = buffer.entry_view(key, segment)
 

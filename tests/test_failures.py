@@ -73,7 +73,8 @@ def test_a_first_step_failing_with_master_weights_keeps_them(target, which, inte
         model = OddModel().to(target.device, torch.bfloat16)
         optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend, master_weights=True)
         if fail:
-            model(torch.randn(8, generator=torch.Generator().manual_seed(1)).to(target.device, torch.bfloat16)).backward()
+            x = torch.randn(8, generator=torch.Generator().manual_seed(1))
+            model(x.to(target.device, torch.bfloat16)).backward()
             _fail_allocation(monkeypatch, which, interrupt_after)
             with pytest.raises(error):
                 optimizer.step()
