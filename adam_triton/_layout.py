@@ -412,8 +412,7 @@ class FlatBuffer:
             if master is not None:
                 versions = self.param_versions_now()
                 master_views = [self.segment_view(master, i) for i in segments]
-                for segment in segments:
-                    master_views[segment].copy_(self.model_values(segment))
+                self._fill_masters(master_views)
                 self.master, self.master_views, self.param_versions = master, master_views, versions
             self.exp_avg_views = [self.segment_view(exp_avg, i) for i in segments]
             self.exp_avg_sq_views = [self.segment_view(exp_avg_sq, i) for i in segments]
@@ -539,13 +538,17 @@ class FlatBuffer:
             return
         versions = self.param_versions_now()
         if force:
-            for segment in range(len(self.params)):
-                self.master_views[segment].copy_(self.model_values(segment))
+            self._fill_masters(self.master_views)
         elif versions != self.param_versions:
             changed = np.flatnonzero(np.array(versions) != np.array(self.param_versions))
             for segment in changed.tolist():
                 self.reseed_master(segment)
         self.param_versions = versions
+
+    def _fill_masters(self, master_views: list) -> None:
+        """Each segment's master taken from the model's values."""
+        for segment, master in enumerate(master_views):
+            master.copy_(self.model_values(segment))
 
     def mark_parameters_written(self, segments: np.ndarray) -> None:
         """Count the update in the version counters of the parameters of ``segments``, as
