@@ -144,10 +144,27 @@ def _inference_tensor_error(optimizer_name: str, param: torch.Tensor, group_inde
     # RuntimeError, as torch's optimizer raises when it tries the in-place update
     return RuntimeError(
         f"{optimizer_name}: a parameter of shape {tuple(param.shape)} (param group {group_index}) is an "
-        "inference tensor (made under torch.inference_mode()) and has a gradient; an inference tensor "
-        "cannot be updated in place outside inference mode. Make it a normal tensor (.clone() it, "
-        "outside inference mode) to train it, or freeze it"
+        "inference tensor (made under torch.inference_mode()) and has a gradient; adam_triton updates no "
+        "inference tensor (torch's optimizers cannot either, outside inference mode). Make it a normal "
+        "tensor (.clone() it, outside inference mode) to train it, or freeze it"
     )
+
+
+def _python_dispatch_error(optimizer_name: str, param: torch.Tensor, group_index: int) -> TypeError:
+    return TypeError(
+        f"{optimizer_name}: a parameter of shape {tuple(param.shape)} (param group {group_index}) is a "
+        f"{type(param).__name__}, a tensor subclass with __torch_dispatch__, and has a gradient. Such a "
+        "tensor may keep its values in tensors of its own, which an update of the flat buffers would "
+        "not reach, so adam_triton trains none (it holds them frozen). Give the trainable ones to a "
+        "torch.optim optimizer of their own"
+    )
+
+
+def _left_alone_error(buffer, segment: int):
+    """The error for a gradient given to a parameter the update never writes."""
+    if buffer.self_overlapping[segment]:
+        return _self_overlapping_error
+    return _python_dispatch_error if buffer.python_dispatch[segment] else _inference_tensor_error
 
 
 def _entry_replaced(entry: dict | None, ours: dict | None) -> bool:
@@ -716,8 +733,7 @@ class Engine:
             if len(refused):
                 segment = int(refused[0])
                 group_index = int(buffer.group_of_segment[segment])
-                error = _self_overlapping_error if buffer.self_overlapping[segment] else _inference_tensor_error
-                raise error(self.name, local(buffer.params[segment]), group_index)
+                raise _left_alone_error(buffer, segment)(self.name, local(buffer.params[segment]), group_index)
         variants = [variant_of(group) for group in groups]
         self.found_inf = found_inf
         # GradScaler's skip, where reading it waits for no device: nothing is written then,

@@ -131,6 +131,13 @@ def is_inference_tensor(tensor: torch.Tensor) -> bool:
     return False
 
 
+def dispatches_to_python(tensor: torch.Tensor) -> bool:
+    """A tensor subclass with ``__torch_dispatch__`` (a wrapper such as torchao's quantized
+    tensors): every operation on it runs its Python code, which may keep the values in
+    tensors of its own, so an update written into its memory would not reach them."""
+    return torch._C._dispatch_keys(tensor).has(torch._C.DispatchKey.Python)
+
+
 def _preserved_strides(tensor: torch.Tensor) -> tuple[int, ...]:
     # The strides torch gives state created with memory_format=preserve_format: the
     # parameter's own when it is dense (channels_last, transposed), contiguous otherwise.
@@ -205,10 +212,13 @@ class FlatBuffer:
         # refuses a gradient for one should it come. Those whose elements share memory are
         # frozen (Engine.check refuses others); inference tensors (torch.inference_mode())
         # may be trainable, but nothing may write them outside inference mode, and torch's
-        # optimizer accepts them until one has a gradient.
+        # optimizer accepts them until one has a gradient. So are ``__torch_dispatch__``
+        # subclasses (DTensor aside: ``local`` unwraps it), which are mostly frozen
+        # quantized bases under trainable adapters.
         self.self_overlapping = np.array([overlaps_itself(local(p)) for p in params], dtype=bool)
         self.inference = np.array([is_inference_tensor(local(p)) for p in params], dtype=bool)
-        self.left_alone = self.self_overlapping | self.inference
+        self.python_dispatch = np.array([dispatches_to_python(local(p)) for p in params], dtype=bool)
+        self.left_alone = self.self_overlapping | self.inference | self.python_dispatch
         # Frozen parameters are never written either: one given a gradient or state moves
         # to another buffer before its step (``Engine._regrouping_needed``). Copied in, a
         # frozen trunk would cost a second copy of itself while the optimizer is built, and

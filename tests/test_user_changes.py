@@ -1449,6 +1449,61 @@ def test_inference_tensors_stay_as_they_are_and_are_refused_once_they_have_a_gra
     assert [float(ours.state[p]["step"]) for p in head.parameters()] == steps_before
 
 
+class _Wrapped(torch.Tensor):
+    """A ``__torch_dispatch__`` wrapper that keeps its values in a tensor of its own, as
+    torchao's quantized tensors do: its own storage holds nothing."""
+
+    @staticmethod
+    def __new__(cls, values):
+        wrapper = torch.Tensor._make_wrapper_subclass(
+            cls, values.shape, strides=values.stride(), dtype=values.dtype, device=values.device
+        )
+        wrapper.values = values
+        return wrapper
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.values if isinstance(x, _Wrapped) else x  # noqa: E731
+        rewrap = lambda x: _Wrapped(x) if type(x) is torch.Tensor else x  # noqa: E731
+        out = func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+        return torch.utils._pytree.tree_map(rewrap, out)
+
+
+def test_tensor_subclass_parameters_stay_frozen_and_are_refused_once_they_have_a_gradient(target):
+    """A frozen base of a ``__torch_dispatch__`` subclass (a quantized base under a trainable
+    adapter, QLoRA-style) given to the optimizer with the adapter: it stays as it is and the
+    adapter trains to torch's numbers. Once the base has a gradient, the step raises before
+    anything changes: written into the base's own memory, an update would never reach the
+    values the subclass keeps elsewhere (it silently did not train, before)."""
+    device = target.device
+    runs = []
+    for cls, options in ((adam_triton.AdamW, {"backend": target.backend}), (torch.optim.AdamW, {})):
+        base_values = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)).to(device)
+        base = torch.nn.Parameter(_Wrapped(base_values), requires_grad=False)
+        adapter = torch.nn.Parameter(torch.randn(7, 3, generator=torch.Generator().manual_seed(1)).to(device))
+        optimizer = cls([base, adapter], lr=1e-2, **options)
+        generator = torch.Generator().manual_seed(2)
+        for _ in range(3):
+            optimizer.zero_grad()
+            (torch.randn(4, 5, generator=generator).to(device) @ base.values @ adapter).tanh().sum().backward()
+            optimizer.step()
+        assert type(base) is _Wrapped and base.values.data_ptr() == base_values.data_ptr()
+        runs.append((base, adapter, optimizer))
+    (base, adapter, ours), (_, reference_adapter, _) = runs
+    torch.testing.assert_close(adapter, reference_adapter)
+    torch.testing.assert_close(base.values, torch.randn(5, 7, generator=torch.Generator().manual_seed(0)).to(device))
+
+    base.requires_grad_(True)
+    ours.zero_grad()
+    (base * 2).sum().backward()
+    adapter.grad = torch.ones_like(adapter)
+    base_before, adapter_before = base.values.clone(), adapter.detach().clone()
+    with pytest.raises(TypeError, match="_Wrapped, a tensor subclass with __torch_dispatch__"):
+        ours.step()
+    assert torch.equal(base.values, base_before) and torch.equal(adapter, adapter_before)
+    assert float(ours.state[adapter]["step"]) == 3 and base not in ours.state
+
+
 def test_an_inference_tensor_beside_parameters_in_shared_memory_needs_no_room_and_breaks_nothing(target):
     """Every parameter of the buffer stays where it is (one in shared memory, trained there;
     a column slice made under inference_mode, never written), so the buffer makes no room
