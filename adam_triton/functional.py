@@ -18,6 +18,9 @@ from ._tables import HyperTable, upload
 
 __all__ = ["adam"]
 
+# Chunk tables by (size, device), never freed: the call may come on any stream, and a freed
+# table's memory could be handed out while a launch that reads it is still queued. Callers
+# of this entry point keep flat buffers, of few sizes; a table is 40 bytes per chunk.
 _chunk_tables: dict[tuple, torch.Tensor] = {}
 _zero_shift: dict[torch.device, torch.Tensor] = {}
 
