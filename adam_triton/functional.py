@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import _backends
-from ._layout import CHUNK_COLUMNS, chunk_elements_for, is_inference_tensor
+from ._layout import CHUNK_COLUMNS, chunk_elements_for, dispatches_to_python, is_inference_tensor
 from ._tables import HyperTable, upload
 
 __all__ = ["adam"]
@@ -38,6 +38,16 @@ def _single_segment_chunks(numel: int, device: torch.device) -> torch.Tensor:
         table = upload(rows, device)
         _chunk_tables[key] = table
     return table
+
+
+def _check_plain(**tensors):
+    for name, tensor in tensors.items():
+        if tensor is not None and dispatches_to_python(tensor):
+            raise TypeError(
+                f"{name} is a {type(tensor).__name__}, a tensor subclass with __torch_dispatch__, whose values the "
+                "Triton kernel cannot reach: pass the plain tensor that holds them (a DTensor's to_local()), "
+                "or use backend=\"torch\", which calls torch's fused kernel through the subclass"
+            )
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # what both backends update
@@ -156,6 +166,8 @@ def adam(
     grad = grad.resolve_conj().resolve_neg()  # a lazy view's bytes are not its values (a copy, if it is one)
     _check_hyperparameters(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay)
     implementation = _backends.resolve_backend(backend, param.device)
+    if implementation == "triton":
+        _check_plain(param=param, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, max_exp_avg_sq=max_exp_avg_sq)
     # One group's row, device-held values copied on the device, as the optimizer's own table.
     # A table of its own per call: one shared between calls would be rewritten under a kernel
     # still reading it on another stream, or under a CUDA graph that captured its address.

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_map
 
 import adam_triton
-
 
 #: triton is installed and new enough for the kernel (>= 3.6).
 TRITON = adam_triton._backends.triton_importable()
@@ -120,3 +120,23 @@ def assert_close_state(ours_opt, reference_opt, ours_model, reference_model, rto
                 assert float(actual) == float(expected)
                 continue
             torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+class Wrapped(torch.Tensor):
+    """A ``__torch_dispatch__`` wrapper that keeps its values in a tensor of its own, as
+    torchao's quantized tensors do: its own storage holds nothing."""
+
+    @staticmethod
+    def __new__(cls, values):
+        wrapper = torch.Tensor._make_wrapper_subclass(
+            cls, values.shape, strides=values.stride(), dtype=values.dtype, device=values.device
+        )
+        wrapper.values = values
+        return wrapper
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        unwrap = lambda x: x.values if isinstance(x, Wrapped) else x
+        rewrap = lambda x: Wrapped(x) if type(x) is torch.Tensor else x
+        out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs or {}))
+        return tree_map(rewrap, out)

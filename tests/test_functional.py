@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from helpers import Wrapped
 from torch.optim.adam import _single_tensor_adam
 
 from adam_triton import functional
@@ -181,6 +182,37 @@ def test_inputs_neither_backend_can_update_are_refused_before_anything_changes(t
     assert float(step) == 3.0
     for name, tensor in given.items():
         assert torch.equal(tensor.float(), before[name].float()), name
+
+
+@pytest.mark.parametrize("wrapped", ["param", "exp_avg_sq"])
+def test_a_torch_dispatch_subclass_is_updated_through_it_by_torch_and_refused_by_the_kernel(target, wrapped):
+    """A wrapper subclass keeps its values elsewhere: torch's fused kernel reaches them through
+    its ``__torch_dispatch__``, the Triton kernel cannot, and says so before anything changes
+    (it raised torch's "invalid python storage" error from inside the launcher, before)."""
+    generator = torch.Generator().manual_seed(3)
+    n = 3000
+    plain = {"param": torch.randn(n, generator=generator), "grad": torch.randn(n, generator=generator),
+             "exp_avg": torch.randn(n, generator=generator), "exp_avg_sq": torch.rand(n, generator=generator)}
+    given = {name: t.clone().to(target.device) for name, t in plain.items()}
+    given[wrapped] = Wrapped(given[wrapped])
+    step = torch.full((1,), 2.0, device=target.device)
+    hyper = dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1)
+    if target.backend == "triton":
+        with pytest.raises(TypeError, match=f"{wrapped} is a Wrapped, a tensor subclass with __torch_dispatch__"):
+            functional.adam(**given, step=step, backend="triton", **hyper)
+        assert float(step) == 2.0 and torch.equal(given[wrapped].values.cpu(), plain[wrapped])
+        return
+    functional.adam(**given, step=step, backend=target.backend, **hyper)
+    reference = [plain["param"], plain["grad"], plain["exp_avg"], plain["exp_avg_sq"]]
+    _single_tensor_adam(
+        [reference[0]], [reference[1]], [reference[2]], [reference[3]], [], [torch.tensor(2.0)], None, None,
+        amsgrad=False, has_complex=False, maximize=False, capturable=False, differentiable=False,
+        decoupled_weight_decay=False, **hyper,
+    )
+    given[wrapped] = given[wrapped].values
+    for name, expected in zip(("param", "grad", "exp_avg", "exp_avg_sq"), reference):
+        torch.testing.assert_close(given[name].cpu(), expected, rtol=1e-5, atol=1e-6)
+    assert float(step) == 3.0
 
 
 def test_a_nan_step_count_gives_nan_as_torch(target):

@@ -9,7 +9,7 @@ from collections import defaultdict
 
 import pytest
 import torch
-from helpers import TRITON, OddModel, assert_close_params, assert_close_state, optimizers, paired, train
+from helpers import TRITON, OddModel, Wrapped, assert_close_params, assert_close_state, optimizers, paired, train
 
 import adam_triton
 
@@ -1449,26 +1449,6 @@ def test_inference_tensors_stay_as_they_are_and_are_refused_once_they_have_a_gra
     assert [float(ours.state[p]["step"]) for p in head.parameters()] == steps_before
 
 
-class _Wrapped(torch.Tensor):
-    """A ``__torch_dispatch__`` wrapper that keeps its values in a tensor of its own, as
-    torchao's quantized tensors do: its own storage holds nothing."""
-
-    @staticmethod
-    def __new__(cls, values):
-        wrapper = torch.Tensor._make_wrapper_subclass(
-            cls, values.shape, strides=values.stride(), dtype=values.dtype, device=values.device
-        )
-        wrapper.values = values
-        return wrapper
-
-    @classmethod
-    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
-        unwrap = lambda x: x.values if isinstance(x, _Wrapped) else x  # noqa: E731
-        rewrap = lambda x: _Wrapped(x) if type(x) is torch.Tensor else x  # noqa: E731
-        out = func(*torch.utils._pytree.tree_map(unwrap, args), **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
-        return torch.utils._pytree.tree_map(rewrap, out)
-
-
 def test_tensor_subclass_parameters_stay_frozen_and_are_refused_once_they_have_a_gradient(target):
     """A frozen base of a ``__torch_dispatch__`` subclass (a quantized base under a trainable
     adapter, QLoRA-style) given to the optimizer with the adapter: it stays as it is and the
@@ -1479,7 +1459,7 @@ def test_tensor_subclass_parameters_stay_frozen_and_are_refused_once_they_have_a
     runs = []
     for cls, options in ((adam_triton.AdamW, {"backend": target.backend}), (torch.optim.AdamW, {})):
         base_values = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)).to(device)
-        base = torch.nn.Parameter(_Wrapped(base_values), requires_grad=False)
+        base = torch.nn.Parameter(Wrapped(base_values), requires_grad=False)
         adapter = torch.nn.Parameter(torch.randn(7, 3, generator=torch.Generator().manual_seed(1)).to(device))
         optimizer = cls([base, adapter], lr=1e-2, **options)
         generator = torch.Generator().manual_seed(2)
@@ -1487,7 +1467,7 @@ def test_tensor_subclass_parameters_stay_frozen_and_are_refused_once_they_have_a
             optimizer.zero_grad()
             (torch.randn(4, 5, generator=generator).to(device) @ base.values @ adapter).tanh().sum().backward()
             optimizer.step()
-        assert type(base) is _Wrapped and base.values.data_ptr() == base_values.data_ptr()
+        assert type(base) is Wrapped and base.values.data_ptr() == base_values.data_ptr()
         runs.append((base, adapter, optimizer))
     (base, adapter, ours), (_, reference_adapter, _) = runs
     torch.testing.assert_close(adapter, reference_adapter)
@@ -1498,7 +1478,7 @@ def test_tensor_subclass_parameters_stay_frozen_and_are_refused_once_they_have_a
     (base * 2).sum().backward()
     adapter.grad = torch.ones_like(adapter)
     base_before, adapter_before = base.values.clone(), adapter.detach().clone()
-    with pytest.raises(TypeError, match="_Wrapped, a tensor subclass with __torch_dispatch__"):
+    with pytest.raises(TypeError, match="Wrapped, a tensor subclass with __torch_dispatch__"):
         ours.step()
     assert torch.equal(base.values, base_before) and torch.equal(adapter, adapter_before)
     assert float(ours.state[adapter]["step"]) == 3 and base not in ours.state
