@@ -158,8 +158,8 @@ def adam(
     (float64) copies when the tensors' dtypes differ. Flags may be any truthy value. Bad
     input (another shape, device or dtype, tensors that share memory, an inference tensor
     outside inference mode, a written tensor with a pending negation, a sparse or meta
-    tensor, a negative ``step`` on the CPU) raises before anything is written, ``step``
-    included.
+    tensor, a negative ``step`` on the CPU; for the Triton kernel, a tensor subclass with
+    ``__torch_dispatch__``) raises before anything is written, ``step`` included.
     """
     amsgrad, maximize, decoupled_weight_decay = bool(amsgrad), bool(maximize), bool(decoupled_weight_decay)
     _check(param, grad, exp_avg, exp_avg_sq, step, max_exp_avg_sq, amsgrad)
