@@ -123,7 +123,9 @@ def check_entry(param: torch.Tensor, entry, where: str, step_value: bool = True)
             continue
         if not isinstance(value, torch.Tensor):
             raise ValueError(f"{where}: {key!r} must be a tensor, got {type(value).__name__}")
-        if tuple(value.shape) != tuple(param.shape):
+        # (A lazy module's parameter has no shape before its first forward; the engine
+        # compares it once the parameter has one.)
+        if not torch.nn.parameter.is_lazy(param) and tuple(value.shape) != tuple(param.shape):
             raise ValueError(f"{where}: {key!r} has shape {tuple(value.shape)}, the parameter {tuple(param.shape)}")
         if value.is_complex() != param.is_complex() or not (value.is_floating_point() or value.is_complex()):
             raise ValueError(f"{where}: {key!r} has dtype {value.dtype}, which cannot hold state of a {param.dtype} parameter")

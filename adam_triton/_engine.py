@@ -75,6 +75,14 @@ def _refuse_unsteppable_gradients(params: list, optimizer_name: str) -> None:
             raise _unsupported_dtype_error(optimizer_name, param.dtype)
 
 
+def _lazy_parameters(groups: list[dict]) -> list:
+    """A lazy module's parameters before its first forward: uninitialized, with no values
+    to move or update yet (nor a gradient). torch's optimizers hold them as they are and
+    step them once the forward has made them real, the same Parameter objects; the
+    buffers take them in at the first look after that (``ensure_current``)."""
+    return [param for group in groups for param in group["params"] if torch.nn.parameter.is_lazy(param)]
+
+
 def is_frozen(param, state) -> bool:
     """Requires no gradient, and has neither one nor state: such a parameter is left where
     it is (``Engine._keys``). A gradient given by hand to one that requires none is still
@@ -88,17 +96,16 @@ def check_parameters(groups, params: list, group_of: list[int], optimizer_name: 
     they are, so those may share memory with each other (not with one that moves)."""
     for param, index in zip(params, group_of):
         group = groups[index]
-        if torch.nn.parameter.is_lazy(param):
-            raise ValueError(
-                f"{optimizer_name} got an uninitialized parameter (a lazy module's): run a forward pass "
-                "first to materialize it (the 'dry run' torch's lazy modules ask for), then build the optimizer"
-            )
         if param.dtype not in SUPPORTED_DTYPES:
             raise _unsupported_dtype_error(optimizer_name, param.dtype)
         if param.layout != torch.strided:
             raise TypeError(f"{optimizer_name} supports dense (strided) parameters, got layout {param.layout}")
         if param.device.type == "meta":
-            raise ValueError(f"{optimizer_name} cannot hold parameters on the meta device: materialize them first")
+            raise ValueError(
+                f"{optimizer_name} cannot hold parameters on the meta device: build the optimizer after "
+                "model.to_empty(device=...), which gives the model new Parameter objects (outside "
+                "torch.__future__'s swap mode) that an optimizer built before would never update"
+            )
         if (param.requires_grad or param.grad is not None) and overlaps_itself(param):
             raise _self_overlapping_error(optimizer_name, param, index)
         state_dtype = group.get("state_dtype")
@@ -238,6 +245,7 @@ class Engine:
         self._fingerprint: list[tuple] = []
         self._params: list = []
         self._unsteppable: list = []  # frozen float8 parameters, left out of the buffers
+        self._lazy: list = []  # uninitialized parameters (``_lazy_parameters``), left out too
         # ``optimizer.state`` and its entries (and their sizes) as the last step left them:
         # when all are the same, nobody reset, replaced or cleared an entry (C-level passes,
         # not a lookup per parameter).
@@ -271,11 +279,13 @@ class Engine:
 
     def _remember_groups(self, groups: list[dict], added: bool = False) -> None:
         """The groups as the buffers now hold them (or, ``added``, one more), and the frozen
-        float8 parameters they hold, which the buffers leave out."""
+        float8 and the uninitialized parameters they hold, which the buffers leave out."""
         fingerprint, unsteppable = self._group_fingerprint(groups), _unsteppable_parameters(groups)
+        lazy = _lazy_parameters(groups)
         if added:
             fingerprint, unsteppable = self._fingerprint + fingerprint, self._unsteppable + unsteppable
-        self._fingerprint, self._unsteppable = fingerprint, unsteppable
+            lazy = self._lazy + lazy
+        self._fingerprint, self._unsteppable, self._lazy = fingerprint, unsteppable, lazy
 
     def _groups_unchanged(self, groups: list[dict]) -> bool:
         seen = self._fingerprint
@@ -289,11 +299,12 @@ class Engine:
         """The parameters the buffers hold, each once. Integer (and bool) tensors are left
         out: they cannot have gradients, so torch never updates them either (a quantized
         model's frozen weights passed along with ``model.parameters()``). So are frozen
-        ones of a floating dtype no buffer holds (float8 weights): torch cannot step them."""
+        ones of a floating dtype no buffer holds (float8 weights): torch cannot step them;
+        and uninitialized ones (``_lazy_parameters``)."""
         params, group_of, seen = [], [], set()
         for index, group in enumerate(groups):
             for param in group["params"]:
-                if not (param.is_floating_point() or param.is_complex()):
+                if not (param.is_floating_point() or param.is_complex()) or torch.nn.parameter.is_lazy(param):
                     continue
                 if param.dtype not in SUPPORTED_DTYPES and not param.requires_grad and param.grad is None:
                     continue
@@ -348,10 +359,11 @@ class Engine:
             entry = state.get(param)
             moment = entry.get("exp_avg") if isinstance(entry, dict) else None
             if isinstance(moment, torch.Tensor) and moment.shape != param.shape:
+                # (Or a checkpoint loaded before a lazy module's forward chose its shape.)
                 raise ValueError(
                     f"{self.name}: a parameter's shape changed from {tuple(moment.shape)} to "
-                    f"{tuple(param.shape)} after its state was made; give it its shape back, or reset "
-                    "its state (optimizer.state[p] = {}) to start it afresh"
+                    f"{tuple(param.shape)} after its state was made or loaded; give it its shape back, "
+                    "or reset its state (optimizer.state[p] = {}) to start it afresh"
                 )
             # The state is imported after parameters have moved: an entry it cannot take
             # (a key deleted, a tensor put there by hand) is refused now. Step values are
@@ -480,8 +492,9 @@ class Engine:
     def ensure_current(self, groups: list[dict], state: defaultdict, strides: bool = True) -> None:
         """Re-home if the groups' parameters or precision changed, or a parameter's data moved
         away (``model.to(device)``, ``model.half()``, a ``.data`` assignment) or, with
-        ``strides``, was laid out anew where it was. Zeroing gradients needs no look at the
-        strides (a pass over every parameter), the update does."""
+        ``strides``, was laid out anew where it was, or a lazy module's forward made its
+        parameters real. Zeroing gradients needs no look at the strides (a pass over every
+        parameter), the update does."""
         if not self._groups_unchanged(groups):
             # Options edited into a group dict are checked as the constructor checks them,
             # also when they leave every parameter where it is.
@@ -504,8 +517,13 @@ class Engine:
                     self._left_in_place.add(id(param))
                 else:
                     self._left_in_place.discard(id(param))
-        if moved or self._join_pending:
+        if moved or self._join_pending or self._lazy_materialized():
             self.rebuild(groups, state)
+
+    def _lazy_materialized(self) -> bool:
+        """Has a forward made a left-out lazy parameter real? It is the same Parameter
+        object, so the groups' fingerprints cannot tell."""
+        return bool(self._lazy) and not all(map(torch.nn.parameter.is_lazy, self._lazy))
 
     # -- state ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -6,6 +6,7 @@ import copy
 import gc
 import weakref
 from collections import defaultdict
+from functools import partial
 
 import pytest
 import torch
@@ -1347,22 +1348,103 @@ def test_a_parameter_whose_elements_share_memory_is_refused_before_anything_chan
     assert torch.equal(model.weights[1], before[1]) and model.weights[0].data_ptr() == expanded.data_ptr()
 
 
-def test_a_lazy_modules_parameters_are_refused_until_materialized(target):
-    """torch's lazy modules want a forward pass before the optimizer is built; before it,
-    a clear error (not torch's from deep inside a copy), and after it the usual numbers."""
-    ours_model = torch.nn.Sequential(torch.nn.LazyLinear(3), torch.nn.Tanh(), torch.nn.Linear(3, 1)).to(target.device)
-    with pytest.raises(ValueError, match="forward pass"):
-        adam_triton.AdamW(ours_model.parameters(), lr=1e-2, backend=target.backend)
-    ours_model(torch.randn(2, 9, device=target.device))
-    reference_model = copy.deepcopy(ours_model)
-    ours, reference = optimizers(ours_model, reference_model, "AdamW", target.backend, lr=1e-2)
-    for model, optimizer in ((ours_model, ours), (reference_model, reference)):
-        generator = torch.Generator().manual_seed(4)
-        for _ in range(3):
-            optimizer.zero_grad()
-            model(torch.randn(6, 9, generator=generator).to(target.device)).square().mean().backward()
-            optimizer.step()
+def _lazy_model(device):
+    torch.manual_seed(0)
+    lazy_body = torch.nn.Sequential(torch.nn.LazyLinear(5), torch.nn.Tanh())
+    return torch.nn.Sequential(lazy_body, torch.nn.Linear(5, 1), torch.nn.LazyLinear(1)).to(device)
+
+
+def _train_lazy(model, optimizer, seed: int, steps: int = 3, set_to_none: bool = True):
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    for _ in range(steps):
+        optimizer.zero_grad(set_to_none=set_to_none)
+        model(torch.randn(6, 9, generator=generator).to(device)).square().mean().backward()
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    "how", ["in the constructor", "zeroed with set_to_none=False", "beside an added group", "checkpoint loaded first"]
+)
+def test_a_lazy_modules_parameters_train_like_torch_when_the_optimizer_comes_before_the_first_forward(target, how):
+    """torch's optimizers take a lazy module's uninitialized parameters and step them once the
+    first forward has made them real (the same Parameter objects). Ours leaves them out of
+    its buffers until then, takes them in at the next look, and gives torch's numbers; a
+    checkpoint may be loaded before that forward, as into torch's."""
+    if how == "checkpoint loaded first":
+        trained = _lazy_model(target.device)
+        trained_optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+        _train_lazy(trained, trained_optimizer, seed=3)
+        checkpoint = copy.deepcopy({"model": trained.state_dict(), "optimizer": trained_optimizer.state_dict()})
+    results = []
+    for make in (partial(adam_triton.AdamW, backend=target.backend), torch.optim.AdamW):
+        model = _lazy_model(target.device)
+        # Added: a group of real parameters after one of lazy ones only, so no join follows.
+        added = how == "beside an added group"
+        optimizer = make([*model[0].parameters(), *model[2].parameters()] if added else model.parameters(), lr=1e-2)
+        if added:
+            optimizer.add_param_group({"params": list(model[1].parameters()), "lr": 3e-2})
+        if how == "checkpoint loaded first":
+            optimizer.load_state_dict(copy.deepcopy(checkpoint["optimizer"]))
+            model.load_state_dict(checkpoint["model"])  # lazy modules take their shapes from it
+        _train_lazy(model, optimizer, seed=4, set_to_none=how != "zeroed with set_to_none=False")
+        results.append((model, optimizer))
+    (ours_model, ours), (reference_model, reference) = results
     assert_close_params(ours_model, reference_model)
+    assert_close_state(ours, reference, ours_model, reference_model)
+    assert ours_model[0][0].weight.shape == (5, 9)
+
+
+def test_a_lazy_parameter_never_run_stays_out_of_the_way(target):
+    """A lazy module the forward never reaches stays uninitialized: the others train to
+    torch's numbers, and checkpoints list it without state, as torch's do."""
+    results = []
+    for make in (partial(adam_triton.Adam, backend=target.backend), torch.optim.Adam):
+        model = _lazy_model(target.device)
+        unused = torch.nn.LazyLinear(4).to(target.device)
+        optimizer = make([*model.parameters(), *unused.parameters()], lr=1e-2, amsgrad=True)
+        _train_lazy(model, optimizer, seed=5)
+        results.append((model, optimizer, unused))
+    (ours_model, ours, unused), (reference_model, reference, _) = results
+    assert_close_params(ours_model, reference_model)
+    assert torch.nn.parameter.is_lazy(unused.weight)
+    saved, expected = ours.state_dict(), reference.state_dict()
+    assert saved["param_groups"][0]["params"] == expected["param_groups"][0]["params"] == list(range(8))
+    assert saved["state"].keys() == expected["state"].keys() == set(range(6))
+
+
+def test_a_checkpoint_loaded_before_the_first_forward_that_does_not_fit_is_refused_at_the_step(target):
+    """Before the forward a lazy parameter has no shape to check a checkpoint against; once
+    it has one that the loaded state does not fit, the step refuses it before anything
+    changes (torch's fails inside its update)."""
+    trained = _lazy_model(target.device)
+    trained_optimizer = torch.optim.AdamW(trained.parameters(), lr=1e-2)
+    _train_lazy(trained, trained_optimizer, seed=3)
+    model = _lazy_model(target.device)
+    optimizer = adam_triton.AdamW(model.parameters(), lr=1e-2, backend=target.backend)
+    optimizer.load_state_dict(copy.deepcopy(trained_optimizer.state_dict()))
+    model(torch.randn(6, 8, device=target.device)).square().mean().backward()  # 8 features, not 9
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"shape changed from \(5, 9\) to \(5, 8\)"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
+    assert [float(entry["step"]) for entry in optimizer.state.values()] == [3.0] * 6
+
+
+def test_parameters_on_the_meta_device_are_refused(target):
+    """torch's optimizer takes them, but ``model.to_empty`` then gives the model new Parameter
+    objects (outside swap mode), so an optimizer built before never updates the model: a
+    clear error instead of training that silently does nothing."""
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    stale = model.weight
+    torch.optim.AdamW(model.parameters())
+    model.to_empty(device=target.device)
+    assert model.weight is not stale  # why torch's optimizer would update nothing
+    with torch.device("meta"):
+        model = torch.nn.Linear(3, 2)
+    with pytest.raises(ValueError, match="meta device: build the optimizer after model.to_empty"):
+        adam_triton.AdamW(model.parameters(), backend=target.backend)
 
 
 def test_dense_parameters_left_in_place_off_the_vector_alignment_are_copied_only_for_the_kernel(target):
