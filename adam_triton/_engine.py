@@ -95,32 +95,50 @@ def check_parameters(groups, params: list, group_of: list[int], optimizer_name: 
     groups, ``groups[index]``), before anything is changed. ``frozen`` parameters stay where
     they are, so those may share memory with each other (not with one that moves)."""
     for param, index in zip(params, group_of):
-        group = groups[index]
-        if param.dtype not in SUPPORTED_DTYPES:
-            raise _unsupported_dtype_error(optimizer_name, param.dtype)
-        if param.layout != torch.strided:
-            raise TypeError(f"{optimizer_name} supports dense (strided) parameters, got layout {param.layout}")
-        if param.device.type == "meta":
-            raise ValueError(
-                f"{optimizer_name} cannot hold parameters on the meta device: build the optimizer after "
-                "model.to_empty(device=...), which gives the model new Parameter objects (outside "
-                "torch.__future__'s swap mode) that an optimizer built before would never update"
-            )
+        check_parameter_kind(groups[index], param, index, optimizer_name)
         if (param.requires_grad or param.grad is not None) and overlaps_itself(param):
             raise _self_overlapping_error(optimizer_name, param, index)
-        state_dtype = group.get("state_dtype")
-        if state_dtype is not None and param.is_complex() and state_dtype != storage_dtype(param):
-            raise ValueError(
-                f"{optimizer_name}: state_dtype={state_dtype} cannot apply to a complex parameter (param group "
-                f"{index}, shape {tuple(param.shape)}): its state stays complex, of its own precision. Give "
-                "complex parameters a param group of their own with \"state_dtype\": None"
-            )
-        if group.get("stochastic_rounding") and param.dtype == torch.float16 and not group.get("master_weights"):
-            raise ValueError(
-                "stochastic_rounding rounds bfloat16 values; float16 parameters need master_weights=True "
-                "(their bfloat16 states, with state_dtype=torch.bfloat16, are then rounded at random)"
-            )
     check_no_shared_memory(params, group_of, optimizer_name, frozen)
+
+
+def check_parameter_kind(group: dict, param, index: int, optimizer_name: str) -> None:
+    """The checks that need only a parameter's dtype, layout and device, which a lazy
+    module's uninitialized parameters have too (group ``index``, of options ``group``)."""
+    if param.dtype not in SUPPORTED_DTYPES:
+        raise _unsupported_dtype_error(optimizer_name, param.dtype)
+    if param.layout != torch.strided:
+        raise TypeError(f"{optimizer_name} supports dense (strided) parameters, got layout {param.layout}")
+    if param.device.type == "meta":
+        raise ValueError(
+            f"{optimizer_name} cannot hold parameters on the meta device: build the optimizer after "
+            "model.to_empty(device=...), which gives the model new Parameter objects (outside "
+            "torch.__future__'s swap mode) that an optimizer built before would never update"
+        )
+    state_dtype = group.get("state_dtype")
+    if state_dtype is not None and param.is_complex() and state_dtype != storage_dtype(param):
+        raise ValueError(
+            f"{optimizer_name}: state_dtype={state_dtype} cannot apply to a complex parameter (param group "
+            f"{index}, shape {_shape_of(param)}): its state stays complex, of its own precision. Give "
+            "complex parameters a param group of their own with \"state_dtype\": None"
+        )
+    if group.get("stochastic_rounding") and param.dtype == torch.float16 and not group.get("master_weights"):
+        raise ValueError(
+            "stochastic_rounding rounds bfloat16 values; float16 parameters need master_weights=True "
+            "(their bfloat16 states, with state_dtype=torch.bfloat16, are then rounded at random)"
+        )
+
+
+def _shape_of(param) -> tuple | str:
+    return "not yet known (a lazy module's)" if torch.nn.parameter.is_lazy(param) else tuple(param.shape)
+
+
+def _check_lazy_parameters(groups: list[dict], options: list[dict], first_index: int, optimizer_name: str) -> None:
+    """``check_parameter_kind`` for the lazy parameters of ``groups`` (the first of which is
+    param group ``first_index``, of options ``options[0]``): refused when the optimizer is
+    built, not at the first step after their forward."""
+    for offset, (group, group_options) in enumerate(zip(groups, options)):
+        for param in _lazy_parameters([group]):
+            check_parameter_kind(group_options, param, first_index + offset, optimizer_name)
 
 
 def _precision_options(group: dict) -> tuple:
@@ -351,6 +369,7 @@ class Engine:
         check_group_options(options)
         frozen = [is_frozen(p, state) for p in params]
         check_parameters(options, [local(p) for p in params], group_of, self.name, frozen)
+        _check_lazy_parameters(groups, options, 0, self.name)
         # Entries of ours a key was deleted from: refused as the step refuses them
         # (``replaced_state_tensors``), which a re-homing would otherwise come before.
         ours = {id(p): (b, s) for b in self.buffers for s, p in enumerate(b.params) if b.state_entries[s] is not None}
@@ -436,6 +455,7 @@ class Engine:
         check_group_options([options])
         frozen = [is_frozen(p, state) for p in new_params]
         check_parameters({len(groups) - 1: options}, [local(p) for p in new_params], new_group_of, self.name, frozen)
+        _check_lazy_parameters(groups[-1:], [options], len(groups) - 1, self.name)
         # (torch's add_param_group refuses parameters that the other groups hold.)
         if (
             len(self.buffers) >= _MOST_BUFFERS_APART
@@ -517,8 +537,12 @@ class Engine:
                     self._left_in_place.add(id(param))
                 else:
                     self._left_in_place.discard(id(param))
-        if moved or self._join_pending or self._lazy_materialized():
-            self.rebuild(groups, state)
+        materialized = self._lazy_materialized()
+        if moved or self._join_pending or materialized:
+            # A checkpoint loaded before the forward is imported only now: its masters are
+            # compared with the parameters at their next update, as at a load, for the
+            # model's weights may yet be loaded too.
+            self.rebuild(groups, state, saved_masters_win=materialized)
 
     def _lazy_materialized(self) -> bool:
         """Has a forward made a left-out lazy parameter real? It is the same Parameter

@@ -1431,6 +1431,69 @@ def test_a_checkpoint_loaded_before_the_first_forward_that_does_not_fit_is_refus
     assert [float(entry["step"]) for entry in optimizer.state.values()] == [3.0] * 6
 
 
+@pytest.mark.parametrize("between", ["zero_grad(set_to_none=False)", "a step without gradients"])
+def test_masters_loaded_before_a_lazy_modules_forward_survive_until_the_model_is_loaded(target, between):
+    """A bfloat16 lazy model resumed with master weights: the optimizer's checkpoint first,
+    then the dry run, then (after a zero_grad or step that takes the parameters in) the
+    model's weights. The float32 masters must survive to meet those weights, as they do
+    for an optimizer built after the dry run: training goes on bit for bit as if never
+    interrupted."""
+
+    def lazy_bf16_model():
+        return torch.nn.Sequential(
+            torch.nn.LazyLinear(4, dtype=torch.bfloat16), torch.nn.Tanh(), torch.nn.LazyLinear(2, dtype=torch.bfloat16)
+        ).to(target.device)
+
+    def train_bf16(model, optimizer, steps):
+        for step in steps:
+            optimizer.zero_grad()
+            x = torch.randn(5, 7, generator=torch.Generator().manual_seed(step)).to(target.device, torch.bfloat16)
+            model(x).float().square().sum().backward()
+            optimizer.step()
+
+    torch.manual_seed(0)
+    original = lazy_bf16_model()
+    options = {"lr": 1e-2, "master_weights": True, "backend": target.backend}
+    original_optimizer = adam_triton.AdamW(original.parameters(), **options)
+    train_bf16(original, original_optimizer, range(4))
+    checkpoint = copy.deepcopy({"model": original.state_dict(), "optimizer": original_optimizer.state_dict()})
+    train_bf16(original, original_optimizer, range(4, 7))
+
+    torch.manual_seed(5)
+    resumed = lazy_bf16_model()
+    optimizer = adam_triton.AdamW(resumed.parameters(), **options)
+    optimizer.load_state_dict(copy.deepcopy(checkpoint["optimizer"]))
+    with torch.no_grad():
+        resumed(torch.randn(1, 7, device=target.device, dtype=torch.bfloat16))  # the dry run
+    if between == "a step without gradients":
+        optimizer.step()
+    else:
+        optimizer.zero_grad(set_to_none=False)
+    resumed.load_state_dict(checkpoint["model"])
+    train_bf16(resumed, optimizer, range(4, 7))
+    for a, b in zip(resumed.parameters(), original.parameters()):
+        assert torch.equal(a, b)
+        assert torch.equal(optimizer.state[a]["master_param"], original_optimizer.state[b]["master_param"])
+
+
+@pytest.mark.parametrize("kind", ["on the meta device", "float16 with stochastic_rounding, no masters"])
+def test_a_lazy_parameter_the_buffers_could_not_hold_is_refused_when_the_optimizer_is_built(target, kind):
+    """Its dtype and device are known before its forward: refused then, as a real parameter
+    of that kind is, not at the first step after the forward."""
+    if kind == "on the meta device":
+        model, options, message = torch.nn.LazyLinear(3, device="meta"), {}, "meta device"
+    else:
+        model = torch.nn.LazyLinear(3, dtype=torch.float16).to(target.device)
+        options, message = {"stochastic_rounding": True}, "float16 parameters need master_weights=True"
+    with pytest.raises(ValueError, match=message):
+        adam_triton.AdamW(model.parameters(), backend=target.backend, **options)
+    real = torch.nn.Linear(2, 2).to(target.device)
+    optimizer = adam_triton.AdamW(real.parameters(), backend=target.backend, **options)
+    with pytest.raises(ValueError, match=message):
+        optimizer.add_param_group({"params": list(model.parameters())})
+    assert len(optimizer.param_groups) == 1
+
+
 def test_parameters_on_the_meta_device_are_refused(target):
     """torch's optimizer takes them, but ``model.to_empty`` then gives the model new Parameter
     objects (outside swap mode), so an optimizer built before never updates the model: a
